@@ -1,0 +1,83 @@
+"""Small shared helpers: atomic file output, run records, devices, seeding."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    An interrupted writer never leaves a file that looks complete (the temp name starts with `.tmp-`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as indented, key-sorted JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text())
+
+
+def write_run_record(out_dir: str | os.PathLike, *, stage: str, job: str, params: dict,
+                     metrics: dict, artifacts: list[str]) -> dict:
+    """Write `<out_dir>/run.json`, the record MLflow logging reads (see docs/contracts.md).
+
+    `job` is the job identity (e.g. "evaluate/spot-s0/uniform/16"); `artifacts` are paths
+    relative to `out_dir`. Written last, so its presence means the stage's outputs are complete.
+    """
+    record = dict(stage=stage, job=job, params=params, metrics=metrics,
+                  artifacts=sorted(artifacts), code_version=code_version())
+    write_json(Path(out_dir) / "run.json", record)
+    return record
+
+
+def code_version() -> str:
+    """Git commit of the working tree (with '-dirty' if modified), else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here)], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        from importlib.metadata import version
+        return version("spot")
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; anything else is passed to torch.device."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a CPU torch.Generator seeded with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
