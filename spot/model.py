@@ -1,0 +1,93 @@
+"""SPoT ViT: any timm VisionTransformer reading its tokens at continuous positions."""
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_patch_embed
+
+from spot.priors import grid_centers
+from spot.tokenizer import extract_windows
+
+
+class SPoTViT(nn.Module):
+    """Wrap a timm `VisionTransformer` so that tokens are k x k windows at subpixel positions.
+
+    The patch embedding (`patch_embed.proj`, a stride-k conv) is applied as the linear map it is to
+    each window; the learned `pos_embed` table is read by bilinear interpolation at each position
+    (cell centres map exactly to table entries); prefix tokens (class, registers) keep their own
+    entries. On the full patch grid the output equals the wrapped model's. No weights are copied.
+    """
+
+    def __init__(self, vit: nn.Module, k: int | None = None):
+        super().__init__()
+        pe = vit.patch_embed
+        if getattr(pe, "proj", None) is None or not isinstance(pe.proj, nn.Conv2d):
+            raise ValueError(f"SPoTViT needs a timm VisionTransformer with a conv patch embedding, got {type(vit).__name__}")
+        self.vit = vit
+        self.patch_size = tuple(pe.patch_size)
+        self.k = int(k or self.patch_size[0])
+        if self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"SPoTViT needs square patches, got patch_size={self.patch_size}")
+        self.img_size = tuple(pe.img_size)
+        self.grid_size = (self.img_size[0] // self.k, self.img_size[1] // self.k)
+        self.num_tokens = self.grid_size[0] * self.grid_size[1]
+        self.num_classes = vit.num_classes
+        self.data_config = timm.data.resolve_data_config(model=vit)
+
+    def embed_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(D, C*k*k) linear map of the patch embedding (resampled if k != patch size), and its bias."""
+        w = self.vit.patch_embed.proj.weight
+        if self.k != self.patch_size[0]:
+            w = resample_patch_embed(w, [self.k, self.k])
+        return w.flatten(1), self.vit.patch_embed.proj.bias
+
+    def grid_positions(self, batch: int, device=None) -> torch.Tensor:
+        """(batch, Gh*Gw, 2) centres of the patch grid, row-major (the plain ViT's tokens)."""
+        pos = grid_centers(self.img_size[0], self.img_size[1], self.k)
+        return pos.to(device).expand(batch, -1, -1)
+
+    def pos_encoding(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) position encoding: the pos_embed table sampled bilinearly at positions (B, N, 2)."""
+        vit = self.vit
+        table = vit.pos_embed[:, 0 if vit.no_embed_class else vit.num_prefix_tokens:]
+        gh, gw = vit.patch_embed.grid_size
+        table = table.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)              # (1, D, gh, gw)
+        grid = (2 * positions.to(table.dtype) - 1).flip(-1)[:, None]          # (B, 1, N, 2) as (x, y)
+        out = F.grid_sample(table.expand(positions.shape[0], -1, -1, -1), grid, mode="bilinear",
+                            padding_mode="border", align_corners=False)       # (B, D, 1, N)
+        return out[:, :, 0].transpose(1, 2)
+
+    def tokens(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, P + N, D) input sequence for the transformer blocks: prefix tokens then N window tokens."""
+        vit = self.vit
+        B = images.shape[0]
+        w, b = self.embed_weight()
+        x = extract_windows(images, positions, self.k).flatten(2) @ w.T.to(images.dtype)
+        if b is not None:
+            x = x + b
+        x = vit.patch_embed.norm(x)
+        if vit.pos_embed is not None:
+            x = x + self.pos_encoding(positions).to(x.dtype)
+        prefix = [t.expand(B, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        if prefix:
+            prefix = torch.cat(prefix, dim=1)
+            if vit.pos_embed is not None and not vit.no_embed_class:
+                prefix = prefix + vit.pos_embed[:, :vit.num_prefix_tokens]
+            x = torch.cat([prefix, x], dim=1)
+        return vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
+
+    def forward_features(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, P + N, D) normalised output tokens. positions (B, N, 2) (y, x) in [0, 1]; None = full grid."""
+        if positions is None:
+            positions = self.grid_positions(images.shape[0], images.device)
+        return self.vit.norm(self.vit.blocks(self.tokens(images, positions)))
+
+    def features(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D) pooled feature (class token or global pool, per the timm model) used for kNN."""
+        return self.vit.forward_head(self.forward_features(images, positions), pre_logits=True)
+
+    def forward(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, num_classes) logits for images (B, C, H, W) with tokens at positions (B, N, 2)."""
+        return self.vit.forward_head(self.forward_features(images, positions))
