@@ -1,0 +1,1 @@
+"""Data: sources (ImageNet, Fashion-MNIST, class folders) -> WebDataset shards -> batches."""

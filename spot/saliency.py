@@ -1,0 +1,113 @@
+"""Saliency maps per image, written as shards parallel to the image shards (same keys, same order)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from spot.data.loading import decode_image, read_shard, shard_paths
+from spot.data.shards import write_shard
+from spot.utils import read_json, write_json, write_run_record
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, h, w) maps, reflect padding."""
+    r = max(1, int(3 * sigma))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), g.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), g.view(1, 1, -1, 1))
+
+
+def spectral_residual(images: torch.Tensor, size: int = 64) -> torch.Tensor:
+    """Spectral residual saliency (Hou & Zhang, CVPR 2007), batched.
+
+    images (B, C, H, W) in any range -> (B, size, size) in [0, 1]: the log-amplitude spectrum minus
+    its 3x3 local mean, back through the inverse FFT with the original phase, squared, blurred.
+    """
+    g = F.interpolate(images.float().mean(1, keepdim=True), size=(size, size), mode="bilinear",
+                      antialias=True, align_corners=False)
+    spec = torch.fft.fft2(g)
+    amp = spec.abs()
+    log_amp = torch.log(amp + 0.1 * amp.flatten(1).mean(1)[:, None, None, None] + 1e-12)
+    residual = log_amp - F.avg_pool2d(F.pad(log_amp, (1, 1, 1, 1), mode="circular"), 3, stride=1)
+    sal = torch.fft.ifft2(torch.exp(residual + 1j * spec.angle())).abs() ** 2
+    sal = gaussian_blur(sal, sigma=size / 25)[:, 0]
+    lo, hi = sal.flatten(1).amin(1), sal.flatten(1).amax(1)
+    return (sal - lo[:, None, None]) / (hi - lo).clamp_min(1e-12)[:, None, None]
+
+
+METHODS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {"spectral_residual": spectral_residual}
+
+
+def saliency_maps(images: torch.Tensor, method: str = "spectral_residual", size: int = 64) -> torch.Tensor:
+    """(B, C, H, W) images -> (B, size, size) maps in [0, 1] with a method from `METHODS`."""
+    if method not in METHODS:
+        raise ValueError(f"unknown saliency method {method!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[method](images, size)
+
+
+def to_png(m: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((m.clamp(0, 1) * 255).round().byte().numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_saliency(shards_dir: str | Path, out_dir: str | Path, method: str = "spectral_residual",
+                   size: int = 64, batch_size: int = 256, preview: int = 8) -> dict:
+    """One 8-bit PNG map (size x size) per image of every shard in `shards_dir` (listed in its
+    manifest), into `out_dir/<same shard name>` with the same keys in the same order; plus
+    `manifest.json` and `preview.png` (images beside their maps). Returns the manifest."""
+    if method not in METHODS:
+        raise ValueError(f"unknown saliency method {method!r} (saliency.method); choose one of {', '.join(METHODS)}")
+    if size < 8:
+        raise ValueError(f"saliency.size must be >= 8, got {size}")
+    src = read_json(Path(shards_dir) / "manifest.json")
+    out = Path(out_dir)
+    manifest = dict(method=method, size=size, shards=[])
+    shown = []
+    names = [s["name"] for split in src["splits"].values() for s in split["shards"]]
+    for name in tqdm(names, desc="saliency", unit="shard"):
+        records = []
+        recs = list(read_shard(Path(shards_dir) / name))
+        for i in range(0, len(recs), batch_size):
+            chunk = recs[i:i + batch_size]
+            imgs = [decode_image(r).resize((size, size), Image.BILINEAR) for r in chunk]
+            x = torch.from_numpy(np.stack([np.asarray(im) for im in imgs])).permute(0, 3, 1, 2).float() / 255
+            maps = saliency_maps(x, method, size)
+            records += [{"__key__": r["__key__"], "png": to_png(m)} for r, m in zip(chunk, maps)]
+            shown += [(im, m) for im, m in zip(imgs, maps)][:max(0, preview - len(shown))]
+        manifest["shards"].append(dict(name=name, count=len(records), sha256=write_shard(out / name, records)))
+    write_json(out / "manifest.json", manifest)
+    save_preview(shown, out / "preview.png")
+    write_run_record(out, stage="saliency", job="saliency", params=dict(method=method, size=size),
+                     metrics=dict(maps=sum(s["count"] for s in manifest["shards"])),
+                     artifacts=["manifest.json", "preview.png"])
+    return manifest
+
+
+def save_preview(pairs: list, path: Path) -> None:
+    """A picture grid: each image above its saliency map."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spot.utils import atomic_path
+    n = max(1, len(pairs))
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
+    for j, (im, m) in enumerate(pairs):
+        axes[0, j].imshow(im)
+        axes[1, j].imshow(m.numpy(), cmap="inferno", vmin=0, vmax=1)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("images (top) and their saliency maps (bottom)")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
