@@ -1,0 +1,178 @@
+"""Train a SPoT backbone (or the patch-grid baseline) on the shards, with atomic checkpoints and resume."""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from spot.backbones import build, describe, load_backbone, save_backbone
+from spot.data.loading import make_loader
+from spot.model import SPoTViT
+from spot.priors import PRIORS, sample_positions
+from spot.utils import atomic_path, read_json, resolve_device, write_json, write_run_record
+
+
+def batch_positions(step: int, seed: int, batch: int, model: SPoTViT, tokens: str, priors: list[str],
+                    token_range: tuple[int, int]) -> torch.Tensor:
+    """The step's token positions: a prior and a count drawn from (seed, step) alone, so a resumed
+    run draws exactly what an uninterrupted one does. tokens='grid': random patch subsets only."""
+    rng = random.Random(seed * 1_000_003 + step)
+    lo, hi = token_range
+    n = rng.randint(lo, min(hi, model.num_tokens))
+    prior = "grid" if tokens == "grid" else rng.choice(priors)
+    gen = torch.Generator().manual_seed(rng.getrandbits(63))
+    return sample_positions(prior, batch, n, *model.img_size, k=model.k, generator=gen)
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+    """Linear warm-up to `lr` over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def validate(model: SPoTViT, loader, device, budget: int) -> dict:
+    """Val top-1 on the full grid and with `budget` isotropic tokens."""
+    model.eval()
+    hits, hits_sparse, n = 0, 0, 0
+    for b in loader:
+        x, y = b.images.to(device), b.labels.to(device)
+        hits += (model(x).argmax(1) == y).sum().item()
+        pos = sample_positions("isotropic", len(y), budget, *model.img_size, k=model.k).to(device)
+        hits_sparse += (model(x, pos).argmax(1) == y).sum().item()
+        n += len(y)
+    model.train()
+    return {"val_top1": hits / max(n, 1), f"val_top1_{budget}tok": hits_sparse / max(n, 1)}
+
+
+def train(name: str, shards_dir: str | Path, out_dir: str | Path, arch: dict | None = None,
+          timm_name: str = "vit_tiny_patch16_224", init: str | Path | None = None, tokens: str = "spot",
+          priors: list[str] = ("uniform", "gaussian", "sobol", "isotropic", "center", "grid"),
+          token_range: tuple[int, int] = (4, 196), epochs: int = 1, batch_size: int = 128,
+          lr: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 1.0,
+          label_smoothing: float = 0.1, grad_clip: float = 1.0, checkpoint_every: int = 500,
+          data_config: dict | None = None, seed: int = 0, device: str = "auto", num_workers: int = 0,
+          checkpoint_dir: str | Path | None = None, resume: bool = True, max_steps: int | None = None) -> dict:
+    """Train backbone `name` and save it to `out_dir` (the `fetch` format, plus metrics.csv/json).
+
+    From scratch (`timm_name` + `arch` kwargs, e.g. img_size, patch_size, embed_dim, depth,
+    num_heads, num_classes) or from a fetched/trained backbone dir `init` (fine-tuning). Each step
+    draws a prior from `priors` and a token count from `token_range` (tokens='grid' trains the
+    plain-ViT baseline on random patch subsets). AdamW, warm-up + cosine per step, label smoothing,
+    gradient clipping, bf16 autocast on CUDA, DDP when launched by torchrun (WORLD_SIZE > 1).
+    Checkpoints (model, optimizer, step) go atomically to `checkpoint_dir` every epoch and every
+    `checkpoint_every` steps; with `resume` a rerun continues from the last one, mid-epoch too.
+    `max_steps` stops early (for tests). Returns the final metrics.
+    """
+    if tokens not in ("spot", "grid"):
+        raise ValueError(f"tokens must be 'spot' or 'grid', got {tokens!r} (backbones.{name}.tokens)")
+    bad = [p for p in priors if p not in PRIORS or p in ("salient", "inv_salient", "edge")]
+    if bad:
+        raise ValueError(f"train.priors: {bad[0]!r} is not a training prior (use maps-free priors)")
+    out, ckdir = Path(out_dir), Path(checkpoint_dir or Path(out_dir).parent.parent / "checkpoints" / name)
+    manifest = read_json(Path(shards_dir) / "manifest.json")
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    else:
+        rank, world = 0, 1
+    device = resolve_device(device)
+    torch.manual_seed(seed)
+    if init is not None:
+        model = load_backbone(init)
+        timm_name, arch = model.meta["timm_name"], model.meta["model_kwargs"]
+    else:
+        arch = dict(arch or {})
+        model = SPoTViT(build(timm_name, arch, pretrained=False))
+    if data_config:
+        model.data_config = dict(model.data_config, **{k: tuple(v) if isinstance(v, list) else v
+                                                      for k, v in data_config.items()})
+    model.to(device).train()
+    steps_per_epoch = math.ceil(manifest["splits"]["train"]["count"] / (batch_size * world))
+    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    step, history = 0, []
+    ckpt = ckdir / "checkpoint.pt"
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, history = state["step"], state["history"]
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    loader = make_loader(shards_dir, "train", model.data_config, batch_size, train=True,
+                         num_workers=num_workers, seed=seed)
+    val_loader = make_loader(shards_dir, "val", model.data_config, 256, num_workers=num_workers)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def save_checkpoint():
+        if rank == 0:
+            with atomic_path(ckpt) as tmp:
+                torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+                                history=history), tmp)
+
+    bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", disable=rank != 0)
+    while step < total:
+        epoch, done = divmod(step, steps_per_epoch)
+        loader.dataset.set_epoch(epoch)
+        losses, hits, seen = [], 0, 0
+        for i, b in enumerate(loader):
+            if i < done:
+                continue                      # resumed mid-epoch: these batches were already trained on
+            if i >= steps_per_epoch or step >= total:
+                break
+            x, y = b.images.to(device), b.labels.to(device)
+            pos = batch_positions(step, seed + rank, len(y), model, tokens, list(priors), tuple(token_range)).to(device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, int(warmup_epochs * steps_per_epoch), lr)
+            with autocast:
+                logits = net(x, pos)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            step += 1
+            losses.append(loss.item())
+            hits += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            if step % checkpoint_every == 0:
+                save_checkpoint()
+        if step % steps_per_epoch == 0 or step >= total:
+            row = dict(epoch=epoch, step=step, train_loss=float(np.mean(losses)) if losses else float("nan"),
+                       train_acc=hits / max(seen, 1), **validate(model, val_loader, device, token_range[0]))
+            history.append(row)
+            save_checkpoint()
+    bar.close()
+    if rank == 0:
+        meta = describe(model, name, timm_name, arch, source="train", tokens=tokens, init=str(init) if init else None,
+                        seed=seed, steps=step)
+        save_backbone(model, out, meta)
+        write_csv(out / "metrics.csv", history)
+        final = dict(history[-1]) if history else {}
+        write_json(out / "metrics.json", final)
+        write_run_record(out, stage="backbone", job=f"backbone/{name}",
+                         params=dict(backbone=name, timm_name=timm_name, tokens=tokens, epochs=epochs, lr=lr,
+                                     batch_size=batch_size, seed=seed, token_range=list(token_range), **arch),
+                         metrics={k: v for k, v in final.items() if k != "epoch"},
+                         artifacts=["backbone.json", "metrics.csv", "metrics.json"])
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return dict(history[-1]) if history else {}
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of equal keys as CSV, atomically."""
+    import pandas as pd
+    with atomic_path(path) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
