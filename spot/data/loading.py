@@ -24,8 +24,10 @@ class Batch(NamedTuple):
 
 
 def shard_paths(shards_dir: str | Path, split: str) -> list[Path]:
-    """Sorted `<shards_dir>/<split>-NNNNNN.tar`; FileNotFoundError naming the folder if none."""
-    paths = sorted(Path(shards_dir).glob(f"{split}-[0-9]*.tar"))
+    """Sorted `<shards_dir>/<split>-NNNNNN.tar` (or the one shard `<split>.tar` if `split` names a
+    shard, e.g. 'val-000003'); FileNotFoundError naming the folder if none."""
+    one = Path(shards_dir) / f"{split}.tar"
+    paths = [one] if one.is_file() else sorted(Path(shards_dir).glob(f"{split}-[0-9]*.tar"))
     if not paths:
         raise FileNotFoundError(f"no {split} shards in {shards_dir}")
     return paths

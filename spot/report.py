@@ -1,0 +1,218 @@
+"""The report: every result in one tidy table, the paper's tables, plots, pictures and findings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spot.utils import atomic_path, read_json, write_json, write_run_record
+
+OBJECT_CENTRIC = ("center", "gaussian", "salient")
+COVERAGE = ("isotropic", "sobol", "uniform")
+PAPER_ORDER = ("grid", "uniform", "gaussian", "sobol", "isotropic", "center", "salient")
+
+
+def collect(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(results, transfer, saliency) tables from the run folders under `root` (eval, oracle, transfer, analysis)."""
+    rows = []
+    for f in sorted(root.glob("eval/*/*/*/metrics.json")):
+        b, p, n = f.parent.relative_to(root / "eval").parts
+        m = read_json(f)
+        rows.append(dict(backbone=b, prior=p, oracle=False, budget=int(n), top1=m["top1"], knn=m["knn"]))
+    for f in sorted(root.glob("oracle/*/*/*/metrics.json")):
+        b, p, n = f.parent.relative_to(root / "oracle").parts
+        m = read_json(f)
+        rows.append(dict(backbone=b, prior=p, oracle=True, budget=int(n), top1=m["top1"], knn=m["knn"],
+                         top1_init=m["top1_init"], top1_snapped=m["top1_snapped"]))
+    results = pd.DataFrame(rows, columns=["backbone", "prior", "oracle", "budget", "top1", "knn", "top1_init",
+                                          "top1_snapped"])
+    trans = [dict(src=f.parent.parent.name.split("__")[0], dst=f.parent.parent.name.split("__")[1],
+                  budget=int(f.parent.name), **read_json(f)) for f in sorted(root.glob("transfer/*/*/metrics.json"))]
+    sal = [dict(zip(("backbone", "prior", "budget"), f.parent.relative_to(root / "analysis").parts), **read_json(f))
+           for f in sorted(root.glob("analysis/*/*/*/saliency.json"))]
+    return results, pd.DataFrame(trans), pd.DataFrame(sal)
+
+
+def model_name(prior: str, oracle: bool) -> str:
+    return "SPoT-ON" if oracle else ("ViT" if prior == "grid" else "SPoT")
+
+
+def paper_table(df: pd.DataFrame) -> str:
+    """Markdown in the paper's layout for one backbone: rows model . prior . oracle; Acc@1 and kNN per
+    budget in percent; the best non-oracle value of each column in bold."""
+    budgets = sorted(df.budget.unique())
+    rank = {p: i for i, p in enumerate(PAPER_ORDER)}
+    keys = sorted(df[["prior", "oracle"]].drop_duplicates().itertuples(index=False),
+                  key=lambda r: (r.oracle, rank.get(r.prior, len(rank)), r.prior))
+    best = {(n, c): df[(df.budget == n) & ~df.oracle][c].max() for n in budgets for c in ("top1", "knn")}
+    head = ["Model", "Prior", "Oracle"] + [f"{n} T {c}" for n in budgets for c in ("Acc@1", "kNN")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for prior, oracle in keys:
+        cells = [model_name(prior, oracle), prior, "✓" if oracle else ""]
+        for n in budgets:
+            for c in ("top1", "knn"):
+                v = df[(df.prior == prior) & (df.oracle == oracle) & (df.budget == n)][c]
+                if v.empty:
+                    cells.append("")
+                    continue
+                s = f"{100 * v.iloc[0]:.2f}"
+                cells.append(f"**{s}**" if not oracle and v.iloc[0] == best[(n, c)] else s)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame) -> str:
+    """One computed paragraph per case study of the paper."""
+    ev = results[~results.oracle]
+    out = ["# Findings (computed from results.csv)", ""]
+    out.append("## 1. Are grids an inherent limitation of ViTs?")
+    for b, g in ev.groupby("backbone"):
+        parts = []
+        for n, gn in g.groupby("budget"):
+            grid, off = gn[gn.prior == "grid"], gn[gn.prior != "grid"]
+            if grid.empty or off.empty:
+                continue
+            best = off.loc[off.top1.idxmax()]
+            parts.append(f"{n} tokens: best off-grid prior {best.prior} {100 * best.top1:.2f} vs grid "
+                         f"{100 * grid.top1.iloc[0]:.2f} ({100 * (best.top1 - grid.top1.iloc[0]):+.2f} points)")
+        out.append(f"- {b}: " + ("; ".join(parts) or "no grid row to compare") + ".")
+    out += ["", "## 2. Do object-centric priors improve predictions?"]
+    for b, g in ev.groupby("backbone"):
+        budgets = sorted(g.budget.unique())
+        parts = []
+        for n in (budgets[0], budgets[-1]) if budgets else ():
+            gn = g[g.budget == n]
+            oc, cov = gn[gn.prior.isin(OBJECT_CENTRIC)].top1.max(), gn[gn.prior.isin(COVERAGE)].top1.max()
+            if np.isnan(oc) or np.isnan(cov):
+                continue
+            parts.append(f"at {n} tokens object-centric best {100 * oc:.2f} vs coverage best {100 * cov:.2f} "
+                         f"({'object-centric' if oc > cov else 'coverage'} wins by {100 * abs(oc - cov):.2f})")
+        out.append(f"- {b}: " + ("; ".join(parts) or "not enough priors") + ".")
+    out += ["", "## 3. Does oracle guidance prefer salient regions?"]
+    for r in sal.itertuples() if not sal.empty else ():
+        out.append(f"- {r.backbone} {r.prior} N={r.budget}: mean saliency {r.saliency_init:.4f} at the start -> "
+                   f"{r.saliency_final:.4f} after the search ({r.saliency_delta:+.4f}; "
+                   f"{100 * r.frac_images_more_salient:.1f}% of images moved to more salient pixels).")
+    orc = results[results.oracle]
+    for r in orc.itertuples():
+        out.append(f"- SPoT-ON {r.backbone} {r.prior} N={r.budget}: top-1 {100 * r.top1_init:.2f} -> {100 * r.top1:.2f} "
+                   f"(upper bound, uses labels); snapped to the grid {100 * r.top1_snapped:.2f}.")
+    out += ["", "## 4. Do oracle-guided placements transfer?"]
+    for r in trans.itertuples() if not trans.empty else ():
+        out.append(f"- {r.src} -> {r.dst}, N={r.budget}: {100 * r.top1_transfer:.2f} with {r.src}'s oracle "
+                   f"placements vs {100 * r.top1_prior:.2f} on its own prior ({100 * r.gain:+.2f} points).")
+    if trans.empty:
+        out.append("- no transfer results in this run.")
+    return "\n".join(out) + "\n"
+
+
+def save_fig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_budgets(results: pd.DataFrame, path: Path) -> None:
+    """Accuracy against token budget, one line per prior (dashed: oracle), one panel per backbone."""
+    import matplotlib.pyplot as plt
+    backbones = sorted(results.backbone.unique())
+    fig, axes = plt.subplots(1, max(1, len(backbones)), figsize=(4.5 * max(1, len(backbones)), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], backbones):
+        for (prior, oracle), g in results[results.backbone == b].groupby(["prior", "oracle"]):
+            g = g.sort_values("budget")
+            ax.plot(g.budget, 100 * g.top1, "--" if oracle else "-", marker="o", ms=3,
+                    label=f"{prior}{' (SPoT-ON)' if oracle else ''}")
+        ax.set(title=b, xlabel="tokens", ylabel="top-1 (%)", xscale="log")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    save_fig(fig, path)
+
+
+def prior_sheet(root: Path, path: Path, priors: list[str], budget: int, pictures: int, seed: int = 0) -> None:
+    """The same val images with the tokens of each prior drawn as k x k boxes."""
+    import matplotlib.pyplot as plt
+
+    from spot.analysis import denormalise, plt_rect
+    from spot.backbones import load_backbone
+    from spot.data.loading import make_loader
+    from spot.evaluate import positions_for
+    backbone = sorted((root / "backbones").glob("*/backbone.json"))[0].parent
+    model = load_backbone(backbone)
+    sal = root / "saliency" if (root / "saliency" / "manifest.json").is_file() else None
+    b = next(iter(make_loader(root / "shards", "val", model.data_config, pictures, saliency_dir=sal)))
+    priors = [p for p in priors if sal is not None or p not in ("salient", "inv_salient")]
+    imgs = denormalise(b.images, model.data_config)
+    fig, axes = plt.subplots(len(priors), len(imgs), figsize=(1.5 * len(imgs), 1.55 * len(priors)), squeeze=False)
+    for row, prior in zip(axes, priors):
+        pos = positions_for(model, prior, budget, b.keys, seed + 1, b.saliency, b.images).numpy()
+        for ax, im, p in zip(row, imgs, pos):
+            h, w = im.shape[:2]
+            ax.imshow(im)
+            for y, x in p:
+                ax.add_patch(plt_rect(x * w - model.k / 2 - 0.5, y * h - model.k / 2 - 0.5, model.k))
+            ax.set_xticks([]), ax.set_yticks([])
+        row[0].set_ylabel(prior, fontsize=8)
+    fig.suptitle(f"{budget} tokens per prior ({backbone.name})")
+    save_fig(fig, path)
+
+
+def trajectory_sheet(root: Path, path: Path) -> None:
+    """All analysis trajectory pictures stacked into one sheet."""
+    import matplotlib.pyplot as plt
+    pics = sorted((root / "analysis").glob("*/*/*/trajectories.png"), key=lambda p: (p.parts[-4], int(p.parts[-2])))
+    if not pics:
+        return
+    fig, axes = plt.subplots(len(pics), 1, figsize=(12, 2.2 * len(pics)), squeeze=False)
+    for ax, p in zip(axes[:, 0], pics):
+        ax.imshow(plt.imread(p))
+        ax.axis("off")
+    save_fig(fig, path)
+
+
+def report(root: str | Path = "out", out_dir: str | Path = "out/report", pictures: int = 8,
+           priors: list[str] | None = None, picture_budget: int | None = None) -> dict:
+    """Gather every result under `root` into `out_dir`: results.{parquet,csv}, tables.md, findings.md,
+    metrics.json (flat, for `dvc metrics`), plots/accuracy_vs_budget.{png,csv}, pictures/priors.png,
+    pictures/trajectories.png, run.json."""
+    import matplotlib
+    matplotlib.use("Agg")
+    root, out = Path(root), Path(out_dir)
+    results, trans, sal = collect(root)
+    if results.empty:
+        raise FileNotFoundError(f"no evaluation results under {root}/eval: run the evaluate stage first")
+    with atomic_path(out / "results.parquet") as tmp:
+        results.to_parquet(tmp, index=False)
+    with atomic_path(out / "results.csv") as tmp:
+        results.to_csv(tmp, index=False)
+    tables = ["# Results", "", "Top-1 and kNN accuracy (%) per token budget. SPoT-ON rows use labels "
+              "(an oracle upper bound); bold: best non-oracle value per column.", ""]
+    for b, g in results.groupby("backbone"):
+        tables += [f"## Backbone: {b}", "", paper_table(g), ""]
+    if not trans.empty:
+        tables += ["## Transfer of oracle placements", "", trans.to_markdown(index=False, floatfmt=".4f"), ""]
+    with atomic_path(out / "tables.md") as tmp:
+        tmp.write_text("\n".join(tables))
+    with atomic_path(out / "findings.md") as tmp:
+        tmp.write_text(findings(results, trans, sal))
+    plot_data = results[["backbone", "prior", "oracle", "budget", "top1", "knn"]].sort_values(
+        ["backbone", "prior", "oracle", "budget"]).assign(series=lambda d: d.backbone + "/" + d.prior +
+                                                          np.where(d.oracle, "/oracle", ""))
+    with atomic_path(out / "plots" / "accuracy_vs_budget.csv") as tmp:
+        plot_data.to_csv(tmp, index=False)
+    plot_budgets(results, out / "plots" / "accuracy_vs_budget.png")
+    budgets = sorted(results.budget.unique())
+    prior_sheet(root, out / "pictures" / "priors.png", priors or sorted(results.prior.unique()),
+                picture_budget or int(budgets[len(budgets) // 2]), pictures)
+    trajectory_sheet(root, out / "pictures" / "trajectories.png")
+    metrics = {f"{r.backbone}/{r.prior}{'/oracle' if r.oracle else ''}/{r.budget}/{c}": round(float(getattr(r, c)), 6)
+               for r in results.itertuples() for c in ("top1", "knn")}
+    metrics.update({f"transfer/{r.src}__{r.dst}/{r.budget}/gain": round(float(r.gain), 6) for r in trans.itertuples()})
+    write_json(out / "metrics.json", metrics)
+    artifacts = [str(p.relative_to(out)) for p in sorted(out.rglob("*")) if p.is_file() and p.name != "run.json"]
+    write_run_record(out, stage="report", job="report", params=dict(root=str(root)),
+                     metrics=dict(rows=len(results), transfers=len(trans)), artifacts=artifacts)
+    return metrics
