@@ -19,10 +19,10 @@ from spot.utils import atomic_path, resolve_device, write_json, write_run_record
 
 def check_request(backbone_dir: str | Path, prior: str, budget: int, saliency_dir=None) -> None:
     """Raise a one-line error for a bad prior, budget or backbone before any work."""
-    if not (Path(backbone_dir) / "backbone.json").is_file():
-        raise FileNotFoundError(f"backbone {backbone_dir} does not exist (no backbone.json)")
     if prior not in PRIORS:
         raise ValueError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}")
+    if not (Path(backbone_dir) / "backbone.json").is_file():
+        raise FileNotFoundError(f"backbone {backbone_dir} does not exist (no backbone.json)")
     from spot.utils import read_json
     meta = read_json(Path(backbone_dir) / "backbone.json")
     h, w = meta["img_size"]

@@ -1,0 +1,37 @@
+EVAL = expand(f"{ROOT}/eval/{{backbone}}/{{prior}}/{{budget}}/run.json", backbone=BACKBONES,
+              prior=config["eval"]["priors"], budget=config["eval"]["budgets"])
+ORACLE = expand(f"{ROOT}/oracle/{{backbone}}/{ORACLE_PRIOR}/{{budget}}/run.json", backbone=BACKBONES,
+                budget=config["oracle"]["budgets"])
+TRANSFER = expand(f"{ROOT}/transfer/{{src}}__{{dst}}/{{budget}}/run.json", src=BACKBONES, dst=BACKBONES,
+                  budget=config["transfer"]["budgets"])
+ANALYSIS = expand(f"{ROOT}/analysis/{{backbone}}/{ORACLE_PRIOR}/{{budget}}/run.json", backbone=BACKBONES,
+                  budget=config["oracle"]["budgets"])
+
+
+rule report:
+    input:
+        EVAL + ORACLE + TRANSFER + ANALYSIS,
+    output:
+        f"{ROOT}/report/run.json",
+    params:
+        report=config["report"],
+    log:
+        f"{ROOT}/logs/report.log",
+    shell:
+        spot("report") + " 2> {log}"
+
+
+rule mlflow_sync:
+    input:
+        rules.report.output,
+    log:
+        f"{ROOT}/logs/mlflow_sync.log",
+    shell:
+        spot("mlflow-sync") + " 2> {log}"
+
+
+rule bench:
+    log:
+        f"{ROOT}/logs/bench.log",
+    shell:
+        "for b in benchmarks/bench_*.py; do python $b; done > {log} 2>&1; cat {log}"
