@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_patch_embed
+from timm.models import checkpoint_seq
 
 from spot.priors import grid_centers
 from spot.tokenizer import extract_windows
@@ -22,7 +23,7 @@ class SPoTViT(nn.Module):
 
     def __init__(self, vit: nn.Module, k: int | None = None):
         super().__init__()
-        pe = vit.patch_embed
+        pe = getattr(vit, "patch_embed", None)
         if getattr(pe, "proj", None) is None or not isinstance(pe.proj, nn.Conv2d):
             raise ValueError(f"SPoTViT needs a timm VisionTransformer with a conv patch embedding, got {type(vit).__name__}")
         self.vit = vit
@@ -49,14 +50,20 @@ class SPoTViT(nn.Module):
         return pos.to(device).expand(batch, -1, -1)
 
     def pos_encoding(self, positions: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) position encoding: the pos_embed table sampled bilinearly at positions (B, N, 2)."""
+        """(B, N, D) position encoding: the pos_embed table sampled bilinearly at positions (B, N, 2).
+
+        The table is viewed as a (D, Gh, Gw) image whose entries sit at the patch-cell centres
+        (align_corners=False), so a cell centre reads its own entry; beyond the outer centres the
+        edge entries extend (border padding). Sampled in float32 whatever the autocast state.
+        """
         vit = self.vit
         table = vit.pos_embed[:, 0 if vit.no_embed_class else vit.num_prefix_tokens:]
         gh, gw = vit.patch_embed.grid_size
-        table = table.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)              # (1, D, gh, gw)
-        grid = (2 * positions.to(table.dtype) - 1).flip(-1)[:, None]          # (B, 1, N, 2) as (x, y)
-        out = F.grid_sample(table.expand(positions.shape[0], -1, -1, -1), grid, mode="bilinear",
-                            padding_mode="border", align_corners=False)       # (B, D, 1, N)
+        table = table.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()      # (1, D, gh, gw)
+        with torch.autocast(positions.device.type, enabled=False):
+            grid = (2 * positions.float() - 1).flip(-1)[:, None]              # (B, 1, N, 2) as (x, y)
+            out = F.grid_sample(table.expand(positions.shape[0], -1, -1, -1), grid, mode="bilinear",
+                                padding_mode="border", align_corners=False)   # (B, D, 1, N)
         return out[:, :, 0].transpose(1, 2)
 
     def tokens(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -64,9 +71,7 @@ class SPoTViT(nn.Module):
         vit = self.vit
         B = images.shape[0]
         w, b = self.embed_weight()
-        x = extract_windows(images, positions, self.k).flatten(2) @ w.T.to(images.dtype)
-        if b is not None:
-            x = x + b
+        x = F.linear(extract_windows(images, positions, self.k).flatten(2), w, b)   # (B, N, D)
         x = vit.patch_embed.norm(x)
         if vit.pos_embed is not None:
             x = x + self.pos_encoding(positions).to(x.dtype)
@@ -82,7 +87,12 @@ class SPoTViT(nn.Module):
         """(B, P + N, D) normalised output tokens. positions (B, N, 2) (y, x) in [0, 1]; None = full grid."""
         if positions is None:
             positions = self.grid_positions(images.shape[0], images.device)
-        return self.vit.norm(self.vit.blocks(self.tokens(images, positions)))
+        x = self.tokens(images, positions)
+        if self.vit.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(self.vit.blocks, x)
+        else:
+            x = self.vit.blocks(x)
+        return self.vit.norm(x)
 
     def features(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D) pooled feature (class token or global pool, per the timm model) used for kNN."""

@@ -20,6 +20,8 @@ class OracleResult:
     correct: torch.Tensor        # (B, steps + 1) bool, per image and step
     snapped: torch.Tensor        # (B, N, 2) final positions moved to the nearest patch-cell centre
     snapped_correct: torch.Tensor  # (B,) bool, top-1 at the snapped positions
+    init_logits: torch.Tensor    # (B, classes) at the initial positions
+    final_logits: torch.Tensor   # (B, classes) at the final positions
     features: torch.Tensor       # (B, D) pooled features at the final positions
 
 
@@ -38,24 +40,33 @@ def frozen(model: torch.nn.Module):
 
 
 def snap_to_grid(positions: torch.Tensor, img_size: tuple[int, int], k: int) -> torch.Tensor:
-    """(B, N, 2) positions moved to the centre of the k-stride patch cell containing them."""
-    g = torch.tensor([img_size[0] // k, img_size[1] // k], device=positions.device, dtype=positions.dtype)
-    return ((positions * g).floor().clamp(torch.zeros_like(g), g - 1) + 0.5) / g
+    """(B, N, 2) positions moved to the centre of the nearest cell of the k-stride patch grid."""
+    size = torch.tensor(img_size, device=positions.device, dtype=positions.dtype)
+    cells = (positions * size / k).floor().clamp(min=0).minimum(size // k - 1)   # (B, N, 2) cell index
+    return (cells * k + k / 2) / size
 
 
 def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
                   steps: int = 5, lr: float = 3e-3, optimizer: str = "adamw") -> OracleResult:
     """Minimise cross-entropy(model(images, S), labels) over the token positions S only.
 
-    model: a `SPoTViT` (frozen for the search: no parameter receives a gradient). images (B, C, H, W),
-    labels (B,), positions (B, N, 2) initial (y, x) in [0, 1]. Each image's loss is summed, so images
-    do not interact; positions are clamped to [0, 1] after every step; `lr` is in normalised units.
-    bf16 autocast on CUDA (the tokenizer samples in float32). Deterministic for a fixed input.
+    model: a `SPoTViT` (frozen and in eval mode for the search, restored after: no parameter receives
+    a gradient). images (B, C, H, W), labels (B,), positions (B, N, 2) initial (y, x) in [0, 1].
+    Each image's loss is summed, so images do not interact (Adam/AdamW are per coordinate, without
+    weight decay); positions are clamped to [0, 1] after every step; `lr` is in normalised units.
+    steps + 1 forward passes and `steps` backward passes (to the positions only), plus one forward
+    at the snapped positions. bf16 autocast on CUDA (the tokenizer samples in float32).
+    Deterministic for a fixed input. Returns tensors on the images' device, loss/accuracy on the CPU.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown oracle optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if steps < 0:
         raise ValueError(f"oracle steps must be >= 0, got {steps}")
+    if lr <= 0:
+        raise ValueError(f"oracle lr must be > 0, got {lr}")
+    if positions.ndim != 3 or positions.shape[-1] != 2 or not len(images) == len(labels) == len(positions):
+        raise ValueError(f"oracle_search: need images (B, C, H, W), labels (B,), positions (B, N, 2), got "
+                         f"{tuple(images.shape)}, {tuple(labels.shape)}, {tuple(positions.shape)}")
     images = images.detach()
     pos = positions.detach().clone().float().requires_grad_(True)
     kw = {"weight_decay": 0.0} if optimizer != "sgd" else {}
@@ -64,13 +75,17 @@ def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: 
     traj, losses, correct = [], [], []
     with frozen(model):
         for step in range(steps + 1):
-            with autocast:
-                logits = model(images, pos)
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            last = step == steps
+            with torch.set_grad_enabled(not last), autocast:
+                tokens = model.forward_features(images, pos)
+                logits = model.vit.forward_head(tokens).float()
+            loss = F.cross_entropy(logits, labels, reduction="sum")
             traj.append(pos.detach().clone())
             losses.append(loss.detach() / len(labels))
             correct.append(logits.argmax(1) == labels)
-            if step == steps:
+            if step == 0:
+                init_logits = logits.detach()
+            if last:
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -80,9 +95,10 @@ def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: 
         final = pos.detach()
         snapped = snap_to_grid(final, model.img_size, model.k)
         with torch.no_grad(), autocast:
+            features = model.vit.forward_head(tokens, pre_logits=True).float()
             snapped_correct = model(images, snapped).argmax(1) == labels
-            features = model.features(images, final).float()
     correct = torch.stack(correct, 1)
     return OracleResult(positions=final, trajectory=torch.stack(traj, 1), loss=torch.stack(losses).cpu(),
                         accuracy=correct.float().mean(0).cpu(), correct=correct, snapped=snapped,
-                        snapped_correct=snapped_correct, features=features)
+                        snapped_correct=snapped_correct, init_logits=init_logits, final_logits=logits,
+                        features=features)

@@ -31,21 +31,35 @@ def lattice(n: int, height: int, width: int) -> torch.Tensor:
     return torch.cat([torch.stack([y, x], -1) for y, x in pts])
 
 
+def _margin(height: int, width: int, k: int) -> torch.Tensor:
+    """(2,) normalised half-window (k/2/H, k/2/W): centres in [m, 1 - m] keep the window inside."""
+    return torch.tensor([k / 2 / height, k / 2 / width]).clamp(max=0.5)
+
+
 def _to_margin(pos: torch.Tensor, height: int, width: int, k: int) -> torch.Tensor:
     """Map [0, 1]² affinely onto the centres whose k x k window lies inside the image."""
-    m = torch.tensor([k / 2 / height, k / 2 / width])
+    m = _margin(height, width, k)
     return m + pos * (1 - 2 * m)
 
 
-def _density_sample(density: torch.Tensor, n: int, height: int, width: int,
-                    generator: torch.Generator | None) -> torch.Tensor:
-    """Draw n points per map from density (B, h, w) >= 0, with uniform sub-cell jitter."""
+def _density_sample(density: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, n, 2) points in [0, 1]² drawn from density (B, h, w) >= 0, with uniform jitter in the cell."""
     B, h, w = density.shape
     p = density.flatten(1).double().clamp_min(0) + 1e-12
     idx = torch.multinomial(p / p.sum(1, keepdim=True), n, replacement=True, generator=generator)
     jitter = torch.rand(B, n, 2, generator=generator, dtype=torch.float64)
     pos = torch.stack([idx // w, idx % w], -1) + jitter
     return (pos / torch.tensor([h, w])).float()
+
+
+def _density(prior: str, saliency: torch.Tensor | None, images: torch.Tensor | None) -> torch.Tensor:
+    """(B, h, w) non-negative density of a map prior, on the CPU."""
+    if prior == "edge":
+        return _edges(images if images is not None else saliency[:, None]).cpu()
+    density = saliency.float().cpu().clamp_min(0)
+    if prior == "inv_salient":
+        density = 1 - density / density.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return density
 
 
 def _edges(images: torch.Tensor) -> torch.Tensor:
@@ -58,29 +72,42 @@ def _edges(images: torch.Tensor) -> torch.Tensor:
 
 def sample_positions(prior: str, batch: int, n: int, height: int, width: int, k: int = 16,
                      generator: torch.Generator | None = None, saliency: torch.Tensor | None = None,
-                     images: torch.Tensor | None = None, s: float = 0.3) -> torch.Tensor:
+                     images: torch.Tensor | None = None, s: float = 0.3,
+                     std: float = 1 / math.pi) -> torch.Tensor:
     """Place n token centres per image with a spatial prior. Returns (batch, n, 2) (y, x) in [0, 1].
 
-    Random priors keep each token's k x k window inside the image (centres in [k/2, H-k/2]):
-    uniform (i.i.d.), gaussian (N(0.5, 1/pi) per axis, clamped), sobol (scrambled 2-D Sobol, a new
-    scramble per image). Deterministic priors: isotropic (near-square lattice, = patch centres at the
-    full grid count), center (the lattice warped to the centre: 0.5 + d(1 - exp(-(d/s)^2)), d = p - .5).
-    Map priors draw from a density with sub-pixel jitter: salient (saliency (B, h, w)), inv_salient
-    (1 - saliency), edge (Sobel magnitude of `images` (B, C, H, W)). grid: n distinct random patch
-    cells (patch dropout at inference). Reproducible from `generator` (a CPU torch.Generator).
+    Window margin: random and map priors keep each token's k x k window inside the image (centres
+    in [k/2, H - k/2] x [k/2, W - k/2]); the lattice priors need no margin below the full grid count.
+    - uniform: i.i.d. uniform over the centres whose window is inside the image.
+    - gaussian: i.i.d. N(0.5, std²) per axis, clamped to [0, 1], then mapped affinely onto the margin.
+      Default std = 1/pi (DESIGN's "N(0.5, 1/pi)" read as the scale: a variance of 1/pi, once
+      clamped, piles 38% of the points on the border and is less central than uniform).
+    - sobol: scrambled 2-D Sobol points, a new scramble per image, mapped onto the margin.
+    - isotropic: deterministic near-square lattice; at n = (H/k)*(W/k) exactly the patch centres.
+    - center: the lattice warped to the centre, 0.5 + d(1 - exp(-(d/s)²)), d = p - 0.5.
+    - grid: n distinct random cells of the patch grid (patch dropout at inference), row-major order.
+    - salient / inv_salient: drawn from saliency (B, h, w) (any h, w) / from 1 - saliency/max as a
+      density, uniform jitter inside the map cell, then clamped onto the margin (the window still
+      covers the drawn point).
+    - edge: drawn from the Sobel magnitude of `images` (B, C, H, W), or of `saliency` if no images
+      are given, like salient.
+    Reproducible from `generator` (a CPU torch.Generator; None = torch's global RNG).
     """
     if prior not in PRIORS:
         raise ValueError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}")
-    if n < 1:
-        raise ValueError(f"prior {prior!r}: token count must be >= 1, got {n}")
+    if n < 1 or batch < 1:
+        raise ValueError(f"prior {prior!r}: token count n and batch must be >= 1, got n={n}, batch={batch}")
     if prior in NEEDS_SALIENCY and saliency is None:
         raise ValueError(f"prior {prior!r} needs a saliency map (saliency=(B, h, w))")
-    if prior == "edge" and images is None:
-        raise ValueError("prior 'edge' needs the images (images=(B, C, H, W))")
+    if prior == "edge" and images is None and saliency is None:
+        raise ValueError("prior 'edge' needs images=(B, C, H, W) or saliency=(B, h, w)")
+    maps = images if prior == "edge" and images is not None else saliency
+    if prior in NEEDS_SALIENCY + ("edge",) and (maps.ndim != (4 if maps is images else 3) or len(maps) != batch):
+        raise ValueError(f"prior {prior!r}: map of shape {tuple(maps.shape)} does not match batch {batch}")
     if prior == "uniform":
         pos = _to_margin(torch.rand(batch, n, 2, generator=generator), height, width, k)
     elif prior == "gaussian":
-        pos = (0.5 + torch.randn(batch, n, 2, generator=generator) / math.sqrt(math.pi)).clamp(0, 1)
+        pos = (0.5 + std * torch.randn(batch, n, 2, generator=generator)).clamp(0, 1)
         pos = _to_margin(pos, height, width, k)
     elif prior == "sobol":
         seeds = torch.randint(0, 2**31 - 1, (batch,), generator=generator)
@@ -100,10 +127,6 @@ def sample_positions(prior: str, batch: int, n: int, height: int, width: int, k:
         keep = torch.rand(batch, len(cells), generator=generator).argsort(1)[:, :n].sort(1).values
         pos = cells[keep]
     else:
-        if prior == "edge":
-            density = _edges(images).cpu()
-        else:
-            density = saliency.float().cpu()
-            density = density if prior == "salient" else 1 - density / density.flatten(1).amax(1)[:, None, None].clamp_min(1e-12)
-        pos = _density_sample(density, n, height, width, generator)
+        m = _margin(height, width, k)
+        pos = _density_sample(_density(prior, saliency, images), n, generator).clamp(m, 1 - m)
     return pos.float()

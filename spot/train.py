@@ -63,7 +63,7 @@ def train(name: str, shards_dir: str | Path, out_dir: str | Path, arch: dict | N
     """Train backbone `name` and save it to `out_dir` (the `fetch` format, plus metrics.csv/json).
 
     From scratch (`timm_name` + `arch` kwargs, e.g. img_size, patch_size, embed_dim, depth,
-    num_heads, num_classes) or from a fetched/trained backbone dir `init` (fine-tuning). Each step
+    num_heads; num_classes defaults to the shards' class count) or from a fetched/trained backbone dir `init` (fine-tuning). Each step
     draws a prior from `priors` and a token count from `token_range` (tokens='grid' trains the
     plain-ViT baseline on random patch subsets). AdamW, warm-up + cosine per step, label smoothing,
     gradient clipping, bf16 autocast on CUDA, DDP when launched by torchrun (WORLD_SIZE > 1).
@@ -91,7 +91,8 @@ def train(name: str, shards_dir: str | Path, out_dir: str | Path, arch: dict | N
         model = load_backbone(init)
         timm_name, arch = model.meta["timm_name"], model.meta["model_kwargs"]
     else:
-        arch = dict(arch or {})
+        classes = manifest["splits"]["train"]["classes"]
+        arch = dict(num_classes=max(int(c) for c in classes) + 1, **(arch or {}))
         model = SPoTViT(build(timm_name, arch, pretrained=False))
     if data_config:
         model.data_config = dict(model.data_config, **{k: tuple(v) if isinstance(v, list) else v

@@ -116,7 +116,8 @@ def fashion_mnist_arrays(root: Path, split: str) -> tuple[np.ndarray, np.ndarray
         return ds.data.numpy(), ds.targets.numpy().astype(np.uint8)
     except Exception as e:  # noqa: BLE001 - any download failure ends in the same advice
         raise FileNotFoundError(
-            f"Fashion-MNIST IDX files not found in {root} and torchvision could not download them ({e}); "
+            f"Fashion-MNIST IDX files not found in {root} and torchvision could not download them "
+            f"({type(e).__name__}); "
             "install them with 'apt-get install dataset-fashion-mnist' (files in "
             "/usr/share/datasets/fashion-mnist) or run once with network access") from None
 
