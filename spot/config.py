@@ -24,16 +24,18 @@ def validate(cfg: dict, source: str = "params.yaml") -> dict:
             raise ValueError(f"{source}: backbones.{name}: make 'fetch' needs 'model' (a timm model name)")
         if spec["make"] == "train" and "arch" not in spec and "init" not in spec:
             raise ValueError(f"{source}: backbones.{name}: make 'train' needs 'arch' or 'init'")
+        if spec.get("init") and spec["init"] not in cfg["backbones"]:
+            raise ValueError(f"{source}: backbones.{name}.init: {spec['init']!r} is not a backbone of this file")
     lo, hi = cfg["train"]["token_range"]
     if lo > hi:
         raise ValueError(f"{source}: train.token_range: {lo} > {hi}")
     if cfg["oracle"]["prior"] not in cfg["eval"]["priors"]:
         raise ValueError(f"{source}: oracle.prior: {cfg['oracle']['prior']!r} must be one of eval.priors "
                          "(its evaluation supplies the kNN bank)")
-    for key in ("oracle", "transfer"):
-        extra = set(cfg[key]["budgets"]) - set(cfg["eval"]["budgets"])
+    for key, within in (("oracle", "eval"), ("transfer", "oracle")):
+        extra = set(cfg[key]["budgets"]) - set(cfg[within]["budgets"])
         if extra:
-            raise ValueError(f"{source}: {key}.budgets: {sorted(extra)} not in eval.budgets")
+            raise ValueError(f"{source}: {key}.budgets: {sorted(extra)} not in {within}.budgets")
     return cfg
 
 
@@ -42,7 +44,10 @@ def load_config(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    cfg = yaml.safe_load(path.read_text())
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: not a YAML mapping")
     return validate(cfg, str(path))

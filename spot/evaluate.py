@@ -87,7 +87,7 @@ def evaluate(backbone_dir: str | Path, shards_dir: str | Path, out_dir: str | Pa
     knn = knn_predict(bank["features"], bank["labels"], val["features"], k=k_nn, temperature=temperature,
                       num_classes=val["logits"].shape[1])
     labels = val["labels"]
-    metrics = dict(top1=(pred == labels).float().mean().item(), knn=(knn == labels).float().mean().item(),
+    metrics = dict(top1=(pred == labels).sum().item() / len(labels), knn=(knn == labels).sum().item() / len(labels),
                    n_val=len(labels), n_bank=len(bank["labels"]), k=k_nn, temperature=temperature)
     out = Path(out_dir)
     table = pd.DataFrame(dict(key=val["keys"], label=labels.numpy(), pred=pred.numpy(),

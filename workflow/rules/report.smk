@@ -31,7 +31,8 @@ rule mlflow_sync:
 
 
 rule bench:
+    """Benchmarks, by hand only (`snakemake bench`): tables on stdout, JSON in out/bench/."""
     log:
         f"{ROOT}/logs/bench.log",
     shell:
-        "for b in benchmarks/bench_*.py; do python $b; done > {log} 2>&1; cat {log}"
+        "(python -m benchmarks.bench_core && python -m benchmarks.bench_data) > {log} 2>&1; cat {log}"

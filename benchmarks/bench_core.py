@@ -1,0 +1,76 @@
+"""Core compute, measured side by side in one run:
+
+1. subpixel tokenizer + linear embedding vs timm's conv patch embedding (same tokens, 196 at ViT-B/16);
+2. SPoTViT on the full grid vs the wrapped timm ViT-B/16 (forward);
+3. SPoTViT throughput at 25 / 49 / 100 / 196 tokens;
+4. SPoT-ON oracle speed (image-steps per second).
+
+    python benchmarks/bench_core.py [--batch 16] [--model vit_base_patch16_224] [--device auto]
+"""
+from __future__ import annotations
+
+import argparse
+
+import timm
+import torch
+
+from benchmarks.common import report, timeit
+from spot import SPoTViT, extract_windows, oracle_search, sample_positions
+from spot.utils import resolve_device
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vit_base_patch16_224")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args()
+    dev = resolve_device(a.device)
+    torch.manual_seed(0)
+    vit = timm.create_model(a.model, pretrained=False).to(dev).eval()
+    model = SPoTViT(vit).eval()
+    x = torch.randn(a.batch, 3, *model.img_size, device=dev)
+    grid = model.grid_positions(a.batch, dev)
+    rows = []
+
+    w, b = model.embed_weight()
+    def spot_embed(img):
+        return extract_windows(img, grid, model.k).flatten(2) @ w.T + b
+    def conv_embed(img):
+        return vit.patch_embed(img)
+    for mode in ("forward", "forward+backward"):
+        def run(fn):
+            img = x.clone().requires_grad_(mode != "forward")
+            with torch.set_grad_enabled(mode != "forward"):
+                out = fn(img)
+                if mode != "forward":
+                    out.sum().backward()
+        t_spot, t_conv = timeit(lambda: run(spot_embed), a.reps), timeit(lambda: run(conv_embed), a.reps)
+        rows.append(dict(bench=f"embed {mode}", tokens=model.num_tokens, spot_ms=1e3 * t_spot, timm_ms=1e3 * t_conv,
+                         ratio=t_spot / t_conv))
+
+    with torch.no_grad():
+        t_spot = timeit(lambda: model(x, grid), a.reps)
+        t_timm = timeit(lambda: vit(x), a.reps)
+    rows.append(dict(bench="model forward (full grid)", tokens=model.num_tokens, spot_ms=1e3 * t_spot,
+                     timm_ms=1e3 * t_timm, ratio=t_spot / t_timm))
+
+    for n in (25, 49, 100, 196):
+        pos = sample_positions("isotropic", a.batch, n, *model.img_size, k=model.k).to(dev)
+        with torch.no_grad():
+            t = timeit(lambda: model(x, pos), a.reps)
+        rows.append(dict(bench="model forward", tokens=n, spot_ms=1e3 * t, img_per_s=a.batch / t,
+                         ratio=t / t_timm))
+
+    labels = torch.randint(0, vit.num_classes, (a.batch,), device=dev)
+    pos = sample_positions("isotropic", a.batch, 25, *model.img_size, k=model.k).to(dev)
+    steps = 5
+    t = timeit(lambda: oracle_search(model, x, labels, pos, steps=steps), max(1, a.reps - 1))
+    rows.append(dict(bench=f"oracle ({steps} steps)", tokens=25, spot_ms=1e3 * t,
+                     img_per_s=a.batch * steps / t))
+    report("core", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Timing helpers shared by the benchmarks: median wall time of a callable, results table + JSON."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path("out/bench")
+
+
+def timeit(fn, reps: int = 5, warmup: int = 1) -> float:
+    """Median seconds per call of fn() over `reps` calls after `warmup` calls (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def machine() -> dict:
+    return dict(python=sys.version.split()[0], torch=torch.__version__, cpu=platform.processor() or platform.machine(),
+                threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+def report(name: str, rows: list[dict]) -> None:
+    """Print rows as a table and save them with the machine description to out/bench/<name>.json."""
+    import pandas as pd
+    print(f"\n## {name}  ({machine()})")
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4g"))
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = OUT / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(dict(machine=machine(), rows=rows), indent=2))
+    tmp.rename(OUT / f"{name}.json")

@@ -1,0 +1,103 @@
+"""Backbones: fetch from a local timm checkpoint file, train SPoT and grid backbones, resume after a kill."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import timm
+import torch
+import yaml
+
+from spot.backbones import fetch, load_backbone
+from spot.cli import main
+from spot.train import train
+from spot.utils import read_json
+
+TINY = dict(img_size=32, depth=2, num_classes=7)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real timm state dict on disk, and the model it came from."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "vit_tiny.pth"
+    torch.save(vit.state_dict(), path)
+    return path, vit
+
+
+def test_fetch_local_checkpoint_gives_the_same_network(checkpoint, tmp_path):
+    path, vit = checkpoint
+    meta = fetch("tiny", tmp_path / "tiny", model="vit_tiny_patch16_224", checkpoint=str(path), **TINY)
+    assert meta["num_classes"] == 7 and meta["patch_size"] == 16
+    model = load_backbone(tmp_path / "tiny")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, model.grid_positions(3)), vit(x), rtol=1e-4, atol=1e-5)
+    assert read_json(tmp_path / "tiny" / "run.json")["stage"] == "backbone"
+
+
+def test_fetch_through_the_cli_from_params(checkpoint, tmp_path, capsys):
+    from tests.conftest import smoke_config
+    path, _ = checkpoint
+    params = smoke_config(tmp_path, backbones={
+        "local": {"make": "fetch", "model": "vit_tiny_patch16_224", "checkpoint": str(path), "arch": TINY},
+        "missing": {"make": "fetch", "model": "vit_tiny_patch16_224", "checkpoint": str(tmp_path / "no.pth")}})
+    assert main(["backbone", "--name", "local", "--params", str(params)]) == 0
+    out = yaml.safe_load(params.read_text())["root"]
+    assert load_backbone(f"{out}/backbones/local").num_classes == 7
+    capsys.readouterr()
+    assert main(["backbone", "--name", "missing", "--params", str(params)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no.pth" in err and "\n" not in err
+    assert not os.path.exists(f"{out}/backbones/missing")
+
+
+def test_unknown_timm_model_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match="unknown timm model 'vit_nonexistent'"):
+        fetch("x", tmp_path / "x", model="vit_nonexistent", pretrained=False)
+
+
+def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_path):
+    _, cfg, root = smoke_stages
+    arch = cfg["backbones"]["spot-a"]["arch"]
+    hist = train("t", root / "shards", tmp_path / "t", arch=arch, epochs=3, batch_size=50, lr=3e-3,
+                 checkpoint_dir=tmp_path / "ck", data_config=cfg["train"]["data_config"], token_range=(16, 49))
+    rows = pd.read_csv(tmp_path / "t" / "metrics.csv").to_dict("records")
+    assert len(rows) == 3 and rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert hist["val_top1"] > 0.2                                    # 10 classes: chance is 0.1
+    grid = read_json(root / "backbones" / "grid-b" / "backbone.json")
+    assert grid["tokens"] == "grid" and grid["steps"] > 0
+
+
+def test_killed_training_resumes_to_the_uninterrupted_weights(smoke_stages, tmp_path):
+    """Kill `spot backbone` after its first checkpoint, rerun: same weights as a run never killed."""
+    from tests.conftest import smoke_config
+    _, cfg, root = smoke_stages
+    changes = dict(train=dict(cfg["train"], epochs=4, batch_size=20, checkpoint_every=3))   # 40 steps
+
+    def setup(d):
+        d.mkdir()
+        params = smoke_config(d, **changes)
+        (d / "out").mkdir()
+        (d / "out" / "shards").symlink_to(root / "shards")
+        return [sys.executable, "-m", "spot.cli", "backbone", "--name", "spot-a", "--params", str(params)]
+
+    killed, clean = setup(tmp_path / "killed"), setup(tmp_path / "clean")
+    ckpt = tmp_path / "killed" / "out" / "checkpoints" / "spot-a" / "checkpoint.pt"
+    proc = subprocess.Popen(killed, stderr=subprocess.DEVNULL)
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < killed_at < 40 and not (tmp_path / "killed" / "out" / "backbones" / "spot-a" / "run.json").exists()
+    for cmd in (killed, clean):
+        assert subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode == 0
+    resumed, reference = (load_backbone(tmp_path / d / "out" / "backbones" / "spot-a") for d in ("killed", "clean"))
+    assert resumed.meta["steps"] == reference.meta["steps"] == 40
+    for (k, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)

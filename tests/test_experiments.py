@@ -1,0 +1,149 @@
+"""Evaluate, SPoT-ON, transfer, analysis and report stages on the smoke config, through `spot` in-process."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from spot.cli import main
+
+
+def spot(params, *argv):
+    assert main([*argv, "--params", str(params)]) == 0, argv
+
+
+@pytest.fixture(scope="module")
+def done(smoke_stages):
+    """Every experiment stage for budget 4 (and 16 for two priors), then the report."""
+    params, cfg, root = smoke_stages
+    for b in ("spot-a", "grid-b"):
+        for prior in ("grid", "isotropic", "salient"):
+            spot(params, "evaluate", "--backbone", b, "--prior", prior, "--budget", "4")
+    spot(params, "evaluate", "--backbone", "spot-a", "--prior", "uniform", "--budget", "16")
+    for b in ("spot-a", "grid-b"):
+        spot(params, "oracle", "--backbone", b, "--budget", "4")          # every val shard, then gather
+    for src, dst in (("spot-a", "spot-a"), ("spot-a", "grid-b"), ("grid-b", "spot-a")):
+        spot(params, "transfer", "--src", src, "--dst", dst, "--budget", "4")
+    spot(params, "analyze", "--backbone", "spot-a", "--budget", "4")
+    spot(params, "report")
+    return params, cfg, root
+
+
+def metrics(path):
+    return json.loads((path / "metrics.json").read_text())
+
+
+def test_evaluate_metrics_match_predictions(done):
+    _, cfg, root = done
+    run = root / "eval" / "spot-a" / "isotropic" / "4"
+    pred, m = pd.read_parquet(run / "predictions.parquet"), metrics(run)
+    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    assert len(pred) == m["n_val"] == manifest["splits"]["val"]["count"]
+    assert pred["correct"].mean() == pytest.approx(m["top1"])
+    assert pred["knn_correct"].mean() == pytest.approx(m["knn"])
+    pos = np.stack(pred["positions"].to_numpy()).reshape(len(pred), 4, 2)
+    assert pos.min() >= 0 and pos.max() <= 1
+
+
+def test_grid_prior_reads_patch_cells(done):
+    _, _, root = done
+    pred = pd.read_parquet(root / "eval" / "grid-b" / "grid" / "4" / "predictions.parquet")
+    cells = np.stack(pred["positions"].to_numpy()) * 7 - 0.5          # 28 px / patch 4: 7 x 7 cells
+    np.testing.assert_allclose(cells, np.round(cells), atol=1e-5)
+
+
+def test_evaluate_is_deterministic(done, tmp_path):
+    params, cfg, root = done
+    from spot.evaluate import evaluate
+    again = evaluate(root / "backbones" / "spot-a", root / "shards", tmp_path, "salient", 4,
+                     saliency_dir=root / "saliency", seed=cfg["seed"])
+    assert again == metrics(root / "eval" / "spot-a" / "salient" / "4")
+    a = pd.read_parquet(tmp_path / "predictions.parquet")
+    b = pd.read_parquet(root / "eval" / "spot-a" / "salient" / "4" / "predictions.parquet")
+    assert a["key"].tolist() == b["key"].tolist()
+    np.testing.assert_array_equal(np.stack(a["positions"]), np.stack(b["positions"]))
+
+
+def test_oracle_starts_from_the_evaluated_prior_and_does_not_lose(done):
+    _, _, root = done
+    for b in ("spot-a", "grid-b"):
+        ev = pd.read_parquet(root / "eval" / b / "isotropic" / "4" / "predictions.parquet").set_index("key")
+        run = root / "oracle" / b / "isotropic" / "4"
+        res, m = pd.read_parquet(run / "results.parquet").set_index("key"), metrics(run)
+        assert sorted(res.index) == sorted(ev.index)
+        init = np.stack(res.loc[ev.index, "init"].to_numpy())
+        np.testing.assert_allclose(init, np.stack(ev["positions"].to_numpy()), atol=1e-6)
+        assert m["top1_init"] == pytest.approx(metrics(root / "eval" / b / "isotropic" / "4")["top1"])
+        assert m["top1"] >= m["top1_init"]
+        assert len(m["accuracy_per_step"]) == m["steps"] + 1
+        assert len(list((root / "oracle-shards" / b / "isotropic" / "4").glob("val-*.npz"))) >= 2
+
+
+def test_transfer_to_itself_reproduces_the_oracle(done):
+    _, _, root = done
+    self_ = metrics(root / "transfer" / "spot-a__spot-a" / "4")
+    assert self_["top1_transfer"] == pytest.approx(metrics(root / "oracle" / "spot-a" / "isotropic" / "4")["top1"])
+    cross = metrics(root / "transfer" / "spot-a__grid-b" / "4")
+    assert cross["top1_prior"] == pytest.approx(metrics(root / "eval" / "grid-b" / "isotropic" / "4")["top1"])
+    assert cross["gain"] == pytest.approx(cross["top1_transfer"] - cross["top1_prior"])
+
+
+def test_report_tables_equal_the_per_run_results(done):
+    _, _, root = done
+    rep = root / "report"
+    for f in ("tables.md", "findings.md", "results.csv", "results.parquet", "metrics.json",
+              "plots/accuracy_vs_budget.png", "plots/accuracy_vs_budget.csv", "pictures/priors.png",
+              "pictures/trajectories.png", "run.json"):
+        assert (rep / f).is_file() and (rep / f).stat().st_size > 0, f
+    res = pd.read_csv(rep / "results.csv")
+    for run in (root / "eval").glob("*/*/*"):
+        b, prior, budget = run.relative_to(root / "eval").parts
+        row = res[(res.backbone == b) & (res.prior == prior) & (res.budget == int(budget)) & ~res.oracle]
+        assert len(row) == 1 and row.top1.item() == pytest.approx(metrics(run)["top1"]), run
+    oracle = res[res.oracle & (res.backbone == "spot-a")]
+    assert oracle.top1.item() == pytest.approx(metrics(root / "oracle" / "spot-a" / "isotropic" / "4")["top1"])
+    table = (rep / "tables.md").read_text()
+    assert f"{100 * metrics(root / 'eval' / 'grid-b' / 'grid' / '4')['top1']:.2f}" in table
+    assert (rep / "pictures" / "priors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analysis_measures_saliency_under_tokens(done):
+    _, _, root = done
+    run = root / "analysis" / "spot-a" / "isotropic" / "4"
+    sal = json.loads((run / "saliency.json").read_text())
+    assert 0 <= sal["saliency_init"] <= 1 and 0 <= sal["saliency_final"] <= 1
+    assert sal["saliency_delta"] == pytest.approx(sal["saliency_final"] - sal["saliency_init"])
+    assert (run / "trajectories.png").is_file()
+
+
+def test_every_job_logged_once_to_mlflow(done):
+    params, cfg, root = done
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(cfg["mlflow"]["tracking_uri"])
+    exp = c.get_experiment_by_name(cfg["name"])
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    jobs = sorted(r.data.tags["spot.job"] for r in runs)
+    records = sorted(json.loads(p.read_text())["job"] for p in root.rglob("run.json"))
+    assert jobs == records
+    ev = next(r for r in runs if r.data.tags["spot.job"] == "evaluate/spot-a/isotropic/4")
+    assert ev.data.metrics["top1"] == pytest.approx(metrics(root / "eval" / "spot-a" / "isotropic" / "4")["top1"])
+    assert ev.data.params["prior"] == "isotropic" and ev.data.params["budget"] == "4"
+    assert "predictions.parquet" in [a.path for a in c.list_artifacts(ev.info.run_id)]
+    spot(params, "evaluate", "--backbone", "spot-a", "--prior", "isotropic", "--budget", "4")   # rerun
+    assert len(c.search_runs([exp.experiment_id], max_results=1000)) == len(runs)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--backbone", "spot-a", "--prior", "diagonal", "--budget", "4"], "prior 'diagonal'"),
+    (["evaluate", "--backbone", "spot-a", "--prior", "grid", "--budget", "50"], "budget"),
+    (["evaluate", "--backbone", "nope", "--prior", "grid", "--budget", "4"], "nope"),
+    (["backbone", "--name", "nope"], "nope"),
+    (["transfer", "--src", "grid-b", "--dst", "spot-a", "--budget", "16"], "grid-b"),
+])
+def test_bad_requests_fail_with_one_line_naming_it(done, capsys, argv, message):
+    params, _, root = done
+    before = sorted(p for p in root.rglob("*") if p.is_file())
+    assert main([*argv, "--params", str(params)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert sorted(p for p in root.rglob("*") if p.is_file()) == before

@@ -1,0 +1,181 @@
+"""The Snakemake DAG end to end on config/smoke.yaml, in a copy of the repository, checked with the
+MLflow client; a killed job; an unreachable tracking server. Real snakemake, real MLflow store."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+REPORT_FILES = ["tables.md", "findings.md", "results.csv", "results.parquet", "metrics.json", "run.json",
+                "plots/accuracy_vs_budget.png", "plots/accuracy_vs_budget.csv", "pictures/priors.png",
+                "pictures/trajectories.png"]
+
+
+def copy_repo(dest: Path) -> Path:
+    """The working tree's files (tracked and untracked, not ignored) copied to `dest`."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           check=True, capture_output=True, text=True).stdout.split("\0")
+    for f in filter(None, files):
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            (dest / f).write_bytes((REPO / f).read_bytes())
+    return dest
+
+
+def env(**extra):
+    e = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return e | extra
+
+
+def snakemake(cwd, *args, config="config/smoke.yaml", check=True, **extra_env):
+    r = subprocess.run(["snakemake", "--cores", "2", *args, "--config", f"params={config}"], cwd=cwd,
+                       capture_output=True, text=True, env=env(**extra_env))
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def job_counts(output: str) -> Counter:
+    """Rule -> count from the 'Job stats' table Snakemake prints."""
+    table = output.split("Job stats:")[1].split("total")[0]
+    return Counter({m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)})
+
+
+def expected_jobs(cfg: dict, val_shards: int | None) -> Counter:
+    b = len(cfg["backbones"])
+    jobs = Counter(all=1, mlflow_init=1, shard=1, saliency=1, backbone=b, report=1,
+                   evaluate=b * len(cfg["eval"]["priors"]) * len(cfg["eval"]["budgets"]),
+                   oracle_gather=b * len(cfg["oracle"]["budgets"]), analyze=b * len(cfg["oracle"]["budgets"]),
+                   transfer=b * b * len(cfg["transfer"]["budgets"]))
+    if val_shards is not None:
+        jobs["oracle"] = b * len(cfg["oracle"]["budgets"]) * val_shards
+    return jobs
+
+
+def mlflow_runs(cwd: Path, name: str):
+    c = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = c.get_experiment_by_name(name)
+    return [] if exp is None else c.search_runs([exp.experiment_id], max_results=5000)
+
+
+def test_dry_run_lists_every_job_of_the_default_config(tmp_path):
+    cwd = copy_repo(tmp_path)
+    default = yaml.safe_load((REPO / "params.yaml").read_text())
+    r = snakemake(cwd, "-n", config="params.yaml")
+    counts = job_counts(r.stdout)
+    assert counts == expected_jobs(default, None), counts   # per-shard oracle jobs appear once shards exist
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    cwd = copy_repo(tmp_path)
+    bad = dict(SMOKE, eval=dict(SMOKE["eval"], budgets=[4, 0]))
+    (cwd / "config" / "bad.yaml").write_text(yaml.safe_dump(bad))
+    r = snakemake(cwd, config="config/bad.yaml", check=False)
+    assert r.returncode != 0 and "config/bad.yaml: eval.budgets.1" in r.stdout + r.stderr
+    assert not (cwd / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The whole DAG on the smoke config, run once."""
+    cwd = copy_repo(tmp_path_factory.mktemp("repo"))
+    r = snakemake(cwd)
+    return cwd, r
+
+
+def test_smoke_run_makes_every_job_and_report_file(smoke):
+    cwd, r = smoke
+    manifest = json.loads((cwd / "out" / "shards" / "manifest.json").read_text())
+    shards = len(manifest["splits"]["val"]["shards"])
+    assert shards >= 2                                                   # the oracle really fans out
+    ran = Counter(re.findall(r"\(Rule: (\w+)\)", r.stdout + r.stderr))
+    assert ran == expected_jobs(SMOKE, shards), ran
+    for f in REPORT_FILES:
+        assert (cwd / "out" / "report" / f).stat().st_size > 0, f
+
+
+def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
+    cwd, _ = smoke
+    runs = mlflow_runs(cwd, SMOKE["name"])
+    records = {json.loads(p.read_text())["job"]: p.parent for p in (cwd / "out").rglob("run.json")}
+    assert sorted(r.data.tags["spot.job"] for r in runs) == sorted(records)
+    stages = Counter(r.data.tags["spot.stage"] for r in runs)
+    b = len(SMOKE["backbones"])
+    assert stages["evaluate"] == b * len(SMOKE["eval"]["priors"]) * len(SMOKE["eval"]["budgets"])
+    for r in runs:
+        metrics = json.loads((records[r.data.tags["spot.job"]] / "run.json").read_text())["metrics"]
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                assert r.data.metrics[k] == pytest.approx(v), (r.data.tags["spot.job"], k)
+        if r.data.tags["spot.stage"] == "evaluate":
+            assert {"backbone", "prior", "budget", "seed", "code_version"} <= set(r.data.params)
+    report = next(r for r in runs if r.data.tags["spot.stage"] == "report")
+    arts = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").list_artifacts(report.info.run_id)
+    assert {"tables.md", "pictures", "plots"} <= {a.path for a in arts}
+
+
+def test_rerun_executes_nothing_and_adds_no_run(smoke):
+    cwd, _ = smoke
+    before = len(mlflow_runs(cwd, SMOKE["name"]))
+    r = snakemake(cwd)
+    assert "Nothing to be done" in r.stdout + r.stderr
+    assert len(mlflow_runs(cwd, SMOKE["name"])) == before
+
+
+@pytest.fixture(scope="module")
+def slow_training(tmp_path_factory):
+    """A repo copy whose config trains long enough to be killed mid-way."""
+    cwd = copy_repo(tmp_path_factory.mktemp("kill"))
+    cfg = dict(SMOKE, name="spot-kill", train=dict(SMOKE["train"], epochs=20, checkpoint_every=3))
+    (cwd / "config" / "kill.yaml").write_text(yaml.safe_dump(cfg))
+    return cwd
+
+
+def test_killed_job_is_not_complete_and_the_rerun_finishes(slow_training):
+    cwd = slow_training
+    target = "out/backbones/spot-a/run.json"
+    proc = subprocess.Popen(["snakemake", "--cores", "2", target, "--config", "params=config/kill.yaml"], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
+    ckpt = cwd / "out" / "checkpoints" / "spot-a" / "checkpoint.pt"
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, "snakemake ended before its first training checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)                                   # snakemake and its job
+    proc.wait()
+    assert not (cwd / target).exists()
+    snakemake(cwd, "--unlock", config="config/kill.yaml")
+    dry = snakemake(cwd, "-n", target, config="config/kill.yaml")
+    assert job_counts(dry.stdout)["backbone"] == 1
+    snakemake(cwd, target, config="config/kill.yaml")
+    assert (cwd / target).exists()
+    assert json.loads((cwd / "out" / "backbones" / "spot-a" / "metrics.json").read_text())["step"] == 80
+
+
+def test_unreachable_tracking_server_then_mlflow_sync(slow_training):
+    cwd = slow_training
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+    target = "out/eval/spot-a/isotropic/4/run.json"
+    snakemake(cwd, target, config="config/kill.yaml", MLFLOW_TRACKING_URI=closed)
+    assert (cwd / target).exists()
+    logged = {r.data.tags["spot.job"] for r in mlflow_runs(cwd, "spot-kill")}
+    assert "evaluate/spot-a/isotropic/4" not in logged
+    r = subprocess.run(["spot", "mlflow-sync", "--params", "config/kill.yaml"], cwd=cwd, env=env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = sorted(json.loads(p.read_text())["job"] for p in (cwd / "out").rglob("run.json"))
+    assert sorted(r.data.tags["spot.job"] for r in mlflow_runs(cwd, "spot-kill")) == records
