@@ -35,18 +35,23 @@ def main() -> None:
     rows = []
 
     w, b = model.embed_weight()
-    def spot_embed(img):
-        return extract_windows(img, grid, model.k).flatten(2) @ w.T + b
-    def conv_embed(img):
-        return vit.patch_embed(img)
     for mode in ("forward", "forward+backward"):
-        def run(fn):
-            img = x.clone().requires_grad_(mode != "forward")
-            with torch.set_grad_enabled(mode != "forward"):
-                out = fn(img)
-                if mode != "forward":
+        grad = mode != "forward"
+
+        def spot_embed():             # backward w.r.t. the positions (what the oracle needs)
+            pos = grid.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                out = extract_windows(x, pos, model.k).flatten(2) @ w.detach().T + b.detach()
+                if grad:
                     out.sum().backward()
-        t_spot, t_conv = timeit(lambda: run(spot_embed), a.reps), timeit(lambda: run(conv_embed), a.reps)
+
+        def conv_embed():             # backward w.r.t. the image (a grid has no positions)
+            img = x.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                out = vit.patch_embed(img)
+                if grad:
+                    out.sum().backward()
+        t_spot, t_conv = timeit(spot_embed, a.reps), timeit(conv_embed, a.reps)
         rows.append(dict(bench=f"embed {mode}", tokens=model.num_tokens, spot_ms=1e3 * t_spot, timm_ms=1e3 * t_conv,
                          ratio=t_spot / t_conv))
 
@@ -64,11 +69,11 @@ def main() -> None:
                          ratio=t / t_timm))
 
     labels = torch.randint(0, vit.num_classes, (a.batch,), device=dev)
-    pos = sample_positions("isotropic", a.batch, 25, *model.img_size, k=model.k).to(dev)
-    steps = 5
-    t = timeit(lambda: oracle_search(model, x, labels, pos, steps=steps), max(1, a.reps - 1))
-    rows.append(dict(bench=f"oracle ({steps} steps)", tokens=25, spot_ms=1e3 * t,
-                     img_per_s=a.batch * steps / t))
+    steps = 3
+    for n in (25, 49, 100, 196):
+        pos = sample_positions("isotropic", a.batch, n, *model.img_size, k=model.k).to(dev)
+        t = timeit(lambda: oracle_search(model, x, labels, pos, steps=steps), max(1, a.reps - 1))
+        rows.append(dict(bench=f"oracle ({steps} steps)", tokens=n, spot_ms=1e3 * t, img_per_s=a.batch * steps / t))
     report("core", rows)
 
 

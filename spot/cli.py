@@ -76,7 +76,7 @@ def cmd_evaluate(cfg, a):
     evaluate(p["backbones"] / a.backbone, p["shards"], out, a.prior, a.budget, k_nn=cfg["eval"]["knn"]["k"],
              temperature=cfg["eval"]["knn"]["temperature"], batch_size=cfg["eval"]["batch_size"],
              seed=cfg["seed"], saliency_dir=p["saliency"], device=cfg["device"],
-             num_workers=cfg["data"].get("workers", 0))
+             num_workers=cfg["data"].get("workers", 0), bank_size=cfg["eval"]["knn"].get("bank_size"))
     track(cfg, out)
 
 

@@ -49,10 +49,16 @@ def positions_for(model: SPoTViT, prior: str, budget: int, keys: list[str], seed
 
 
 @torch.no_grad()
-def run_split(model: SPoTViT, loader, prior: str, budget: int, seed: int, device, desc: str) -> dict:
-    """Features, logits, labels, keys and positions of every image the loader yields, in order."""
+def run_split(model: SPoTViT, loader, prior: str, budget: int, seed: int, device, desc: str,
+              limit: int | None = None) -> dict:
+    """Features, logits, labels, keys and positions of the loader's images in order (the first `limit`)."""
     feats, logits, labels, keys, positions = [], [], [], [], []
     for b in tqdm(loader, desc=desc, unit="batch"):
+        if limit is not None and len(keys) >= limit:
+            break
+        if limit is not None and len(keys) + len(b.keys) > limit:
+            n = limit - len(keys)
+            b = type(b)(b.images[:n], b.labels[:n], b.keys[:n], None if b.saliency is None else b.saliency[:n])
         x = b.images.to(device)
         pos = positions_for(model, prior, budget, b.keys, seed, b.saliency, b.images).to(device)
         tok = model.forward_features(x, pos)
@@ -67,8 +73,10 @@ def run_split(model: SPoTViT, loader, prior: str, budget: int, seed: int, device
 
 def evaluate(backbone_dir: str | Path, shards_dir: str | Path, out_dir: str | Path, prior: str, budget: int,
              k_nn: int = 20, temperature: float = 0.07, batch_size: int = 256, seed: int = 0,
-             saliency_dir: str | Path | None = None, device: str = "auto", num_workers: int = 0) -> dict:
-    """Top-1 (val) and kNN accuracy (bank: train images under the same prior and budget) of a backbone
+             saliency_dir: str | Path | None = None, device: str = "auto", num_workers: int = 0,
+             bank_size: int | None = None) -> dict:
+    """Top-1 (val) and kNN accuracy (bank: the first `bank_size` train images, all if None, under the
+    same prior and budget) of a backbone
     with `budget` tokens placed by `prior`; prior 'grid' is the plain ViT on `budget` random patches.
 
     Writes metrics.json, predictions.parquet (key, label, pred, correct, knn_pred, knn_correct,
@@ -81,7 +89,8 @@ def evaluate(backbone_dir: str | Path, shards_dir: str | Path, out_dir: str | Pa
     sal = saliency_dir if prior in NEEDS_SALIENCY else None
     loader = lambda split: make_loader(shards_dir, split, model.data_config, batch_size,  # noqa: E731
                                        num_workers=num_workers, saliency_dir=sal)
-    bank = run_split(model, loader("train"), prior, budget, seed, device, f"bank {name}/{prior}/{budget}")
+    bank = run_split(model, loader("train"), prior, budget, seed, device, f"bank {name}/{prior}/{budget}",
+                     limit=bank_size)
     val = run_split(model, loader("val"), prior, budget, seed + 1, device, f"val {name}/{prior}/{budget}")
     pred = val["logits"].argmax(1)
     knn = knn_predict(bank["features"], bank["labels"], val["features"], k=k_nn, temperature=temperature,
@@ -101,7 +110,7 @@ def evaluate(backbone_dir: str | Path, shards_dir: str | Path, out_dir: str | Pa
     write_json(out / "metrics.json", metrics)
     write_run_record(out, stage="evaluate", job=f"evaluate/{name}/{prior}/{budget}",
                      params=dict(backbone=name, prior=prior, budget=budget, seed=seed, k_nn=k_nn,
-                                 temperature=temperature),
+                                 temperature=temperature, bank_size=bank_size),
                      metrics=dict(top1=metrics["top1"], knn=metrics["knn"]),
                      artifacts=["metrics.json", "predictions.parquet"])
     return metrics

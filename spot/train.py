@@ -30,6 +30,22 @@ def batch_positions(step: int, seed: int, batch: int, model: SPoTViT, tokens: st
     return sample_positions(prior, batch, n, *model.img_size, k=model.k, generator=gen)
 
 
+def epoch_batches(loader, n: int):
+    """Exactly `n` batches of the loader's current epoch, starting it over if it runs out first: DDP
+    ranks hold different shards (so different sample counts) but must take the same number of steps."""
+    while n > 0:
+        empty = True
+        for b in loader:
+            empty = False
+            yield b
+            n -= 1
+            if n == 0:
+                return
+        if empty:
+            raise ValueError("a training rank got no train shards: write at least as many train shards as "
+                             "processes x loader workers (data.shard_count)")
+
+
 def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
     """Linear warm-up to `lr` over `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -39,7 +55,7 @@ def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
 
 @torch.no_grad()
 def validate(model: SPoTViT, loader, device, budget: int) -> dict:
-    """Val top-1 on the full grid and with `budget` isotropic tokens."""
+    """Val top-1 on the full grid and with `budget` isotropic tokens (over all ranks under DDP)."""
     model.eval()
     hits, hits_sparse, n = 0, 0, 0
     for b in loader:
@@ -48,6 +64,10 @@ def validate(model: SPoTViT, loader, device, budget: int) -> dict:
         pos = sample_positions("isotropic", len(y), budget, *model.img_size, k=model.k).to(device)
         hits_sparse += (model(x, pos).argmax(1) == y).sum().item()
         n += len(y)
+    if torch.distributed.is_initialized():        # each DDP rank saw its own val shards: sum them
+        counts = torch.tensor([hits, hits_sparse, n], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(counts)
+        hits, hits_sparse, n = counts.tolist()
     model.train()
     return {"val_top1": hits / max(n, 1), f"val_top1_{budget}tok": hits_sparse / max(n, 1)}
 
@@ -125,10 +145,10 @@ def train(name: str, shards_dir: str | Path, out_dir: str | Path, arch: dict | N
         epoch, done = divmod(step, steps_per_epoch)
         loader.dataset.set_epoch(epoch)
         losses, hits, seen = [], 0, 0
-        for i, b in enumerate(loader):
+        for i, b in enumerate(epoch_batches(loader, steps_per_epoch)):
             if i < done:
                 continue                      # resumed mid-epoch: these batches were already trained on
-            if i >= steps_per_epoch or step >= total:
+            if step >= total:
                 break
             x, y = b.images.to(device), b.labels.to(device)
             pos = batch_positions(step, seed + rank, len(y), model, tokens, list(priors), tuple(token_range)).to(device)

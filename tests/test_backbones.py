@@ -101,3 +101,19 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(smoke_stages, tmp_
     assert resumed.meta["steps"] == reference.meta["steps"] == 40
     for (k, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_torchrun_ddp_trains_on_two_processes(smoke_stages, tmp_path):
+    """`torchrun --nproc_per_node 2 -m spot.cli backbone` (DDP, gloo on CPU): ranks share the shards."""
+    from tests.conftest import smoke_config
+    _, cfg, root = smoke_stages
+    params = smoke_config(tmp_path, train=dict(cfg["train"], epochs=2))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "shards").symlink_to(root / "shards")
+    r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "spot.cli", "backbone",
+                        "--name", "spot-a", "--params", str(params)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = read_json(tmp_path / "out" / "backbones" / "spot-a" / "backbone.json")
+    assert meta["steps"] == 2 * 2                 # 200 images / (batch 50 x 2 ranks) = 2 steps per epoch
+    val = read_json(tmp_path / "out" / "backbones" / "spot-a" / "metrics.json")
+    assert 0 <= val["val_top1"] <= 1

@@ -11,6 +11,8 @@ from tests.conftest import REPO
 from tests.test_pipeline import SMOKE, copy_repo, env
 
 pytestmark = pytest.mark.slow
+GIT_IDENTITY = dict(GIT_AUTHOR_NAME="spot tests", GIT_AUTHOR_EMAIL="tests@spot.invalid",
+                    GIT_COMMITTER_NAME="spot tests", GIT_COMMITTER_EMAIL="tests@spot.invalid")
 
 
 def git_copy(dest, params: dict | None = None):
@@ -19,7 +21,7 @@ def git_copy(dest, params: dict | None = None):
     if params is not None:
         (cwd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
+        subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, env=env(**GIT_IDENTITY))
     return cwd
 
 
@@ -63,13 +65,13 @@ def repro(tmp_path_factory):
     """A git + DVC repository copy whose params.yaml is a trimmed smoke config, after `dvc repro`."""
     cfg = dict(SMOKE, eval=dict(SMOKE["eval"], priors=["grid", "isotropic"]))
     cwd = git_copy(tmp_path_factory.mktemp("dvc"), cfg)
-    r = subprocess.run(["dvc", "repro"], cwd=cwd, capture_output=True, text=True, env=env())
+    r = subprocess.run(["dvc", "repro"], cwd=cwd, capture_output=True, text=True, env=env(**GIT_IDENTITY))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return cwd, cfg
 
 
 def dvc(cwd, *args):
-    r = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True, env=env())
+    r = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True, env=env(**GIT_IDENTITY))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r.stdout
 
@@ -100,3 +102,14 @@ def test_push_to_a_local_remote_and_pull_back(repro, tmp_path):
     assert "deleted" in dvc(cwd, "status")
     dvc(cwd, "pull")
     assert "up to date" in dvc(cwd, "status")
+
+
+def test_exp_run_with_a_changed_parameter_reruns_only_what_depends_on_it(repro):
+    cwd, cfg = repro
+    ev = cwd / "out" / "eval" / "spot-a" / "grid" / "4" / "metrics.json"
+    before = ev.stat().st_mtime_ns
+    dvc(cwd, "exp", "run", "-S", "oracle.steps=3")
+    out = cwd / "out" / "oracle" / "spot-a" / cfg["oracle"]["prior"] / str(cfg["oracle"]["budgets"][0])
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+    assert ev.stat().st_mtime_ns == before                              # evaluation did not rerun
+    assert "oracle.steps" in dvc(cwd, "params", "diff")

@@ -135,7 +135,8 @@ def test_every_job_logged_once_to_mlflow(done):
 
 @pytest.mark.parametrize("argv, message", [
     (["evaluate", "--backbone", "spot-a", "--prior", "diagonal", "--budget", "4"], "prior 'diagonal'"),
-    (["evaluate", "--backbone", "spot-a", "--prior", "grid", "--budget", "50"], "budget"),
+    (["evaluate", "--backbone", "spot-a", "--prior", "grid", "--budget", "50"], "budget 50 exceeds the 49"),
+    (["evaluate", "--backbone", "spot-a", "--prior", "uniform", "--budget", "785"], "outside 1..784"),
     (["evaluate", "--backbone", "nope", "--prior", "grid", "--budget", "4"], "nope"),
     (["backbone", "--name", "nope"], "nope"),
     (["transfer", "--src", "grid-b", "--dst", "spot-a", "--budget", "16"], "grid-b"),

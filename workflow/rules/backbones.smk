@@ -1,13 +1,3 @@
-def backbone_inputs(wildcards):
-    spec = config["backbones"][wildcards.backbone]
-    inputs = [rules.mlflow_init.output[0]]
-    if spec["make"] == "train":
-        inputs.append(rules.shard.output.run)
-        if spec.get("init"):
-            inputs.append(f"{ROOT}/backbones/{spec['init']}/run.json")
-    return inputs
-
-
 rule backbone:
     input:
         backbone_inputs,
@@ -21,5 +11,7 @@ rule backbone:
         gpu=GPU,
     log:
         f"{ROOT}/logs/backbone/{{backbone}}.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
         spot("backbone", name="backbone") + " 2> {log}"

@@ -36,3 +36,14 @@ def val_shards(wildcards):
     """Names of the val shards, known once the shard checkpoint has run."""
     manifest = checkpoints.shard.get().output.manifest
     return [s["name"].removesuffix(".tar") for s in yaml.safe_load(open(manifest))["splits"]["val"]["shards"]]
+
+
+def backbone_inputs(wildcards):
+    """A backbone job waits for the shards (train) and for the backbone it fine-tunes from (init)."""
+    spec = config["backbones"][wildcards.backbone]
+    inputs = [rules.mlflow_init.output[0]]
+    if spec["make"] == "train":
+        inputs.append(rules.shard.output.run)
+        if spec.get("init"):
+            inputs.append(f"{ROOT}/backbones/{spec['init']}/run.json")
+    return inputs

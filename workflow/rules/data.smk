@@ -3,6 +3,8 @@ rule mlflow_init:
         f"{ROOT}/mlflow.json",
     log:
         f"{ROOT}/logs/mlflow_init.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
         spot("mlflow-init") + " 2> {log}"
 
@@ -18,6 +20,8 @@ checkpoint shard:
         seed=config["seed"],
     log:
         f"{ROOT}/logs/shard.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
         spot("shard") + " 2> {log}"
 
@@ -31,5 +35,7 @@ rule saliency:
         saliency=config["saliency"],
     log:
         f"{ROOT}/logs/saliency.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
         spot("saliency") + " 2> {log}"

@@ -13,6 +13,8 @@ rule evaluate:
         gpu=GPU,
     log:
         f"{ROOT}/logs/eval/{{backbone}}/{{prior}}/{{budget}}.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
         spot("evaluate", backbone="backbone", prior="prior", budget="budget") + " 2> {log}"
 
@@ -31,6 +33,8 @@ rule oracle:
         gpu=GPU,
     log:
         f"{ROOT}/logs/oracle/{{backbone}}/{{prior}}/{{budget}}/{{shard}}.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
         spot("oracle", backbone="backbone", budget="budget", shard="shard") + " 2> {log}"
 
@@ -46,6 +50,8 @@ rule oracle_gather:
         knn=config["eval"]["knn"],
     log:
         f"{ROOT}/logs/oracle_gather/{{backbone}}/{{prior}}/{{budget}}.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
         spot("oracle-gather", backbone="backbone", budget="budget") + " 2> {log}"
 
@@ -61,6 +67,8 @@ rule transfer:
         gpu=GPU,
     log:
         f"{ROOT}/logs/transfer/{{src}}__{{dst}}/{{budget}}.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
         spot("transfer", src="src", dst="dst", budget="budget") + " 2> {log}"
 
@@ -73,5 +81,7 @@ rule analyze:
         f"{ROOT}/analysis/{{backbone}}/{ORACLE_PRIOR}/{{budget}}/run.json",
     log:
         f"{ROOT}/logs/analysis/{{backbone}}/{{budget}}.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
         spot("analyze", backbone="backbone", budget="budget") + " 2> {log}"

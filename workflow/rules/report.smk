@@ -17,6 +17,8 @@ rule report:
         report=config["report"],
     log:
         f"{ROOT}/logs/report.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
         spot("report") + " 2> {log}"
 
@@ -26,6 +28,8 @@ rule mlflow_sync:
         rules.report.output,
     log:
         f"{ROOT}/logs/mlflow_sync.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
         spot("mlflow-sync") + " 2> {log}"
 
@@ -34,5 +38,7 @@ rule bench:
     """Benchmarks, by hand only (`snakemake bench`): tables on stdout, JSON in out/bench/."""
     log:
         f"{ROOT}/logs/bench.log",
+    conda:
+        "../envs/spot.yaml"
     shell:
-        "(python -m benchmarks.bench_core && python -m benchmarks.bench_data) > {log} 2>&1; cat {log}"
+        "(python -m benchmarks.bench_core && python -m benchmarks.bench_data && python -m benchmarks.bench_experiments) > {log} 2>&1; cat {log}"
