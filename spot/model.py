@@ -35,7 +35,8 @@ class SPoTViT(nn.Module):
         self.grid_size = (self.img_size[0] // self.k, self.img_size[1] // self.k)
         self.num_tokens = self.grid_size[0] * self.grid_size[1]
         self.num_classes = vit.num_classes
-        self.data_config = timm.data.resolve_data_config(model=vit)
+        cfg = timm.data.resolve_data_config(model=vit)       # from the pretrained cfg: may name another size
+        self.data_config = dict(cfg, input_size=(cfg["input_size"][0], *self.img_size))
 
     def embed_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(D, C*k*k) linear map of the patch embedding (resampled if k != patch size), and its bias."""

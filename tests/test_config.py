@@ -37,8 +37,8 @@ def put(cfg, dotted, value):
     ("train.token_range", [49, 4], "train.token_range"),
     ("train.epochs", KeyError, "epochs"),
     ("data.source", "cifar", "data.source"),
-    ("backbones.spot-s0.make", "download", "backbones.spot-s0.make"),
-    ("backbones.spot-s0.init", "nope", "backbones.spot-s0.init"),
+    ("backbones.spot.make", "download", "backbones.spot.make"),
+    ("backbones.spot.init", "nope", "backbones.spot.init"),
     ("report.colour", "red", "report"),
 ])
 def test_bad_value_is_named_in_one_line(tmp_path, capsys, key, value, message):

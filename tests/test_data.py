@@ -80,6 +80,15 @@ def test_reading_yields_rgb_tensors_in_fixed_order(imagenet_shards):
     assert [k for b in batches for k in b.keys] == again
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_loader_workers_read_every_sample_once(imagenet_shards, train):
+    """Two loader workers split the shards between them: together they read each sample exactly once."""
+    out, manifest = imagenet_shards
+    keys = [k for b in make_loader(out, "train", CFG, batch_size=8, num_workers=2, train=train) for k in b.keys]
+    assert len(shard_paths(out, "train")) >= 2
+    assert len(keys) == len(set(keys)) == manifest["splits"]["train"]["count"]
+
+
 def test_greyscale_and_cmyk_jpegs_read_as_rgb(tmp_path):
     root = tmp_path / "src"
     for i, mode in enumerate(("L", "CMYK", "RGB")):

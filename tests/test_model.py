@@ -55,7 +55,8 @@ def test_attributes_and_no_copied_weights():
     model = SPoTViT(vit)
     assert model.vit is vit and model.k == 8 and model.img_size == (32, 48) and model.grid_size == (4, 6)
     assert model.num_tokens == 24 and model.num_classes == 10
-    assert model.data_config == timm.data.resolve_data_config(model=vit)
+    timm_cfg = timm.data.resolve_data_config(model=vit)      # says 224 px: the pretrained cfg's size
+    assert model.data_config == dict(timm_cfg, input_size=(3, 32, 48))   # the images this model reads
     assert {n for n, _ in model.named_parameters()} == {f"vit.{n}" for n, _ in vit.named_parameters()}
     assert torch.equal(model.grid_positions(3, "cpu"), grid_centers(32, 48, 8).expand(3, -1, -1))
 

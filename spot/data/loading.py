@@ -34,8 +34,10 @@ def shard_paths(shards_dir: str | Path, split: str) -> list[Path]:
 
 
 def read_shard(path: str | Path) -> Iterator[dict]:
-    """Raw records (dict of key -> bytes, plus __key__) of one WebDataset tar, in stored order."""
-    yield from wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
+    """Raw records (dict of key -> bytes, plus __key__) of one WebDataset tar, in stored order.
+
+    No node or worker splitting here: `ShardStream` hands each rank and worker its own shards."""
+    yield from wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
 
 
 def decode_image(record: dict) -> Image.Image:
