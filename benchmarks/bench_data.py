@@ -2,7 +2,8 @@
 or --root: an ImageNet folder layout) and Fashion-MNIST:
 
 1. `write_shards` vs plain `tar` of the same files (ratio: shard time / tar time);
-2. the shard loader (decode + resize + crop + normalise) in images per second;
+2. the shard loader (decode + resize + crop + normalise) in images per second, with 0 (in the main
+   process), 1 and 2 loader workers;
 3. spectral-residual saliency maps in images per second.
 
     python -m benchmarks.bench_data [--root DIR]
@@ -33,6 +34,11 @@ def imagenet_layout(sample: Path, root: Path) -> Path:
     return root
 
 
+def count(loader) -> int:
+    """Images in one pass over `loader`."""
+    return sum(len(b.labels) for b in loader)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, help="ImageNet folder layout (default: the shared sample)")
@@ -44,7 +50,7 @@ def main() -> None:
         root = a.root or imagenet_layout(SAMPLE, tmp / "imagenet")
         files = sorted(p for p in (root / "val").rglob("*") if p.is_file() or p.is_symlink())
         mb = sum(p.stat().st_size for p in files) / 1e6
-        t_shard = timeit(lambda: write_shards("imagenet", root, tmp / "shards", splits=["val"], shard_count=1000,
+        t_shard = timeit(lambda: write_shards("imagenet", root, tmp / "shards", splits=["val"], shard_count=30,
                                               shard_bytes=1e9), a.reps)
         t_tar = timeit(lambda: subprocess.run(["tar", "-chf", str(tmp / "plain.tar"), "-C", str(root), "val"],
                                               check=True), a.reps)
@@ -53,8 +59,10 @@ def main() -> None:
 
         cfg = dict(input_size=(3, 224, 224), interpolation="bicubic", mean=(0.485, 0.456, 0.406),
                    std=(0.229, 0.224, 0.225), crop_pct=0.875, crop_mode="center")
-        t = timeit(lambda: sum(len(b.labels) for b in make_loader(tmp / "shards", "val", cfg, 32)), a.reps)
-        rows.append(dict(bench="imagenet loader 224px", images=len(files), spot_s=t, img_per_s=len(files) / t))
+        for workers in (0, 1, 2):
+            t = timeit(lambda: count(make_loader(tmp / "shards", "val", cfg, 32, num_workers=workers)), a.reps)
+            rows.append(dict(bench=f"imagenet loader 224px, {workers} workers", images=len(files), spot_s=t,
+                             img_per_s=len(files) / t))
 
         t = timeit(lambda: write_saliency(tmp / "shards", tmp / "saliency", "spectral_residual", 64), a.reps)
         rows.append(dict(bench="saliency stage (decode + maps + png)", images=len(files), spot_s=t,
@@ -68,6 +76,11 @@ def main() -> None:
             t = timeit(lambda: write_shards("fashion-mnist", fm, tmp / "fm", splits=["train", "val"],
                                             shard_count=2000, shard_bytes=1e9, max_per_class=500), 1, warmup=0)
             rows.append(dict(bench="fashion-mnist shards (5000 + 5000)", images=10000, spot_s=t, img_per_s=10000 / t))
+            cfg28 = dict(cfg, input_size=(3, 28, 28), interpolation="bilinear", crop_pct=1.0)
+            for workers in (0, 1, 2):
+                t = timeit(lambda: count(make_loader(tmp / "fm", "train", cfg28, 128, num_workers=workers)), 1)
+                rows.append(dict(bench=f"fashion-mnist loader 28px, {workers} workers", images=5000, spot_s=t,
+                                 img_per_s=5000 / t))
     report("data", rows)
 
 

@@ -50,6 +50,8 @@ def cmd_backbone(cfg, a):
     if a.name not in cfg["backbones"]:
         raise ValueError(f"backbone {a.name!r} is not in params.yaml backbones ({', '.join(cfg['backbones'])})")
     spec, p = cfg["backbones"][a.name], paths(cfg)
+    if a.action and a.action != spec["make"]:
+        raise ValueError(f"backbones.{a.name}.make is {spec['make']!r}, not {a.action!r}")
     out = p["backbones"] / a.name
     if spec["make"] == "fetch":
         from spot.backbones import fetch
@@ -65,7 +67,7 @@ def cmd_backbone(cfg, a):
               label_smoothing=t["label_smoothing"], grad_clip=t["grad_clip"],
               checkpoint_every=t["checkpoint_every"], data_config=t.get("data_config"),
               seed=spec.get("seed", cfg["seed"]), device=cfg["device"], num_workers=cfg["data"].get("workers", 0),
-              checkpoint_dir=p["checkpoints"] / a.name)
+              checkpoint_dir=p["checkpoints"] / a.name, resume=a.resume)
     track(cfg, out)
 
 
@@ -156,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
         "shard": (cmd_shard, "write the dataset into WebDataset shards", []),
         "saliency": (cmd_saliency, "precompute a saliency map per image", []),
         "backbone": (cmd_backbone, "fetch (timm) or train one backbone of params.yaml", ["name"]),
+        "train": (cmd_backbone, "train one backbone of params.yaml (= spot backbone train)", ["name"]),
         "evaluate": (cmd_evaluate, "top-1 and kNN of one backbone x prior x budget", ["backbone", "prior", "budget"]),
         "oracle": (cmd_oracle, "SPoT-ON search on one val shard (all shards + gather without --shard)",
                    ["backbone", "budget", "shard?"]),
@@ -172,7 +175,13 @@ def parser() -> argparse.ArgumentParser:
         for arg in args:
             opt = arg.rstrip("?")
             sp.add_argument(f"--{opt}", required=not arg.endswith("?"), type=int if opt == "budget" else str)
-        sp.set_defaults(fn=fn)
+        if fn is cmd_backbone:
+            if name == "backbone":
+                sp.add_argument("action", nargs="?", choices=["fetch", "train"],
+                                help="check that backbones.NAME.make is this (default: do what it says)")
+            sp.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                            help="continue training from the last checkpoint (default)")
+        sp.set_defaults(fn=fn, **({"action": "train"} if name == "train" else {}))
     return ap
 
 

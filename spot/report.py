@@ -33,6 +33,8 @@ def collect(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
                   budget=int(f.parent.name), **read_json(f)) for f in sorted(root.glob("transfer/*/*/metrics.json"))]
     sal = [dict(zip(("backbone", "prior", "budget"), f.parent.relative_to(root / "analysis").parts), **read_json(f))
            for f in sorted(root.glob("analysis/*/*/*/saliency.json"))]
+    trans.sort(key=lambda r: (r["src"], r["dst"], r["budget"]))
+    sal.sort(key=lambda r: (r["backbone"], r["prior"], int(r["budget"])))
     return results, pd.DataFrame(trans), pd.DataFrame(sal)
 
 

@@ -80,6 +80,17 @@ def test_reading_yields_rgb_tensors_in_fixed_order(imagenet_shards):
     assert [k for b in batches for k in b.keys] == again
 
 
+def test_loader_preprocessing_equals_timm_transform(imagenet_root, imagenet_shards):
+    """Batched normalisation gives exactly what timm's eval transform gives image by image."""
+    import timm.data
+    out, _ = imagenet_shards
+    b = next(iter(make_loader(out, "val", CFG, batch_size=6)))
+    ref = timm.data.create_transform(**CFG, is_training=False)
+    source = {r["__key__"]: json.loads(r["json"])["path"] for p in shard_paths(out, "val") for r in read_shard(p)}
+    expected = torch.stack([ref(Image.open(imagenet_root / source[k]).convert("RGB")) for k in b.keys])
+    torch.testing.assert_close(b.images, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_loader_workers_read_every_sample_once(imagenet_shards, train):
     """Two loader workers split the shards between them: together they read each sample exactly once."""

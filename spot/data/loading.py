@@ -47,20 +47,31 @@ def decode_image(record: dict) -> Image.Image:
 
 
 class Preprocess:
-    """timm eval preprocessing from a data config; the same geometry applied to a saliency map."""
+    """timm eval preprocessing from a data config, split in two: the geometry (resize, crop) per
+    image in the loader, to-tensor and mean/std normalisation per batch in `collate` (the same
+    arithmetic as timm's transform, a fraction of its per-image cost). The saliency map gets the
+    same geometry."""
 
     def __init__(self, data_config: dict):
         cfg = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
                if k in data_config}
-        self.image = timm.data.create_transform(**cfg, is_training=False)
-        self.geometry = T.Compose(self.image.transforms[:-2])   # resize + crop, before to-tensor/normalise
+        steps = timm.data.create_transform(**cfg, is_training=False).transforms
+        self.geometry = T.Compose(steps[:-2])                   # resize + crop; then to-tensor, normalise
+        self.mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(steps[-1].std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def __call__(self, image: Image.Image, saliency: Image.Image | None):
-        x = self.image(image)
+        """(3, H, W) uint8 image and (H, W) float32 saliency in [0, 1] (or None)."""
+        x = torch.from_numpy(np.asarray(self.geometry(image), dtype=np.uint8).copy()).permute(2, 0, 1)
         if saliency is None:
             return x, None
         s = self.geometry(saliency.convert("L").resize(image.size, Image.BILINEAR))
         return x, torch.from_numpy(np.asarray(s, dtype=np.float32) / 255.0)
+
+    def collate(self, samples: list[tuple]) -> Batch:
+        xs, ys, keys, sal = zip(*samples)
+        images = torch.stack(xs).float().div_(255).sub_(self.mean).div_(self.std)
+        return Batch(images, torch.tensor(ys), list(keys), None if sal[0] is None else torch.stack(sal))
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -117,11 +128,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         yield from buf
 
 
-def collate(samples: list[tuple]) -> Batch:
-    xs, ys, keys, sal = zip(*samples)
-    return Batch(torch.stack(xs), torch.tensor(ys), list(keys), None if sal[0] is None else torch.stack(sal))
-
-
 def make_loader(shards_dir: str | Path, split: str, data_config: dict, batch_size: int, train: bool = False,
                 num_workers: int = 0, seed: int = 0, saliency_dir: str | Path | None = None) -> torch.utils.data.DataLoader:
     """Batches of a split: `Batch(images (B,3,H,W), labels (B,), keys, saliency (B,H,W) or None)`.
@@ -138,6 +144,7 @@ def make_loader(shards_dir: str | Path, split: str, data_config: dict, batch_siz
         missing = [str(p) for p in saliency if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"saliency shard {missing[0]} is missing (run the saliency stage)")
-    ds = ShardStream(shards, Preprocess(data_config), saliency, train=train, seed=seed)
+    preprocess = Preprocess(data_config)
+    ds = ShardStream(shards, preprocess, saliency, train=train, seed=seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(shards)),
-                                       collate_fn=collate, persistent_workers=False)
+                                       collate_fn=preprocess.collate, persistent_workers=False)
