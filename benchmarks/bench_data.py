@@ -1,12 +1,14 @@
 """Data stages, measured side by side in one run on real ImageNet JPEGs (../shared/data/imagenet-sample,
 or --root: an ImageNet folder layout) and Fashion-MNIST:
 
-1. `write_shards` vs plain `tar` of the same files (ratio: shard time / tar time);
+1. `write_shards` vs plain `tar -h` of the same files (ratio: shard time / tar time), on the sample
+   linked `--copies` times under other names (1200 files by default: at 120, tar's start-up hides
+   its per-file cost);
 2. the shard loader (decode + resize + crop + normalise) in images per second, with 0 (in the main
    process), 1 and 2 loader workers;
 3. spectral-residual saliency maps in images per second.
 
-    python -m benchmarks.bench_data [--root DIR]
+    python -m benchmarks.bench_data [--root DIR] [--copies 10]
 """
 from __future__ import annotations
 
@@ -25,12 +27,13 @@ from spot.saliency import saliency_maps, write_saliency
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
 
-def imagenet_layout(sample: Path, root: Path) -> Path:
-    """`root/val/<wnid>/<file>` links to the sample JPEGs (named <wnid>_<class>.JPEG)."""
+def imagenet_layout(sample: Path, root: Path, copies: int = 1) -> Path:
+    """`root/val/<wnid>/<i>_<file>`, i < copies: links to the sample JPEGs (named <wnid>_<class>.JPEG)."""
     for f in sorted(sample.glob("*.JPEG")):
         d = root / "val" / f.name.split("_")[0]
         d.mkdir(parents=True, exist_ok=True)
-        (d / f.name).symlink_to(f)
+        for i in range(copies):
+            (d / f"{i}_{f.name}").symlink_to(f)
     return root
 
 
@@ -42,15 +45,16 @@ def count(loader) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, help="ImageNet folder layout (default: the shared sample)")
+    ap.add_argument("--copies", type=int, default=10, help="links per sample image (default 10: 1200 files)")
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        root = a.root or imagenet_layout(SAMPLE, tmp / "imagenet")
+        root = a.root or imagenet_layout(SAMPLE, tmp / "imagenet", a.copies)
         files = sorted(p for p in (root / "val").rglob("*") if p.is_file() or p.is_symlink())
         mb = sum(p.stat().st_size for p in files) / 1e6
-        t_shard = timeit(lambda: write_shards("imagenet", root, tmp / "shards", splits=["val"], shard_count=30,
+        t_shard = timeit(lambda: write_shards("imagenet", root, tmp / "shards", splits=["val"], shard_count=300,
                                               shard_bytes=1e9), a.reps)
         t_tar = timeit(lambda: subprocess.run(["tar", "-chf", str(tmp / "plain.tar"), "-C", str(root), "val"],
                                               check=True), a.reps)

@@ -35,6 +35,7 @@ def draw_trajectories(ax, image: np.ndarray, traj: np.ndarray, k: int) -> None:
     ax.scatter(xs[0], ys[0], s=6, c="cyan", zorder=3)
     for y, x in zip(ys[-1], xs[-1]):
         ax.add_patch(plt_rect(x - k / 2, y - k / 2, k))
+    ax.set(xlim=(-0.5, w - 0.5), ylim=(h - 0.5, -0.5))                # boxes at the border do not rescale
     ax.axis("off")
 
 

@@ -28,7 +28,8 @@ def collect(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         rows.append(dict(backbone=b, prior=p, oracle=True, budget=int(n), top1=m["top1"], knn=m["knn"],
                          top1_init=m["top1_init"], top1_snapped=m["top1_snapped"]))
     results = pd.DataFrame(rows, columns=["backbone", "prior", "oracle", "budget", "top1", "knn", "top1_init",
-                                          "top1_snapped"])
+                                          "top1_snapped"]).sort_values(["backbone", "oracle", "prior", "budget"],
+                                                                       ignore_index=True)
     trans = [dict(src=f.parent.parent.name.split("__")[0], dst=f.parent.parent.name.split("__")[1],
                   budget=int(f.parent.name), **read_json(f)) for f in sorted(root.glob("transfer/*/*/metrics.json"))]
     sal = [dict(zip(("backbone", "prior", "budget"), f.parent.relative_to(root / "analysis").parts), **read_json(f))
@@ -121,7 +122,8 @@ def save_fig(fig, path: Path) -> None:
 def plot_budgets(results: pd.DataFrame, path: Path) -> None:
     """Accuracy against token budget, one line per prior (dashed: oracle), one panel per backbone."""
     import matplotlib.pyplot as plt
-    backbones = sorted(results.backbone.unique())
+    from matplotlib.ticker import NullLocator
+    backbones, budgets = sorted(results.backbone.unique()), sorted(results.budget.unique())
     fig, axes = plt.subplots(1, max(1, len(backbones)), figsize=(4.5 * max(1, len(backbones)), 3.6), squeeze=False)
     for ax, b in zip(axes[0], backbones):
         for (prior, oracle), g in results[results.backbone == b].groupby(["prior", "oracle"]):
@@ -129,6 +131,8 @@ def plot_budgets(results: pd.DataFrame, path: Path) -> None:
             ax.plot(g.budget, 100 * g.top1, "--" if oracle else "-", marker="o", ms=3,
                     label=f"{prior}{' (SPoT-ON)' if oracle else ''}")
         ax.set(title=b, xlabel="tokens", ylabel="top-1 (%)", xscale="log")
+        ax.set_xticks(budgets, [str(n) for n in budgets])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     save_fig(fig, path)

@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 import shutil
@@ -69,6 +70,9 @@ def test_imagenet_shards_keep_bytes_labels_and_skip_bad_files(imagenet_root, ima
     assert "truncated" in skipped["truncated.JPEG"]
     for s in manifest["splits"]["train"]["shards"]:
         assert s["count"] <= 16
+    for split in manifest["splits"].values():                       # the manifest's hash is the file's
+        for s in split["shards"]:
+            assert s["sha256"] == hashlib.sha256((out / s["name"]).read_bytes()).hexdigest(), s["name"]
 
 
 def test_reading_yields_rgb_tensors_in_fixed_order(imagenet_shards):
