@@ -179,9 +179,11 @@ def parser() -> argparse.ArgumentParser:
             if name == "backbone":
                 sp.add_argument("action", nargs="?", choices=["fetch", "train"],
                                 help="check that backbones.NAME.make is this (default: do what it says)")
+            else:
+                sp.set_defaults(action="train")
             sp.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                             help="continue training from the last checkpoint (default)")
-        sp.set_defaults(fn=fn, **({"action": "train"} if name == "train" else {}))
+        sp.set_defaults(fn=fn)
     return ap
 
 

@@ -32,10 +32,10 @@ def collect(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
                                                                        ignore_index=True)
     trans = [dict(src=f.parent.parent.name.split("__")[0], dst=f.parent.parent.name.split("__")[1],
                   budget=int(f.parent.name), **read_json(f)) for f in sorted(root.glob("transfer/*/*/metrics.json"))]
-    sal = [dict(zip(("backbone", "prior", "budget"), f.parent.relative_to(root / "analysis").parts), **read_json(f))
-           for f in sorted(root.glob("analysis/*/*/*/saliency.json"))]
+    sal = [dict(backbone=f.parent.parent.parent.name, prior=f.parent.parent.name, budget=int(f.parent.name),
+                **read_json(f)) for f in sorted(root.glob("analysis/*/*/*/saliency.json"))]
     trans.sort(key=lambda r: (r["src"], r["dst"], r["budget"]))
-    sal.sort(key=lambda r: (r["backbone"], r["prior"], int(r["budget"])))
+    sal.sort(key=lambda r: (r["backbone"], r["prior"], r["budget"]))
     return results, pd.DataFrame(trans), pd.DataFrame(sal)
 
 
