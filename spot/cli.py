@@ -34,7 +34,8 @@ def cmd_shard(cfg, a):
     out = paths(cfg)["shards"]
     write_shards(d["source"], d["root"], out, splits=d["splits"], shard_count=d["shard_count"],
                  shard_bytes=d["shard_bytes"], max_per_class=d.get("max_per_class"),
-                 max_images=d.get("max_images"), seed=cfg["seed"], synset_words=d.get("synset_words"))
+                 max_images=d.get("max_images"), seed=cfg["seed"], synset_words=d.get("synset_words"),
+                 workers=a.workers)
     track(cfg, out)
 
 
@@ -175,6 +176,9 @@ def parser() -> argparse.ArgumentParser:
         for arg in args:
             opt = arg.rstrip("?")
             sp.add_argument(f"--{opt}", required=not arg.endswith("?"), type=int if opt == "budget" else str)
+        if fn is cmd_shard:
+            sp.add_argument("--workers", type=int, help="writer processes (default: the CPUs it may use, "
+                            "at most OMP_NUM_THREADS, which Snakemake sets to the job's threads)")
         if fn is cmd_backbone:
             if name == "backbone":
                 sp.add_argument("action", nargs="?", choices=["fetch", "train"],

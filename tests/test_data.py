@@ -75,6 +75,47 @@ def test_imagenet_shards_keep_bytes_labels_and_skip_bad_files(imagenet_root, ima
             assert s["sha256"] == hashlib.sha256((out / s["name"]).read_bytes()).hexdigest(), s["name"]
 
 
+def test_shards_do_not_depend_on_workers_and_keep_the_byte_limit(imagenet_root, tmp_path):
+    """One process or three: the same shard bytes and manifest; shards split where they would pass
+    shard_bytes, never past shard_count."""
+    kw = dict(shard_count=10, shard_bytes=400_000)
+    one = write_shards("imagenet", imagenet_root, tmp_path / "one", workers=1, **kw)
+    three = write_shards("imagenet", imagenet_root, tmp_path / "three", workers=3, **kw)
+    assert one == three
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.tar"))
+    assert names == sorted(p.name for p in (tmp_path / "three").glob("*.tar"))
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes()
+    for name in names:
+        recs = list(read_shard(tmp_path / "one" / name))
+        assert len(recs) <= 10 and (sum(len(r["jpg"]) for r in recs) <= 400_000 or len(recs) == 1)
+    groups = sum(len(range(0, len(make_source("imagenet", imagenet_root, split)), 10)) for split in ("train", "val"))
+    assert len(names) > groups                                      # the byte limit split groups
+    assert sum(s["count"] for split in one["splits"].values() for s in split["shards"]) == len(
+        [f for f in imagenet_root.rglob("*.JPEG")]) - 2
+
+
+def test_shard_writer_writes_the_bytes_of_webdatasets_tar_writer():
+    """ShardWriter's fast headers equal tarfile's, long and non-ASCII names (PAX headers) included."""
+    import webdataset as wds
+    from spot.data.shards import ShardWriter
+    records = [{"__key__": "a", "jpg": b"x" * 1000, "cls": b"3", "json": {"p": 1}},
+               {"__key__": "b" * 120, "png": b"", "cls": b"1", "json": {"p": 2}},
+               {"__key__": "caf\u00e9_k", "jpg": b"y" * 512, "cls": b"0", "json": {}},
+               {"__key__": "c" * 96, "jpg": bytes(range(256)) * 40, "cls": b"12", "json": {"q": [1, 2]}}]
+    tars = []
+    for writer in (wds.TarWriter, ShardWriter):
+        buf = io.BytesIO()
+        with writer(buf, mtime=0, user="spot", group="spot") as w:
+            for r in records:
+                w.write(r)
+        tars.append(buf.getvalue())
+    assert tars[0] == tars[1]
+    with tarfile.open(fileobj=io.BytesIO(tars[1])) as t:
+        assert [m.name for m in t.getmembers()][:3] == ["a.cls", "a.jpg", "a.json"]
+        assert t.extractfile("c" * 96 + ".jpg").read() == bytes(range(256)) * 40
+
+
 def test_reading_yields_rgb_tensors_in_fixed_order(imagenet_shards):
     out, manifest = imagenet_shards
     batches = list(make_loader(out, "train", CFG, batch_size=8))
@@ -133,13 +174,17 @@ def test_fashion_mnist_subset_shards_and_rerun_is_byte_identical(tmp_path):
     for p in sorted((tmp_path / "a").glob("*.tar")):
         assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes()
     assert m1["splits"] == m2["splits"]
+    m3 = write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "a", **dict(kw, shard_count=1000))
+    assert sorted(p.name for p in (tmp_path / "a").glob("*.tar")) == sorted(   # no stale shards left
+        s["name"] for split in m3["splits"].values() for s in split["shards"]) == ["train-000000.tar", "val-000000.tar"]
 
 
 def test_killed_run_then_rerun_equals_clean_run(tmp_path):
+    """Two writer processes killed with their main process; the rerun equals a one-process run."""
     kw = dict(max_per_class={"train": 600, "val": 10}, shard_count=200)
-    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "clean", **kw)
+    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "clean", workers=1, **kw)
     code = (f"from spot.data.shards import write_shards; write_shards('fashion-mnist', '{FASHION_MNIST}', "
-            f"'{tmp_path / 'killed'}', max_per_class={kw['max_per_class']}, shard_count=200)")
+            f"'{tmp_path / 'killed'}', max_per_class={kw['max_per_class']}, shard_count=200, workers=2)")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list((tmp_path / "killed").glob("train-000001.tar")) and time.time() < deadline:
@@ -150,7 +195,7 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path):
     for p in (tmp_path / "killed").glob("*.tar"):  # whatever is there under a final name is complete
         with tarfile.open(p) as t:
             assert len(t.getmembers()) > 0
-    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "killed", **kw)
+    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "killed", workers=2, **kw)
     clean = sorted(p.name for p in (tmp_path / "clean").iterdir())
     assert sorted(p.name for p in (tmp_path / "killed").iterdir() if p.name != "run.json") == [c for c in clean if c != "run.json"]
     for name in clean:

@@ -1,4 +1,5 @@
-"""Image sources behind one interface: each yields `Sample(key, data, ext, label, meta)`.
+"""Image sources behind one interface: a sequence of `Sample(key, data, ext, label, meta)`, read
+when indexed; a slice is a source of the same kind (the shard writer hands slices to its processes).
 
 `data` is encoded bytes copied from the file (ext 'jpg', 'png', ...) or a uint8 array (ext 'png',
 encoded when sharded). Keys are unique across splits and contain no '.' (WebDataset splits
@@ -6,10 +7,13 @@ extensions at the first dot).
 """
 from __future__ import annotations
 
+import copy
 import gzip
+import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,30 +53,48 @@ def subset(items: list, labels: list[int], max_per_class: int | None, max_images
     return sorted(keep)
 
 
-def folder_files(root: Path, split: str, classes: list[str]) -> tuple[list[Path], list[int]]:
-    """Image files of `<root>/<split>/<class>/*` in sorted order, with their class indices."""
+def folder_files(root: Path, split: str, classes: list[str]) -> tuple[list[str], list[int]]:
+    """Image files of `<root>/<split>/<class>/*` (paths relative to root) in sorted order, with their
+    class indices. One directory listing per class, no stat per file."""
     files, labels = [], []
     for idx, cls in enumerate(classes):
         d = root / split / cls
-        for f in sorted(d.iterdir()) if d.is_dir() else []:
-            if f.is_file():
-                files.append(f)
-                labels.append(idx)
+        if d.is_dir():
+            with os.scandir(d) as entries:
+                names = sorted(e.name for e in entries if e.is_file())
+            files += [f"{split}/{cls}/{name}" for name in names]
+            labels += [idx] * len(names)
     return files, labels
 
 
-def iter_folder(root: Path, split: str, classes: list[str], names: list[str], max_per_class=None,
-                max_images=None, seed: int = 0) -> Iterator[Sample]:
-    """Samples from a class-per-folder tree; files are copied as they are (bad ones are caught by the writer)."""
-    files, labels = folder_files(root, split, classes)
-    for i in subset(files, labels, max_per_class, max_images, seed):
-        f = files[i]
-        ext = IMAGE_EXTS.get(f.suffix.lower(), f.suffix.lower().lstrip(".") or "bin")
-        yield Sample(make_key(split, f"{classes[labels[i]]}_{f.stem}"), f.read_bytes(), ext, labels[i],
-                     dict(path=str(f.relative_to(root)), class_name=names[labels[i]]))
+class FolderSource(Sequence):
+    """Samples of a class-per-folder tree, each file read when its sample is taken (bad files are
+    copied as they are; the shard writer catches them). A slice is a FolderSource of its files."""
+
+    def __init__(self, root: Path, split: str, classes: list[str], names: list[str], max_per_class=None,
+                 max_images=None, seed: int = 0):
+        files, labels = folder_files(root, split, classes)
+        self.root, self.split, self.classes, self.names = str(root), split, classes, names
+        self.items = [(files[i], labels[i]) for i in subset(files, labels, max_per_class, max_images, seed)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            part = copy.copy(self)
+            part.items = self.items[i]
+            return part
+        path, label = self.items[i]
+        stem, suffix = os.path.splitext(path.rsplit("/", 1)[1])
+        with open(os.path.join(self.root, path), "rb") as f:
+            data = f.read()
+        return Sample(make_key(self.split, f"{self.classes[label]}_{stem}"), data,
+                      IMAGE_EXTS.get(suffix.lower(), suffix.lower().lstrip(".") or "bin"), label,
+                      dict(path=path, class_name=self.names[label]))
 
 
-def imagenet(root: Path, split: str, synset_words: str | None = None, **opts) -> Iterator[Sample]:
+def imagenet(root: Path, split: str, synset_words: str | None = None, **opts) -> FolderSource:
     """ImageNet layout `<root>/<split>/<wnid>/*.JPEG`; class index = position of the wnid in sorted
     order of `<root>/train` (else of `<root>/<split>`): the standard ImageNet-1k index of timm heads.
     `synset_words` (lines '<wnid> <names>') gives readable class names."""
@@ -83,13 +105,13 @@ def imagenet(root: Path, split: str, synset_words: str | None = None, **opts) ->
         names = [words.get(w, w) for w in wnids]
     else:
         names = wnids
-    yield from iter_folder(root, split, wnids, names, **opts)
+    return FolderSource(root, split, wnids, names, **opts)
 
 
-def folder(root: Path, split: str, **opts) -> Iterator[Sample]:
+def folder(root: Path, split: str, **opts) -> FolderSource:
     """Any `<root>/<split>/<class>/<image>` tree; classes in sorted order of `<root>/<split>`."""
     classes = sorted(d.name for d in (root / split).iterdir() if d.is_dir())
-    yield from iter_folder(root, split, classes, classes, **opts)
+    return FolderSource(root, split, classes, classes, **opts)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -122,20 +144,34 @@ def fashion_mnist_arrays(root: Path, split: str) -> tuple[np.ndarray, np.ndarray
             "/usr/share/datasets/fashion-mnist) or run once with network access") from None
 
 
-def fashion_mnist(root: Path, split: str, max_per_class=None, max_images=None, seed: int = 0) -> Iterator[Sample]:
-    """Fashion-MNIST from IDX files; images are grey 28 x 28 uint8 arrays, stored as PNG."""
-    images, labels = fashion_mnist_arrays(root, split)
-    labels = labels.astype(int).tolist()
-    for i in subset(images, labels, max_per_class, max_images, seed):
-        yield Sample(make_key(split, f"{i:06d}"), images[i], "png", labels[i],
-                     dict(index=i, class_name=FASHION_MNIST_CLASSES[labels[i]]))
+class FashionMNIST(Sequence):
+    """Fashion-MNIST from IDX files; images are grey 28 x 28 uint8 arrays, stored as PNG. A slice is
+    a FashionMNIST of its images."""
+
+    def __init__(self, root: Path, split: str, max_per_class=None, max_images=None, seed: int = 0):
+        images, labels = fashion_mnist_arrays(root, split)
+        self.split = split
+        self.ids = np.array(subset(images, labels.tolist(), max_per_class, max_images, seed), dtype=np.int64)
+        self.images, self.labels = images[self.ids], labels[self.ids].astype(int)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            part = copy.copy(self)
+            part.ids, part.images, part.labels = self.ids[i], self.images[i], self.labels[i]
+            return part
+        idx, label = int(self.ids[i]), int(self.labels[i])
+        return Sample(make_key(self.split, f"{idx:06d}"), self.images[i], "png", label,
+                      dict(index=idx, class_name=FASHION_MNIST_CLASSES[label]))
 
 
-SOURCES = {"imagenet": imagenet, "fashion-mnist": fashion_mnist, "folder": folder}
+SOURCES = {"imagenet": imagenet, "fashion-mnist": FashionMNIST, "folder": folder}
 
 
-def make_source(name: str, root: str | Path, split: str, **opts) -> Iterator[Sample]:
-    """Iterate the samples of one split of a source. Errors name the bad source, root or split."""
+def make_source(name: str, root: str | Path, split: str, **opts) -> Sequence[Sample]:
+    """The samples of one split of a source, in a fixed order. Errors name the bad source, root or split."""
     if name not in SOURCES:
         raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
     root = Path(root)

@@ -15,6 +15,7 @@ checkpoint shard:
     output:
         run=f"{ROOT}/shards/run.json",
         manifest=f"{ROOT}/shards/manifest.json",
+    threads: 32  # writer processes; Snakemake lowers it to --cores
     params:
         data=config["data"],
         seed=config["seed"],
