@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -93,6 +94,14 @@ def test_shards_do_not_depend_on_workers_and_keep_the_byte_limit(imagenet_root, 
     assert len(names) > groups                                      # the byte limit split groups
     assert sum(s["count"] for split in one["splits"].values() for s in split["shards"]) == len(
         [f for f in imagenet_root.rglob("*.JPEG")]) - 2
+
+
+def test_default_workers_follow_the_cpus_and_snakemake_threads(monkeypatch):
+    from spot.data.shards import default_workers
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_workers() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                       # Snakemake: the job's threads
+    assert default_workers() == 1
 
 
 def test_shard_writer_writes_the_bytes_of_webdatasets_tar_writer():
