@@ -14,7 +14,7 @@ from tests.conftest import FASHION_MNIST
 def trained():
     """A tiny SPoT ViT trained for a few seconds on Fashion-MNIST with random sparse placements."""
     images, labels = fashion_mnist_arrays(FASHION_MNIST, "train")
-    x = (torch.from_numpy(images[:3000].copy()).float() / 255 - 0.286) / 0.353
+    x = (torch.from_numpy(images[:3000]).float() / 255 - 0.286) / 0.353
     x, y = x[:, None].expand(-1, 3, -1, -1), torch.from_numpy(labels[:3000]).long()
     torch.manual_seed(0)
     model = SPoTViT(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4,
