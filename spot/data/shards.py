@@ -16,6 +16,7 @@ import signal
 import struct
 import sys
 import tarfile
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,7 +124,7 @@ class ShardFile:
     """A tar written record by record and hashed as it goes (mtime 0, fixed owner: byte-identical reruns)."""
 
     def __init__(self, path: Path):
-        self.path, self.count, self.bytes, self.classes = path, 0, 0, {}
+        self.path, self.count, self.bytes, self.classes = path, 0, 0, Counter()
         self.file = open(path, "wb", buffering=1 << 22)
         self.out = HashingFile(self.file)
         self.writer = ShardWriter(self.out, mtime=0, user="spot", group="spot")
@@ -133,7 +134,7 @@ class ShardFile:
         self.writer.write(record)
         self.count, self.bytes = self.count + 1, self.bytes + nbytes
         if label is not None:
-            self.classes[label] = self.classes.get(label, 0) + 1
+            self.classes[label] += 1
 
     def close(self) -> dict:
         """Finish the tar; return its path, record count, class counts and sha256."""
@@ -230,15 +231,14 @@ def write_shards(source: str, root: str | Path, out_dir: str | Path, splits=("tr
         for split, samples in sources.items():
             jobs = ((samples[i:i + shard_count], shard_bytes, str(out / f".tmp-{split}-{g:06d}"))
                     for g, i in enumerate(range(0, len(samples), shard_count)))
-            shards, classes = [], {}
+            shards, classes = [], Counter()
             with tqdm(total=len(samples), desc=f"shard {split}", unit="img") as bar:
                 for group in write_groups(jobs):
                     for part in group["parts"]:
                         name = f"{split}-{len(shards):06d}.tar"
                         os.replace(part["path"], out / name)
                         shards.append(dict(name=name, count=part["count"], sha256=part["sha256"]))
-                        for c, n in part["classes"].items():
-                            classes[c] = classes.get(c, 0) + n
+                        classes.update(part["classes"])
                     manifest["skipped"] += group["skipped"]
                     bar.update(sum(p["count"] for p in group["parts"]) + len(group["skipped"]))
             manifest["splits"][split] = dict(count=sum(s["count"] for s in shards), shards=shards,
