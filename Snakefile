@@ -1,5 +1,6 @@
-# SPoT pipeline: shards -> saliency -> backbones -> evaluate -> oracle -> transfer -> analysis -> report.
+# SPoT pipeline: shard -> saliency -> backbone -> evaluate -> oracle -> transfer -> analyze -> report.
 # Run: snakemake --cores all        (another configuration: --config params=config/imagenet.yaml)
+# The rules come from the stage table in spot/pipeline.py (workflow/rules/stages.smk).
 from snakemake.utils import min_version
 
 min_version("8.0")
@@ -11,13 +12,11 @@ configfile: PARAMS
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
-include: "workflow/rules/backbones.smk"
-include: "workflow/rules/experiments.smk"
-include: "workflow/rules/report.smk"
+include: "workflow/rules/stages.smk"
+include: "workflow/rules/tools.smk"
 
 
 rule all:
     default_target: True
     input:
-        f"{ROOT}/report/run.json",
+        f"{LAYOUT.pattern('report')}/run.json",

@@ -1,9 +1,16 @@
-"""SPoT: Subpixel Placement of Tokens in Vision Transformers."""
-from spot.knn import knn_predict
-from spot.model import SPoTViT
-from spot.oracle import OracleResult, oracle_search
-from spot.priors import PRIORS, sample_positions
-from spot.tokenizer import extract_windows
+"""SPoT: Subpixel Placement of Tokens in Vision Transformers.
 
-__all__ = ["extract_windows", "sample_positions", "PRIORS", "SPoTViT", "oracle_search",
-           "OracleResult", "knn_predict"]
+The core names are imported on first use (`spot.SPoTViT`, ...), so `spot` commands that do not
+need torch start fast and each stage runs only the modules it imports.
+"""
+import importlib
+
+_EXPORTS = {"extract_windows": "tokenizer", "sample_positions": "priors", "PRIORS": "priors", "SPoTViT": "model",
+            "oracle_search": "oracle", "OracleResult": "oracle", "knn_predict": "knn"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'spot' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"spot.{_EXPORTS[name]}"), name)

@@ -7,8 +7,9 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
+from spot.checkpoint import load_state, read_errors
 from spot.model import SPoTViT
-from spot.utils import atomic_path, read_json, resolve_device, write_json, write_run_record
+from spot.utils import atomic_path, read_json, resolve_device, write_json
 
 DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
@@ -37,33 +38,51 @@ def build(timm_name: str, model_kwargs: dict, **create_kwargs) -> torch.nn.Modul
     return timm.create_model(timm_name, **model_kwargs, **create_kwargs)
 
 
-def load_backbone(backbone_dir: str | Path, device: str | torch.device = "cpu") -> SPoTViT:
-    """The SPoTViT saved in `backbone_dir`, in eval mode on `device`, `.data_config` as saved."""
+def read_meta(backbone_dir: str | Path) -> dict:
+    """`backbone_dir`'s backbone.json, its data_config as timm gives it (lists as tuples)."""
     d = Path(backbone_dir)
     if not (d / "backbone.json").is_file():
         raise FileNotFoundError(f"backbone {d} does not exist (no {d / 'backbone.json'})")
     meta = read_json(d / "backbone.json")
+    meta["data_config"] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["data_config"].items()}
+    return meta
+
+
+def load_backbone(backbone_dir: str | Path, device: str | torch.device = "cpu") -> SPoTViT:
+    """The SPoTViT saved in `backbone_dir`, in eval mode on `device`, `.data_config` as saved."""
+    meta = read_meta(backbone_dir)
     vit = build(meta["timm_name"], meta["model_kwargs"], pretrained=False)
-    vit.load_state_dict(load_file(str(d / "model.safetensors")))
+    weights = Path(backbone_dir) / "model.safetensors"
+    with read_errors(weights):
+        state = load_file(str(weights))
+    load_state(vit, state, weights)
     model = SPoTViT(vit, k=meta["patch_size"])
-    model.data_config = dict(model.data_config, **{k: tuple(v) if isinstance(v, list) else v
-                                                  for k, v in meta["data_config"].items()})
+    model.data_config = dict(model.data_config, **meta["data_config"])
     model.meta = meta
     return model.eval().to(resolve_device(device))
+
+
+def _load_timm_checkpoint(vit: torch.nn.Module, path: str | Path) -> None:
+    """Load `path` into `vit` as timm.create_model(checkpoint_path=path) does (weights-only, EMA weights,
+    DDP prefixes; .npz by the model's own loader), strictly, with one-line errors naming `path`."""
+    with read_errors(path):
+        if Path(path).suffix.lower() in (".npz", ".npy"):
+            timm.models.load_checkpoint(vit, str(path))
+            return
+        state = timm.models.load_state_dict(str(path))
+    load_state(vit, state, path)
 
 
 def fetch(name: str, out_dir: str | Path, model: str, checkpoint: str | None = None, pretrained: bool = True,
           **model_kwargs) -> dict:
     """Fetch timm model `model` (pretrained weights from the hub, or the state dict in a local
-    `checkpoint` file, loaded strictly by timm's `checkpoint_path`) and save it as backbone `name`."""
+    `checkpoint` file, loaded strictly as timm's `checkpoint_path` would) and save it as backbone `name`."""
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint file {checkpoint} does not exist (backbones.{name}.checkpoint)")
-    extra = dict(checkpoint_path=str(checkpoint), pretrained=False) if checkpoint else dict(pretrained=pretrained)
-    vit = build(model, model_kwargs, **extra)
+    vit = build(model, model_kwargs, pretrained=pretrained and not checkpoint)
+    if checkpoint:
+        _load_timm_checkpoint(vit, checkpoint)
     spot_model = SPoTViT(vit)
     meta = describe(spot_model, name, model, model_kwargs, source="fetch", checkpoint=checkpoint)
     save_backbone(spot_model, out_dir, meta)
-    write_run_record(out_dir, stage="backbone", job=f"backbone/{name}",
-                     params=dict(backbone=name, timm_name=model, checkpoint=str(checkpoint), pretrained=pretrained),
-                     metrics=dict(num_params=meta["num_params"]), artifacts=["backbone.json"])
     return meta

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -130,3 +131,29 @@ def sample_positions(prior: str, batch: int, n: int, height: int, width: int, k:
         m = _margin(height, width, k)
         pos = _density_sample(_density(prior, saliency, images), n, generator).clamp(m, 1 - m)
     return pos.float()
+
+
+def check_budget(prior: str, budget: int, height: int, width: int, k: int) -> None:
+    """One-line ValueError for an unknown prior or a budget the image cannot hold: more tokens than
+    pixels, or (prior 'grid') than patch cells."""
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}; choose one of {', '.join(PRIORS)}")
+    if not 1 <= budget <= height * width:
+        raise ValueError(f"token budget {budget} is outside 1..{height * width} (the image's pixel count)")
+    cells = (height // k) * (width // k)
+    if prior == "grid" and budget > cells:
+        raise ValueError(f"token budget {budget} exceeds the {cells} patch cells of prior 'grid'")
+
+
+def positions_for(prior: str, budget: int, keys: list[str], seed: int, height: int, width: int, k: int,
+                  saliency: torch.Tensor | None = None, images: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, budget, 2) positions for the images named `keys`, each drawn from a generator seeded by
+    (seed, key): the same positions whatever the batch size or order. saliency (B, h, w) and
+    images (B, C, H, W) feed the map priors."""
+    out = []
+    for i, key in enumerate(keys):
+        gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(key.encode()))
+        out.append(sample_positions(prior, 1, budget, height, width, k=k, generator=gen,
+                                    saliency=None if saliency is None else saliency[i:i + 1],
+                                    images=None if images is None else images[i:i + 1]))
+    return torch.cat(out)

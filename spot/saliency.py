@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from spot.data.loading import decode_image, read_shard, shard_paths
-from spot.data.shards import write_shard
-from spot.utils import read_json, write_json, write_run_record
+from spot.data.loading import decode_image, manifest_shards, read_shard, verify_shards
+from spot.data.shards import remove_unlisted, write_shard
+from spot.outputs import writing
+from spot.utils import write_json
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -63,43 +64,40 @@ def to_png(m: torch.Tensor) -> bytes:
 def write_saliency(shards_dir: str | Path, out_dir: str | Path, method: str = "spectral_residual",
                    size: int = 64, batch_size: int = 256, preview: int = 8) -> dict:
     """One 8-bit PNG map (size x size) per image of every shard in `shards_dir` (listed in its
-    manifest), into `out_dir/<same shard name>` with the same keys in the same order; plus
-    `manifest.json` and `preview.png` (images beside their maps). Returns the manifest."""
+    manifest, which the folder must match), into `out_dir/<same shard name>` with the same keys in
+    the same order; plus `preview.png` (images beside their maps) and `manifest.json`: per shard
+    its name, count, size (bytes), sha256 and the sha256 of the image shard it was made from
+    (`spot.data.loading.saliency_paths` checks it). Holds `out_dir`'s lock; manifest.json and
+    run.json are removed first and written last. Returns the manifest."""
     if method not in METHODS:
         raise ValueError(f"unknown saliency method {method!r} (saliency.method); choose one of {', '.join(METHODS)}")
     if size < 8:
         raise ValueError(f"saliency.size must be >= 8, got {size}")
-    src = read_json(Path(shards_dir) / "manifest.json")
-    out = Path(out_dir)
+    images = manifest_shards(verify_shards(shards_dir, hash=False))
     manifest = dict(method=method, size=size, shards=[])
     shown = []
-    names = [s["name"] for split in src["splits"].values() for s in split["shards"]]
-    for name in tqdm(names, desc="saliency", unit="shard"):
-        records = []
-        recs = list(read_shard(Path(shards_dir) / name))
-        for i in range(0, len(recs), batch_size):
-            chunk = recs[i:i + batch_size]
-            imgs = [decode_image(r).resize((size, size), Image.BILINEAR) for r in chunk]
-            x = torch.from_numpy(np.stack([np.asarray(im) for im in imgs])).permute(0, 3, 1, 2).float() / 255
-            maps = saliency_maps(x, method, size)
-            records += [{"__key__": r["__key__"], "png": to_png(m)} for r, m in zip(chunk, maps)]
-            shown += [(im, m) for im, m in zip(imgs, maps)][:max(0, preview - len(shown))]
-        manifest["shards"].append(dict(name=name, count=len(records), sha256=write_shard(out / name, records)))
-    write_json(out / "manifest.json", manifest)
-    save_preview(shown, out / "preview.png")
-    write_run_record(out, stage="saliency", job="saliency", params=dict(method=method, size=size),
-                     metrics=dict(maps=sum(s["count"] for s in manifest["shards"])),
-                     artifacts=["manifest.json", "preview.png"])
+    with writing(out_dir) as out:
+        for image in tqdm(images, desc="saliency", unit="shard"):
+            records = []
+            recs = list(read_shard(Path(shards_dir) / image["name"]))
+            for i in range(0, len(recs), batch_size):
+                chunk = recs[i:i + batch_size]
+                imgs = [decode_image(r).resize((size, size), Image.BILINEAR) for r in chunk]
+                x = torch.from_numpy(np.stack([np.asarray(im) for im in imgs])).permute(0, 3, 1, 2).float() / 255
+                maps = saliency_maps(x, method, size)
+                records += [{"__key__": r["__key__"], "png": to_png(m)} for r, m in zip(chunk, maps, strict=True)]
+                shown += [(im, m) for im, m in zip(imgs, maps, strict=True)][:max(0, preview - len(shown))]
+            manifest["shards"].append(dict(name=image["name"], count=len(records), image_sha256=image["sha256"],
+                                           **write_shard(out / image["name"], records)))
+        save_preview(shown, out / "preview.png")
+        remove_unlisted(out, {s["name"] for s in manifest["shards"]})
+        write_json(out / "manifest.json", manifest)
     return manifest
 
 
 def save_preview(pairs: list, path: Path) -> None:
     """A picture grid: each image above its saliency map."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from spot.utils import atomic_path
+    from spot.figures import plt, save_fig
     n = max(1, len(pairs))
     fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
     for j, (im, m) in enumerate(pairs):
@@ -108,6 +106,4 @@ def save_preview(pairs: list, path: Path) -> None:
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle("images (top) and their saliency maps (bottom)")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_fig(fig, path, dpi=100)

@@ -115,4 +115,7 @@ def sync(root: str | Path, experiment: str, uri: str) -> list[str]:
     """Log every run record under `root` (a job's rerun replaces, an unchanged one is skipped)."""
     from tqdm import tqdm
     records = sorted(Path(root).rglob("run.json"))
-    return [log_record(p.parent, experiment, uri) for p in tqdm(records, desc="mlflow-sync", unit="run")]
+    try:
+        return [log_record(p.parent, experiment, uri) for p in tqdm(records, desc="mlflow-sync", unit="run")]
+    except Exception as e:  # noqa: BLE001 - any store error: one line, the records stay for the next sync
+        raise RuntimeError(f"MLflow at {uri} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None

@@ -1,6 +1,7 @@
 """Train a SPoT backbone (or the patch-grid baseline) on the shards, with atomic checkpoints and resume."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -12,10 +13,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from spot.backbones import build, describe, load_backbone, save_backbone
+from spot.checkpoint import digest, fingerprint, load_checkpoint, load_state, save_checkpoint
 from spot.data.loading import make_loader
 from spot.model import SPoTViT
 from spot.priors import PRIORS, sample_positions
-from spot.utils import atomic_path, read_json, resolve_device, write_json, write_run_record
+from spot.utils import atomic_path, read_json, resolve_device, write_json
 
 
 def batch_positions(step: int, seed: int, batch: int, model: SPoTViT, tokens: str, priors: list[str],
@@ -72,31 +74,30 @@ def validate(model: SPoTViT, loader, device, budget: int) -> dict:
     return {"val_top1": hits / max(n, 1), f"val_top1_{budget}tok": hits_sparse / max(n, 1)}
 
 
-def train(name: str, shards_dir: str | Path, out_dir: str | Path, arch: dict | None = None,
-          timm_name: str = "vit_tiny_patch16_224", init: str | Path | None = None, tokens: str = "spot",
-          priors: list[str] = ("uniform", "gaussian", "sobol", "isotropic", "center", "grid"),
-          token_range: tuple[int, int] = (4, 196), epochs: int = 1, batch_size: int = 128,
-          lr: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 1.0,
-          label_smoothing: float = 0.1, grad_clip: float = 1.0, checkpoint_every: int = 500,
-          data_config: dict | None = None, seed: int = 0, device: str = "auto", num_workers: int = 0,
-          checkpoint_dir: str | Path | None = None, resume: bool = True, max_steps: int | None = None) -> dict:
+def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, out_dir: Path, checkpoint_dir: Path, *,
+          init: Path | None = None, seed: int = 0, device: str = "auto", resume: bool | None = None,
+          max_steps: int | None = None) -> dict:
     """Train backbone `name` and save it to `out_dir` (the `fetch` format, plus metrics.csv/json).
 
-    From scratch (`timm_name` + `arch` kwargs, e.g. img_size, patch_size, embed_dim, depth,
-    num_heads; num_classes defaults to the shards' class count) or from a fetched/trained backbone dir `init` (fine-tuning). Each step
-    draws a prior from `priors` and a token count from `token_range` (tokens='grid' trains the
-    plain-ViT baseline on random patch subsets). AdamW, warm-up + cosine per step, label smoothing,
-    gradient clipping, bf16 autocast on CUDA, DDP when launched by torchrun (WORLD_SIZE > 1).
-    Checkpoints (model, optimizer, step) go atomically to `checkpoint_dir` every epoch and every
-    `checkpoint_every` steps; with `resume` a rerun continues from the last one, mid-epoch too.
-    `max_steps` stops early (for tests). Returns the final metrics.
+    spec: the backbone's config (`tokens`, and `model` + `arch` timm create_model kwargs, e.g.
+    img_size, patch_size, embed_dim, depth, num_heads; num_classes defaults to the shards' class
+    count), or fine-tuning from the backbone folder `init`. tcfg: the `train` section (epochs,
+    batch_size, lr, weight_decay, warmup_epochs, label_smoothing, grad_clip, token_range, priors,
+    checkpoint_every, data_config, workers). Each step draws a prior from `priors` and a token count
+    from `token_range` (tokens 'grid': the plain-ViT baseline on random patch subsets). AdamW,
+    warm-up + cosine per step, label smoothing, gradient clipping, bf16 autocast on CUDA, DDP when
+    launched by torchrun (WORLD_SIZE > 1). Checkpoints go atomically to `checkpoint_dir` every epoch
+    and every `checkpoint_every` steps, tied to this run's fingerprint: `resume` None continues one
+    of the same fingerprint (mid-epoch too) and starts over from another, True stops on another,
+    False ignores it. `max_steps` stops early (for tests). Returns the final metrics.
     """
+    tokens = spec["tokens"]
     if tokens not in ("spot", "grid"):
         raise ValueError(f"tokens must be 'spot' or 'grid', got {tokens!r} (backbones.{name}.tokens)")
+    priors, token_range, batch_size = list(tcfg["priors"]), tuple(tcfg["token_range"]), tcfg["batch_size"]
     bad = [p for p in priors if p not in PRIORS or p in ("salient", "inv_salient", "edge")]
     if bad:
         raise ValueError(f"train.priors: {bad[0]!r} is not a training prior (use maps-free priors)")
-    out, ckdir = Path(out_dir), Path(checkpoint_dir or Path(out_dir).parent.parent / "checkpoints" / name)
     manifest = read_json(Path(shards_dir) / "manifest.json")
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if ddp:
@@ -112,33 +113,37 @@ def train(name: str, shards_dir: str | Path, out_dir: str | Path, arch: dict | N
         timm_name, arch = model.meta["timm_name"], model.meta["model_kwargs"]
     else:
         classes = manifest["splits"]["train"]["classes"]
-        arch = dict(num_classes=max(int(c) for c in classes) + 1, **(arch or {}))
+        timm_name = spec["model"]
+        arch = dict(num_classes=max(int(c) for c in classes) + 1, **spec["arch"])
         model = SPoTViT(build(timm_name, arch, pretrained=False))
-    if data_config:
+    if tcfg["data_config"]:
         model.data_config = dict(model.data_config, **{k: tuple(v) if isinstance(v, list) else v
-                                                      for k, v in data_config.items()})
+                                                      for k, v in tcfg["data_config"].items()})
     model.to(device).train()
     steps_per_epoch = math.ceil(manifest["splits"]["train"]["count"] / (batch_size * world))
-    total = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total = tcfg["epochs"] * steps_per_epoch
+    total = total if max_steps is None else min(max_steps, total)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    made_by = fingerprint(timm_name=timm_name, arch=arch, tokens=tokens, init=digest_file(init), seed=seed,
+                          world=world, data=digest(manifest["splits"]["train"]), max_steps=max_steps,
+                          train={k: v for k, v in tcfg.items() if k != "checkpoint_every"})
+    ckpt = Path(checkpoint_dir) / "checkpoint.pt"
     step, history = 0, []
-    ckpt = ckdir / "checkpoint.pt"
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+    state = None if resume is False else load_checkpoint(ckpt, made_by, required=bool(resume))
+    if state is not None:
+        load_state(model, state["model"], ckpt)
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     loader = make_loader(shards_dir, "train", model.data_config, batch_size, train=True,
-                         num_workers=num_workers, seed=seed)
-    val_loader = make_loader(shards_dir, "val", model.data_config, 256, num_workers=num_workers)
+                         num_workers=tcfg["workers"], seed=seed)
+    val_loader = make_loader(shards_dir, "val", model.data_config, 256, num_workers=tcfg["workers"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def save_checkpoint():
+    def checkpoint():
         if rank == 0:
-            with atomic_path(ckpt) as tmp:
-                torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                                history=history), tmp)
+            save_checkpoint(ckpt, model_state=model.state_dict(), optimizer_state=opt.state_dict(), step=step,
+                            history=history, fingerprint=made_by)
 
     bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", disable=rank != 0)
     while step < total:
@@ -151,15 +156,15 @@ def train(name: str, shards_dir: str | Path, out_dir: str | Path, arch: dict | N
             if step >= total:
                 break
             x, y = b.images.to(device), b.labels.to(device)
-            pos = batch_positions(step, seed + rank, len(y), model, tokens, list(priors), tuple(token_range)).to(device)
+            pos = batch_positions(step, seed + rank, len(y), model, tokens, priors, token_range).to(device)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, int(warmup_epochs * steps_per_epoch), lr)
+                g["lr"] = lr_at(step, total, int(tcfg["warmup_epochs"] * steps_per_epoch), tcfg["lr"])
             with autocast:
                 logits = net(x, pos)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=tcfg["label_smoothing"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg["grad_clip"])
             opt.step()
             step += 1
             losses.append(loss.item())
@@ -167,29 +172,29 @@ def train(name: str, shards_dir: str | Path, out_dir: str | Path, arch: dict | N
             seen += len(y)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
-            if step % checkpoint_every == 0:
-                save_checkpoint()
+            if step % tcfg["checkpoint_every"] == 0:
+                checkpoint()
         if step % steps_per_epoch == 0 or step >= total:
             row = dict(epoch=epoch, step=step, train_loss=float(np.mean(losses)) if losses else float("nan"),
                        train_acc=hits / max(seen, 1), **validate(model, val_loader, device, token_range[0]))
             history.append(row)
-            save_checkpoint()
+            checkpoint()
     bar.close()
     if rank == 0:
         meta = describe(model, name, timm_name, arch, source="train", tokens=tokens, init=str(init) if init else None,
                         seed=seed, steps=step)
-        save_backbone(model, out, meta)
-        write_csv(out / "metrics.csv", history)
-        final = dict(history[-1]) if history else {}
-        write_json(out / "metrics.json", final)
-        write_run_record(out, stage="backbone", job=f"backbone/{name}",
-                         params=dict(backbone=name, timm_name=timm_name, tokens=tokens, epochs=epochs, lr=lr,
-                                     batch_size=batch_size, seed=seed, token_range=list(token_range), **arch),
-                         metrics={k: v for k, v in final.items() if k != "epoch"},
-                         artifacts=["backbone.json", "metrics.csv", "metrics.json"])
+        save_backbone(model, out_dir, meta)
+        write_csv(Path(out_dir) / "metrics.csv", history)
+        write_json(Path(out_dir) / "metrics.json", dict(history[-1]) if history else {})
     if ddp:
         torch.distributed.destroy_process_group()
     return dict(history[-1]) if history else {}
+
+
+def digest_file(path: Path | None) -> str | None:
+    """sha256 of an init backbone's weights (None without one): a checkpoint fine-tuned from other
+    weights is another run's."""
+    return None if path is None else hashlib.sha256((Path(path) / "model.safetensors").read_bytes()).hexdigest()
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

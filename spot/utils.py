@@ -1,16 +1,12 @@
-"""Small shared helpers: atomic file output, run records, devices, seeding."""
+"""Small shared helpers: atomic file output, run records, devices."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import random
 import subprocess
 import tempfile
 from pathlib import Path
-
-import numpy as np
-import torch
 
 
 @contextlib.contextmanager
@@ -69,16 +65,9 @@ def code_version() -> str:
         return version("spot")
 
 
-def resolve_device(device: str | None = "auto") -> torch.device:
+def resolve_device(device: str | None = "auto"):
     """'auto' -> cuda if available else cpu; anything else is passed to torch.device."""
+    import torch
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; return a CPU torch.Generator seeded with `seed`."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -7,13 +8,13 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGENET_SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
+IMAGENET_SAMPLE = REPO / "tests" / "data"   # 8 small ImageNet photos: 5 RGB JPEGs, a grey, a CMYK, a PNG named .JPEG
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 @pytest.fixture
 def imagenet_sample() -> Path:
-    assert IMAGENET_SAMPLE.is_dir(), f"{IMAGENET_SAMPLE} is missing (shared/ must sit beside the repo)"
+    """The folder of small `<wnid>_<name>.JPEG` test images kept in the repo."""
     return IMAGENET_SAMPLE
 
 
@@ -37,6 +38,48 @@ def smoke_stages(tmp_path_factory):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     params = smoke_config(tmp_path_factory.mktemp("smoke"))
     cfg = load_config(params)
-    for argv in (["shard"], ["saliency"], ["backbone", "--name", "spot-a"], ["backbone", "--name", "grid-b"]):
+    for argv in (["shard"], ["saliency"], ["backbone", "--backbone", "spot-a"], ["backbone", "--backbone", "grid-b"]):
         assert main([*argv, "--params", str(params)]) == 0, argv
     return params, cfg, Path(cfg["root"])
+
+
+def linked_root(dest: Path, root: Path, *folders: str, **changes) -> Path:
+    """A smoke config under `dest` whose output root links `folders` (e.g. "shards") of `root`;
+    returns the params path."""
+    params = smoke_config(dest, **changes)
+    for f in folders:
+        (dest / "out" / f).parent.mkdir(parents=True, exist_ok=True)
+        (dest / "out" / f).symlink_to(root / f)
+    return params
+
+
+def copy_repo(dest: Path) -> Path:
+    """The working tree's files (tracked and untracked, not ignored) copied to `dest`."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           check=True, capture_output=True, text=True).stdout.split("\0")
+    for f in filter(None, files):
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            (dest / f).write_bytes((REPO / f).read_bytes())
+    return dest
+
+
+def env(**extra) -> dict:
+    """This process's environment without MLFLOW_TRACKING_URI, plus `extra`."""
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | extra
+
+
+def snakemake(cwd, *args, config="config/smoke.yaml", check=True, **extra_env):
+    r = subprocess.run(["snakemake", "--cores", "2", *args, "--config", f"params={config}"], cwd=cwd,
+                       capture_output=True, text=True, env=env(**extra_env))
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The whole DAG on config/smoke.yaml through `snakemake`, once, in a repository copy:
+    (repository copy, snakemake's completed process)."""
+    cwd = copy_repo(tmp_path_factory.mktemp("repo"))
+    return cwd, snakemake(cwd)

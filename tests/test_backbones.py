@@ -15,6 +15,7 @@ from spot.backbones import fetch, load_backbone
 from spot.cli import main
 from spot.train import train
 from spot.utils import read_json
+from tests.conftest import linked_root
 
 TINY = dict(img_size=32, depth=2, num_classes=7)
 
@@ -37,7 +38,6 @@ def test_fetch_local_checkpoint_gives_the_same_network(checkpoint, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x, model.grid_positions(3)), vit(x), rtol=1e-4, atol=1e-5)
-    assert read_json(tmp_path / "tiny" / "run.json")["stage"] == "backbone"
 
 
 def test_fetch_through_the_cli_from_params(checkpoint, tmp_path, capsys):
@@ -46,13 +46,12 @@ def test_fetch_through_the_cli_from_params(checkpoint, tmp_path, capsys):
     params = smoke_config(tmp_path, backbones={
         "local": {"make": "fetch", "model": "vit_tiny_patch16_224", "checkpoint": str(path), "arch": TINY},
         "missing": {"make": "fetch", "model": "vit_tiny_patch16_224", "checkpoint": str(tmp_path / "no.pth")}})
-    assert main(["backbone", "fetch", "--name", "local", "--params", str(params)]) == 0
+    assert main(["backbone", "--backbone", "local", "--params", str(params)]) == 0
     out = yaml.safe_load(params.read_text())["root"]
     assert load_backbone(f"{out}/backbones/local").num_classes == 7
+    assert read_json(f"{out}/backbones/local/run.json")["params"]["backbones.local.checkpoint"] == str(path)
     capsys.readouterr()
-    assert main(["train", "--name", "local", "--params", str(params)]) == 2
-    assert capsys.readouterr().err.strip() == "spot train: error: backbones.local.make is 'fetch', not 'train'"
-    assert main(["backbone", "--name", "missing", "--params", str(params)]) == 2
+    assert main(["backbone", "--backbone", "missing", "--params", str(params)]) == 2
     err = capsys.readouterr().err.strip()
     assert "no.pth" in err and "\n" not in err
     assert not os.path.exists(f"{out}/backbones/missing")
@@ -72,9 +71,9 @@ def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_pat
     write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "shards", splits=["train", "val"], shard_count=1000,
                  max_per_class={"train": 100, "val": 20})
     arch = dict(cfg["backbones"]["spot-a"]["arch"], embed_dim=64, depth=2)
-    hist = train("t", tmp_path / "shards", tmp_path / "t", arch=arch, epochs=6, batch_size=50, lr=3e-3,
-                 warmup_epochs=0.25, checkpoint_dir=tmp_path / "ck", data_config=cfg["train"]["data_config"],
-                 token_range=(16, 49))
+    spec = dict(cfg["backbones"]["spot-a"], arch=arch)
+    tcfg = dict(cfg["train"], epochs=6, batch_size=50, lr=3e-3, warmup_epochs=0.25, token_range=[16, 49])
+    hist = train("t", spec, tcfg, tmp_path / "shards", tmp_path / "t", tmp_path / "ck")
     rows = pd.read_csv(tmp_path / "t" / "metrics.csv").to_dict("records")
     assert len(rows) == 6 and rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert hist["val_top1"] > 0.25                                   # 10 classes: chance is 0.1
@@ -88,16 +87,13 @@ def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_pat
 
 def test_killed_training_resumes_to_the_uninterrupted_weights(smoke_stages, tmp_path):
     """Kill `spot backbone` after its first checkpoint, rerun: same weights as a run never killed."""
-    from tests.conftest import smoke_config
     _, cfg, root = smoke_stages
     changes = dict(train=dict(cfg["train"], epochs=4, batch_size=20, checkpoint_every=3))   # 40 steps
 
     def setup(d):
         d.mkdir()
-        params = smoke_config(d, **changes)
-        (d / "out").mkdir()
-        (d / "out" / "shards").symlink_to(root / "shards")
-        return [sys.executable, "-m", "spot.cli", "train", "--name", "spot-a", "--resume", "--params", str(params)]
+        params = linked_root(d, root, "shards", **changes)
+        return [sys.executable, "-m", "spot.cli", "backbone", "--backbone", "spot-a", "--params", str(params)]
 
     killed, clean = setup(tmp_path / "killed"), setup(tmp_path / "clean")
     ckpt = tmp_path / "killed" / "out" / "checkpoints" / "spot-a" / "checkpoint.pt"
@@ -106,7 +102,7 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(smoke_stages, tmp_
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < killed_at < 40 and not (tmp_path / "killed" / "out" / "backbones" / "spot-a" / "run.json").exists()
     for cmd in (killed, clean):
         assert subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode == 0
@@ -118,15 +114,35 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(smoke_stages, tmp_
 
 def test_torchrun_ddp_trains_on_two_processes(smoke_stages, tmp_path):
     """`torchrun --nproc_per_node 2 -m spot.cli backbone` (DDP, gloo on CPU): ranks share the shards."""
-    from tests.conftest import smoke_config
     _, cfg, root = smoke_stages
-    params = smoke_config(tmp_path, train=dict(cfg["train"], epochs=2))
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "shards").symlink_to(root / "shards")
+    params = linked_root(tmp_path, root, "shards", train=dict(cfg["train"], epochs=2))
     r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "spot.cli", "backbone",
-                        "--name", "spot-a", "--params", str(params)], capture_output=True, text=True)
+                        "--backbone", "spot-a", "--params", str(params)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = read_json(tmp_path / "out" / "backbones" / "spot-a" / "backbone.json")
     assert meta["steps"] == 2 * 2                 # 200 images / (batch 50 x 2 ranks) = 2 steps per epoch
     val = read_json(tmp_path / "out" / "backbones" / "spot-a" / "metrics.json")
     assert 0 <= val["val_top1"] <= 1
+
+
+def test_a_checkpoint_of_another_config_is_never_resumed(smoke_stages, tmp_path, capsys):
+    """Train, change lr and seed: `--resume` stops in one line naming them; the default starts over
+    and trains every step, so the weights are the new config's."""
+    _, cfg, root = smoke_stages
+    params = linked_root(tmp_path, root, "shards", train=dict(cfg["train"], epochs=1))
+    argv = ["backbone", "--backbone", "spot-a", "--params", str(params)]
+    assert main(argv) == 0
+    first = load_backbone(tmp_path / "out" / "backbones" / "spot-a").state_dict()
+    changed = yaml.safe_load(params.read_text())
+    changed["train"]["lr"] *= 3
+    changed["backbones"]["spot-a"]["seed"] = 7
+    params.write_text(yaml.safe_dump(changed))
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "checkpoint.pt" in err and "lr=" in err and "seed=" in err, err
+    assert main(argv) == 0
+    assert "starting over" in capsys.readouterr().err
+    again = load_backbone(tmp_path / "out" / "backbones" / "spot-a")
+    assert again.meta["steps"] == 4 and again.meta["seed"] == 7          # 200 images / batch 50
+    assert not torch.equal(again.state_dict()["vit.pos_embed"], first["vit.pos_embed"])

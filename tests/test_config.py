@@ -61,3 +61,27 @@ def test_missing_and_unparsable_files(tmp_path, capsys):
     assert main(["validate", "--params", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "bad.yaml: not valid YAML" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("backbones.spot.arch.num_heads", 5, "backbones.spot.arch"),
+    ("backbones.spot.arch.embed_dimm", 96, "embed_dimm"),
+    ("backbones.spot.arch.img_size", 30, "backbones.spot.arch.img_size"),
+    ("eval.budgets", [4, 16, 100], "eval.budgets"),
+    ("device", "cuda", "device"),
+    ("data.root", "/nonexistent/fashion", "data.root"),
+    ("backbones.spot.checkpoint", "/nonexistent/w.pth", "backbones.spot.checkpoint"),
+    ("data.splits", ["train", "val", "val"], "data.splits"),
+])
+def test_validate_catches_what_would_fail_hours_later(tmp_path, capsys, key, value, message):
+    """Without running anything: architectures, devices, budgets against the grid, files, splits."""
+    import torch
+    if key == "device" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    cfg = copy.deepcopy(DEFAULT)
+    put(cfg, key, value)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", "--params", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("spot validate: error: ") and message in err, err

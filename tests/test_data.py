@@ -15,26 +15,30 @@ import pytest
 import torch
 from PIL import Image
 
-from spot.data.loading import make_loader, read_shard, shard_paths
-from spot.data.shards import write_shards
-from spot.data.sources import fashion_mnist_arrays, make_source
+from spot.data.loading import make_loader, read_shard, shard_paths, verify_shards
+from spot.data.shards import check_image, write_shard, write_shards
+from spot.data.sources import Sample, escape, fashion_mnist_arrays, make_key, make_source, split_key, unescape
 from spot.saliency import saliency_maps, write_saliency
-from tests.conftest import FASHION_MNIST
+from tests.conftest import FASHION_MNIST, IMAGENET_SAMPLE
 
 CFG = dict(input_size=(3, 64, 64), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875,
            crop_mode="center")
+TRAILER = bytes(range(256)) * 4                                     # 1 KB after the JPEG's end marker
+UNKNOWN_WNID = "n09999999"                                          # a val folder missing from train/
 
 
 @pytest.fixture(scope="module")
-def imagenet_root(tmp_path_factory, imagenet_sample=None):
-    """The shared ImageNet JPEGs in `<root>/<split>/<wnid>/`, plus a corrupt and a truncated file."""
-    from tests.conftest import IMAGENET_SAMPLE
+def imagenet_root(tmp_path_factory):
+    """The repo's test photos copied into `<root>/<split>/<wnid>/` (8 wnids, 48 train and 12 val
+    files), plus the odd files: corrupt, truncated, 1 KB after the end marker (kept), a val wnid
+    missing from train/, a val file outside any class folder."""
     root = tmp_path_factory.mktemp("imagenet")
     files = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))
-    assert len(files) >= 100
-    for i, f in enumerate(files[:60]):
+    assert len(files) == 8 and sum(f.stat().st_size for f in files) < 400_000
+    for i in range(60):
+        f = files[i % 8]
         wnid = f.name.split("_")[0]
-        split = "val" if i % 4 == 0 else "train"
+        split = "val" if i % 5 == 0 else "train"
         for s in ("train", "val"):
             (root / s / wnid).mkdir(parents=True, exist_ok=True)
         shutil.copy(f, root / split / wnid / f"{wnid}_{i}.JPEG")
@@ -42,6 +46,10 @@ def imagenet_root(tmp_path_factory, imagenet_sample=None):
     (root / "train" / wnid / "corrupt.JPEG").write_bytes(b"this is not an image")
     data = files[2].read_bytes()
     (root / "train" / wnid / "truncated.JPEG").write_bytes(data[: len(data) // 2])
+    (root / "train" / wnid / "trailer.JPEG").write_bytes(files[0].read_bytes() + TRAILER)
+    (root / "val" / UNKNOWN_WNID).mkdir()
+    shutil.copy(files[3], root / "val" / UNKNOWN_WNID / "unknown.JPEG")
+    shutil.copy(files[4], root / "val" / "loose.JPEG")
     return root
 
 
@@ -52,6 +60,7 @@ def imagenet_shards(imagenet_root, tmp_path_factory):
 
 
 def test_imagenet_shards_keep_bytes_labels_and_skip_bad_files(imagenet_root, imagenet_shards):
+    """Every file of the tree is in a shard (same bytes, key from its path) or skipped with a reason."""
     out, manifest = imagenet_shards
     wnids = sorted(d.name for d in (imagenet_root / "train").iterdir())
     stored = {}
@@ -59,27 +68,35 @@ def test_imagenet_shards_keep_bytes_labels_and_skip_bad_files(imagenet_root, ima
         for p in shard_paths(out, split):
             for rec in read_shard(p):
                 stored[rec["__key__"]] = rec
-    good = [f for f in sorted(imagenet_root.rglob("*.JPEG")) if f.stem not in ("corrupt", "truncated")]
+    files = sorted(f for f in imagenet_root.rglob("*") if f.is_file())
+    bad = ("corrupt.JPEG", "truncated.JPEG", "unknown.JPEG", "loose.JPEG")
+    good = [f for f in files if f.name not in bad]
     assert len(stored) == len(good) == sum(s["count"] for s in manifest["splits"].values())
+    assert len(files) == len(stored) + len(manifest["skipped"])     # every image accounted for
     for f in good:
         split, wnid = f.parts[-3], f.parts[-2]
-        rec = stored[f"{split}_{wnid}_{f.stem}".replace(".", "_")]
+        rec = stored[make_key(split, f"{wnid}/{f.name}")]
         assert rec["jpg"] == f.read_bytes()
         assert int(rec["cls"]) == wnids.index(wnid)
+    assert (imagenet_root / "train" / wnids[1] / "trailer.JPEG").read_bytes().endswith(TRAILER)
     skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
-    assert set(skipped) == {"corrupt.JPEG", "truncated.JPEG"}
+    assert set(skipped) == set(bad)
     assert "truncated" in skipped["truncated.JPEG"]
+    assert UNKNOWN_WNID in skipped["unknown.JPEG"] and "class" in skipped["unknown.JPEG"]
+    assert skipped["loose.JPEG"] == "not in a class folder"
     for s in manifest["splits"]["train"]["shards"]:
         assert s["count"] <= 16
-    for split in manifest["splits"].values():                       # the manifest's hash is the file's
+    for split in manifest["splits"].values():                       # the manifest's size and hash are the file's
         for s in split["shards"]:
-            assert s["sha256"] == hashlib.sha256((out / s["name"]).read_bytes()).hexdigest(), s["name"]
+            data = (out / s["name"]).read_bytes()
+            assert (s["size"], s["sha256"]) == (len(data), hashlib.sha256(data).hexdigest()), s["name"]
+    assert verify_shards(out) == manifest
 
 
 def test_shards_do_not_depend_on_workers_and_keep_the_byte_limit(imagenet_root, tmp_path):
     """One process or three: the same shard bytes and manifest; shards split where they would pass
     shard_bytes, never past shard_count."""
-    kw = dict(shard_count=10, shard_bytes=400_000)
+    kw = dict(shard_count=10, shard_bytes=30_000)
     one = write_shards("imagenet", imagenet_root, tmp_path / "one", workers=1, **kw)
     three = write_shards("imagenet", imagenet_root, tmp_path / "three", workers=3, **kw)
     assert one == three
@@ -89,11 +106,83 @@ def test_shards_do_not_depend_on_workers_and_keep_the_byte_limit(imagenet_root, 
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "three" / name).read_bytes()
     for name in names:
         recs = list(read_shard(tmp_path / "one" / name))
-        assert len(recs) <= 10 and (sum(len(r["jpg"]) for r in recs) <= 400_000 or len(recs) == 1)
+        assert len(recs) <= 10 and (sum(len(r["jpg"]) for r in recs) <= 30_000 or len(recs) == 1)
     groups = sum(len(range(0, len(make_source("imagenet", imagenet_root, split)), 10)) for split in ("train", "val"))
     assert len(names) > groups                                      # the byte limit split groups
-    assert sum(s["count"] for split in one["splits"].values() for s in split["shards"]) == len(
-        [f for f in imagenet_root.rglob("*.JPEG")]) - 2
+    assert sum(s["count"] for split in one["splits"].values() for s in split["shards"]) + len(one["skipped"]) == len(
+        [f for f in imagenet_root.rglob("*") if f.is_file()])
+
+
+NAMES = ["a.b.c.jpg", "a_b_c.jpg", "x.jpg", "x.png", "x.JPEG", "x.jpeg", "a.b/x.jpg", "a_b/x.jpg",
+         "cat/x_y.jpg", "cat_x/y.jpg", "_5f.jpg", "caf\u00e9 au lait%20.jpg", "\u65e5\u672c/\udcff.jpg"]
+
+
+def test_keys_are_unique_reversible_and_free_of_dots():
+    """Names the old keys merged get keys of their own, each turned back into its name; a
+    Fashion-MNIST key is still '<split>_<6-digit index>' (random positions are seeded from it)."""
+    keys = [make_key("val", n) for n in NAMES]
+    assert len(set(keys)) == len(NAMES)
+    assert all(set(k) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_") for k in keys)
+    assert [split_key(k) for k in keys] == [("val", n) for n in NAMES]
+    assert [unescape(escape(n)) for n in NAMES] == NAMES
+    assert make_key("train", "n01440764/n01440764_10026.JPEG") == "train_n01440764_2fn01440764_5f10026_2eJPEG"
+    with pytest.raises(ValueError, match="not an escaped name"):
+        unescape("a_zz")
+    fm = make_source("fashion-mnist", FASHION_MNIST, "val", max_images=3, seed=5)
+    assert [s.key for s in fm] == [k for k, _ in fm.listing()] == [f"val_{i:06d}" for i in fm.ids.tolist()]
+    assert make_source("fashion-mnist", FASHION_MNIST, "train")[123].key == "train_000123"
+
+
+def test_folder_keys_keep_file_names_apart(tmp_path):
+    """A tree of names the old keys merged: every file stored once, under the key of its path."""
+    photo = (IMAGENET_SAMPLE / "n01882714_koala.JPEG").read_bytes()
+    for split in ("train", "val"):
+        for name in NAMES[:10]:
+            path = tmp_path / "src" / split / (name if "/" in name else f"c/{name}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(photo)
+    m = write_shards("folder", tmp_path / "src", tmp_path / "out")
+    for split in ("train", "val"):
+        recs = [r for p in shard_paths(tmp_path / "out", split) for r in read_shard(p)]
+        paths = sorted(str(p.relative_to(tmp_path / "src" / split)) for p in (tmp_path / "src" / split).rglob("*")
+                       if p.is_file())
+        assert sorted(split_key(r["__key__"]) for r in recs) == [(split, p) for p in paths]
+        assert all(json.loads(r["json"])["path"] == "/".join(split_key(r["__key__"])) for r in recs)
+    assert m["skipped"] == [] and m["splits"]["val"]["count"] == 10
+
+
+def test_a_key_collision_stops_before_anything_is_written(tmp_path, monkeypatch):
+    """With the old lossy keys a.b.c.jpg and a_b_c.jpg collide: one line naming both, no output."""
+    for split in ("train", "val"):
+        for name in ("a.b.c.jpg", "a_b_c.jpg"):
+            (tmp_path / "src" / split / "c").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "src" / split / "c" / name)
+    monkeypatch.setattr("spot.data.sources.make_key",
+                        lambda split, name: f"{split}_{name}".replace(".", "_").replace("/", "_"))
+    with pytest.raises(ValueError, match="a.b.c.jpg and .*a_b_c.jpg would get the same key") as e:
+        write_shards("folder", tmp_path / "src", tmp_path / "out")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_reading_a_shard_with_a_key_twice_fails_naming_shard_and_key(tmp_path):
+    rec = lambda key: {"__key__": key, "cls": b"0", "json": {}}
+    for keys, match in ((["a", "b", "a"], "holds key 'a' twice"), (["a", "a"], "a.cls: duplicate file name")):
+        path = tmp_path / f"s{len(keys)}.tar"
+        write_shard(path, [rec(k) for k in keys])
+        with pytest.raises(ValueError, match=f"shard {path} .*{match}") as e:
+            list(read_shard(path))
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9, -2, -30])
+def test_a_jpeg_with_trailing_bytes_is_kept_a_truncated_one_skipped(cut):
+    """The end marker is looked for in the last 64 bytes; without it the file is decoded whole."""
+    data = (IMAGENET_SAMPLE / "n01440764_tench.JPEG").read_bytes()
+    assert data.endswith(b"\xff\xd9") and b"\xff\xd9" not in (data + TRAILER)[-64:]
+    sample = lambda b: Sample("k", b, "jpg", 0, {})
+    assert check_image(sample(data + TRAILER)) is None
+    cut = int(len(data) * cut) if isinstance(cut, float) else len(data) + cut
+    assert "truncated" in check_image(sample(data[:cut]))
 
 
 def test_default_workers_follow_the_cpus_and_snakemake_threads(monkeypatch):
@@ -107,6 +196,7 @@ def test_default_workers_follow_the_cpus_and_snakemake_threads(monkeypatch):
 def test_shard_writer_writes_the_bytes_of_webdatasets_tar_writer():
     """ShardWriter's fast headers equal tarfile's, long and non-ASCII names (PAX headers) included."""
     import webdataset as wds
+
     from spot.data.shards import ShardWriter
     records = [{"__key__": "a", "jpg": b"x" * 1000, "cls": b"3", "json": {"p": 1}},
                {"__key__": "b" * 120, "png": b"", "cls": b"1", "json": {"p": 2}},
@@ -189,32 +279,105 @@ def test_fashion_mnist_subset_shards_and_rerun_is_byte_identical(tmp_path):
 
 
 def test_killed_run_then_rerun_equals_clean_run(tmp_path):
-    """Two writer processes killed with their main process; the rerun equals a one-process run."""
+    """A run over a complete folder (other parameters), its two writer processes killed with their
+    main process: readers refuse the half-written folder in one line, a second writer could not
+    start while it ran, and the rerun equals a one-process run."""
     kw = dict(max_per_class={"train": 600, "val": 10}, shard_count=200)
     write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "clean", workers=1, **kw)
+    old = dict(max_per_class={"train": 30, "val": 10}, shard_count=1000)
+    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "killed", **old)
     code = (f"from spot.data.shards import write_shards; write_shards('fashion-mnist', '{FASHION_MNIST}', "
             f"'{tmp_path / 'killed'}', max_per_class={kw['max_per_class']}, shard_count=200, workers=2)")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list((tmp_path / "killed").glob("train-000001.tar")) and time.time() < deadline:
         time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)                                # midway, for certain
+    with pytest.raises(RuntimeError, match="another spot process is writing") as e:
+        write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "killed", **old)
+    assert "\n" not in str(e.value)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "killed" / "manifest.json").exists()
+    assert not (tmp_path / "killed" / "manifest.json").exists() and not (tmp_path / "killed" / "run.json").exists()
+    for read in (lambda: shard_paths(tmp_path / "killed", "train"), lambda: verify_shards(tmp_path / "killed"),
+                 lambda: make_loader(tmp_path / "killed", "val", CFG, batch_size=4)):
+        with pytest.raises(FileNotFoundError, match="manifest.json is missing") as e:
+            read()
+        assert "\n" not in str(e.value)
     for p in (tmp_path / "killed").glob("*.tar"):  # whatever is there under a final name is complete
         with tarfile.open(p) as t:
             assert len(t.getmembers()) > 0
     write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "killed", workers=2, **kw)
     clean = sorted(p.name for p in (tmp_path / "clean").iterdir())
-    assert sorted(p.name for p in (tmp_path / "killed").iterdir() if p.name != "run.json") == [c for c in clean if c != "run.json"]
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir() if p.name != "run.json") == [
+        c for c in clean if c != "run.json"]
     for name in clean:
         if name.endswith(".tar") or name == "manifest.json":
             assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+    verify_shards(tmp_path / "killed")
+
+
+def test_a_second_writer_stops_in_one_line_and_leaves_nothing(tmp_path):
+    """While another process holds the folder, write_shards and write_saliency stop in one line
+    and change nothing in it."""
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    write_shards("fashion-mnist", FASHION_MNIST, shards, max_per_class=5, shard_count=20)
+    shutil.copytree(shards, out)
+    code = (f"import time; from spot.outputs import writing\n"
+            f"with writing({str(out)!r}):\n print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        for call in (lambda: write_shards("fashion-mnist", FASHION_MNIST, out, max_per_class=6, shard_count=20),
+                     lambda: write_saliency(shards, out, size=16)):
+            with pytest.raises(RuntimeError, match=f"another spot process is writing {out}") as e:
+                call()
+            assert "\n" not in str(e.value)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_readers_refuse_a_folder_that_does_not_match_its_manifest(imagenet_shards, tmp_path):
+    """Missing, resized, unlisted or (for verify_shards) altered shards: one line naming the file."""
+    src, _ = imagenet_shards
+    assert shard_paths(src, "val-000000") == [src / "val-000000.tar"]
+    cases = {"missing": (FileNotFoundError, "val-000000.tar listed in its manifest.json is missing"),
+             "shorter": (ValueError, "val-000000.tar is .* bytes, its manifest.json says"),
+             "unlisted": (ValueError, "train-000099.tar is not in its manifest.json"),
+             "no manifest": (FileNotFoundError, "manifest.json is missing")}
+    for case, (kind, match) in cases.items():
+        out = tmp_path / case
+        shutil.copytree(src, out)
+        shard = out / "val-000000.tar"
+        if case == "missing":
+            shard.unlink()
+        elif case == "shorter":
+            shard.write_bytes(shard.read_bytes()[:-512])
+        elif case == "unlisted":
+            shutil.copy(out / "train-000000.tar", out / "train-000099.tar")
+        else:
+            (out / "manifest.json").unlink()
+        for read, arg in ((shard_paths, "train"), (shard_paths, "train-000001"), (verify_shards, False)):
+            with pytest.raises(kind, match=match) as e:
+                read(out, arg)
+            assert "\n" not in str(e.value)
+    out = tmp_path / "flipped"
+    shutil.copytree(src, out)
+    data = bytearray((out / "val-000000.tar").read_bytes())
+    data[600] ^= 1
+    (out / "val-000000.tar").write_bytes(bytes(data))
+    assert shard_paths(out, "val") == [out / p.name for p in shard_paths(src, "val")]
+    with pytest.raises(ValueError, match="val-000000.tar does not have the sha256"):
+        verify_shards(out)
 
 
 def test_saliency_one_map_per_key_in_order(tmp_path):
     write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "s", max_per_class={"train": 5, "val": 5}, shard_count=20)
     m = write_saliency(tmp_path / "s", tmp_path / "sal", size=32)
+    assert verify_shards(tmp_path / "sal") == m
     for s in m["shards"]:
         img_keys = [r["__key__"] for r in read_shard(tmp_path / "s" / s["name"])]
         sal = list(read_shard(tmp_path / "sal" / s["name"]))
@@ -224,6 +387,38 @@ def test_saliency_one_map_per_key_in_order(tmp_path):
     cfg = dict(CFG, input_size=(3, 28, 28), crop_pct=1.0)
     b = next(iter(make_loader(tmp_path / "s", "val", cfg, batch_size=4, saliency_dir=tmp_path / "sal")))
     assert b.saliency.shape == (4, 28, 28) and 0 <= b.saliency.min() and b.saliency.max() <= 1
+
+
+def test_saliency_folders_are_complete_and_of_these_image_shards(tmp_path, monkeypatch):
+    """A saliency run that dies half-way leaves a folder the loader refuses, as it refuses maps of
+    other image shards and image shards that are not complete."""
+    shards, sal = tmp_path / "s", tmp_path / "sal"
+    write_shards("fashion-mnist", FASHION_MNIST, shards, max_per_class={"train": 5, "val": 5}, shard_count=20)
+    write_saliency(shards, sal, size=16)
+    load = lambda: make_loader(shards, "val", CFG, batch_size=4, saliency_dir=sal)
+    calls = []
+
+    def dies_on_the_second_shard(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return saliency_maps(*a)
+
+    monkeypatch.setattr("spot.saliency.saliency_maps", dies_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        write_saliency(shards, sal, size=32)
+    assert not (sal / "manifest.json").exists() and not (sal / "run.json").exists()
+    with pytest.raises(FileNotFoundError, match=f"{sal / 'manifest.json'} is missing"):
+        load()
+    monkeypatch.undo()
+    write_saliency(shards, sal, size=16)
+    write_shards("fashion-mnist", FASHION_MNIST, shards, max_per_class={"train": 5, "val": 6}, shard_count=20)
+    with pytest.raises(ValueError, match="saliency shard .*val-000000.tar was made from other image shards"):
+        load()
+    (shards / "manifest.json").unlink()
+    for call in (load, lambda: write_saliency(shards, sal, size=16)):
+        with pytest.raises(FileNotFoundError, match=f"{shards / 'manifest.json'} is missing"):
+            call()
 
 
 @pytest.mark.parametrize("y,x", [(40, 10), (5, 50), (28, 28)])

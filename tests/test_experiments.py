@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 
 from spot.cli import main
+from spot.pipeline import all_jobs
+from tests.conftest import linked_root
 
 
 def spot(params, *argv):
@@ -14,18 +16,11 @@ def spot(params, *argv):
 
 @pytest.fixture(scope="module")
 def done(smoke_stages):
-    """Every experiment stage for budget 4 (and 16 for two priors), then the report."""
+    """Every job of the smoke config after the backbones, in-process, in the stage table's order."""
     params, cfg, root = smoke_stages
-    for b in ("spot-a", "grid-b"):
-        for prior in ("grid", "isotropic", "salient"):
-            spot(params, "evaluate", "--backbone", b, "--prior", prior, "--budget", "4")
-    spot(params, "evaluate", "--backbone", "spot-a", "--prior", "uniform", "--budget", "16")
-    for b in ("spot-a", "grid-b"):
-        spot(params, "oracle", "--backbone", b, "--budget", "4")          # every val shard, then gather
-    for src, dst in (("spot-a", "spot-a"), ("spot-a", "grid-b"), ("grid-b", "spot-a")):
-        spot(params, "transfer", "--src", src, "--dst", dst, "--budget", "4")
-    spot(params, "analyze", "--backbone", "spot-a", "--budget", "4")
-    spot(params, "report")
+    for stage, w in all_jobs(cfg):
+        if stage.name not in ("shard", "saliency", "backbone"):
+            spot(params, stage.name, *[a for k, v in w.items() for a in (f"--{k}", str(v))])
     return params, cfg, root
 
 
@@ -54,11 +49,11 @@ def test_grid_prior_reads_patch_cells(done):
 
 def test_evaluate_is_deterministic(done, tmp_path):
     params, cfg, root = done
-    from spot.evaluate import evaluate
-    again = evaluate(root / "backbones" / "spot-a", root / "shards", tmp_path, "salient", 4,
-                     saliency_dir=root / "saliency", seed=cfg["seed"])
-    assert again == metrics(root / "eval" / "spot-a" / "salient" / "4")
-    a = pd.read_parquet(tmp_path / "predictions.parquet")
+    again = linked_root(tmp_path, root, "shards", "saliency", "backbones")
+    spot(again, "evaluate", "--backbone", "spot-a", "--prior", "salient", "--budget", "4")
+    run = tmp_path / "out" / "eval" / "spot-a" / "salient" / "4"
+    assert metrics(run) == metrics(root / "eval" / "spot-a" / "salient" / "4")
+    a = pd.read_parquet(run / "predictions.parquet")
     b = pd.read_parquet(root / "eval" / "spot-a" / "salient" / "4" / "predictions.parquet")
     assert a["key"].tolist() == b["key"].tolist()
     np.testing.assert_array_equal(np.stack(a["positions"]), np.stack(b["positions"]))
@@ -68,7 +63,7 @@ def test_oracle_starts_from_the_evaluated_prior_and_does_not_lose(done):
     _, _, root = done
     for b in ("spot-a", "grid-b"):
         ev = pd.read_parquet(root / "eval" / b / "isotropic" / "4" / "predictions.parquet").set_index("key")
-        run = root / "oracle" / b / "isotropic" / "4"
+        run = root / "oracle" / b / "4"
         res, m = pd.read_parquet(run / "results.parquet").set_index("key"), metrics(run)
         assert sorted(res.index) == sorted(ev.index)
         init = np.stack(res.loc[ev.index, "init"].to_numpy())
@@ -76,14 +71,14 @@ def test_oracle_starts_from_the_evaluated_prior_and_does_not_lose(done):
         assert m["top1_init"] == pytest.approx(metrics(root / "eval" / b / "isotropic" / "4")["top1"])
         assert m["top1"] >= m["top1_init"]
         assert len(m["accuracy_per_step"]) == m["steps"] + 1
-        assert len(list((root / "oracle-shards" / b / "isotropic" / "4").glob("val-*.npz"))) >= 2
+        assert len(list((root / "oracle-parts" / b / "4").glob("*/part.npz"))) == 2
 
 
 def test_transfer_to_itself_reproduces_the_oracle(done):
     _, _, root = done
-    self_ = metrics(root / "transfer" / "spot-a__spot-a" / "4")
-    assert self_["top1_transfer"] == pytest.approx(metrics(root / "oracle" / "spot-a" / "isotropic" / "4")["top1"])
-    cross = metrics(root / "transfer" / "spot-a__grid-b" / "4")
+    self_ = metrics(root / "transfer" / "spot-a" / "spot-a" / "4")
+    assert self_["top1_transfer"] == pytest.approx(metrics(root / "oracle" / "spot-a" / "4")["top1"])
+    cross = metrics(root / "transfer" / "spot-a" / "grid-b" / "4")
     assert cross["top1_prior"] == pytest.approx(metrics(root / "eval" / "grid-b" / "isotropic" / "4")["top1"])
     assert cross["gain"] == pytest.approx(cross["top1_transfer"] - cross["top1_prior"])
 
@@ -101,7 +96,7 @@ def test_report_tables_equal_the_per_run_results(done):
         row = res[(res.backbone == b) & (res.prior == prior) & (res.budget == int(budget)) & ~res.oracle]
         assert len(row) == 1 and row.top1.item() == pytest.approx(metrics(run)["top1"]), run
     oracle = res[res.oracle & (res.backbone == "spot-a")]
-    assert oracle.top1.item() == pytest.approx(metrics(root / "oracle" / "spot-a" / "isotropic" / "4")["top1"])
+    assert oracle.top1.item() == pytest.approx(metrics(root / "oracle" / "spot-a" / "4")["top1"])
     table = (rep / "tables.md").read_text()
     assert f"{100 * metrics(root / 'eval' / 'grid-b' / 'grid' / '4')['top1']:.2f}" in table
     assert (rep / "pictures" / "priors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -109,7 +104,7 @@ def test_report_tables_equal_the_per_run_results(done):
 
 def test_analysis_measures_saliency_under_tokens(done):
     _, _, root = done
-    run = root / "analysis" / "spot-a" / "isotropic" / "4"
+    run = root / "analysis" / "spot-a" / "4"
     sal = json.loads((run / "saliency.json").read_text())
     assert 0 <= sal["saliency_init"] <= 1 and 0 <= sal["saliency_final"] <= 1
     assert sal["saliency_delta"] == pytest.approx(sal["saliency_final"] - sal["saliency_init"])
@@ -134,12 +129,12 @@ def test_every_job_logged_once_to_mlflow(done):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["evaluate", "--backbone", "spot-a", "--prior", "diagonal", "--budget", "4"], "prior 'diagonal'"),
-    (["evaluate", "--backbone", "spot-a", "--prior", "grid", "--budget", "50"], "budget 50 exceeds the 49"),
-    (["evaluate", "--backbone", "spot-a", "--prior", "uniform", "--budget", "785"], "outside 1..784"),
-    (["evaluate", "--backbone", "nope", "--prior", "grid", "--budget", "4"], "nope"),
-    (["backbone", "--name", "nope"], "nope"),
-    (["transfer", "--src", "grid-b", "--dst", "spot-a", "--budget", "16"], "grid-b"),
+    (["evaluate", "--backbone", "spot-a", "--prior", "diagonal", "--budget", "4"], "--prior 'diagonal'"),
+    (["evaluate", "--backbone", "spot-a", "--prior", "grid", "--budget", "50"], "--budget 50"),
+    (["evaluate", "--backbone", "nope", "--prior", "grid", "--budget", "4"], "--backbone 'nope'"),
+    (["backbone", "--backbone", "nope"], "nope"),
+    (["transfer", "--src", "grid-b", "--dst", "spot-a", "--budget", "16"], "--budget 16"),
+    (["oracle", "--backbone", "spot-a", "--budget", "4", "--part", "2"], "--part 2"),
 ])
 def test_bad_requests_fail_with_one_line_naming_it(done, capsys, argv, message):
     params, _, root = done

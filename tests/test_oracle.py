@@ -21,7 +21,7 @@ def trained():
                                       embed_dim=64, depth=2, num_heads=2, num_classes=10))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(0)
-    for epoch in range(3):
+    for _ in range(3):
         for i in range(0, 2500, 100):
             pos = sample_positions("uniform", 100, 8, 28, 28, k=4, generator=gen)
             loss = F.cross_entropy(model(x[i:i + 100], pos), y[i:i + 100])

@@ -10,11 +10,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_repo, env, snakemake
 
 pytestmark = pytest.mark.slow
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
@@ -23,45 +24,18 @@ REPORT_FILES = ["tables.md", "findings.md", "results.csv", "results.parquet", "m
                 "pictures/trajectories.png"]
 
 
-def copy_repo(dest: Path) -> Path:
-    """The working tree's files (tracked and untracked, not ignored) copied to `dest`."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           check=True, capture_output=True, text=True).stdout.split("\0")
-    for f in filter(None, files):
-        if (REPO / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            (dest / f).write_bytes((REPO / f).read_bytes())
-    return dest
-
-
-def env(**extra):
-    e = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return e | extra
-
-
-def snakemake(cwd, *args, config="config/smoke.yaml", check=True, **extra_env):
-    r = subprocess.run(["snakemake", "--cores", "2", *args, "--config", f"params={config}"], cwd=cwd,
-                       capture_output=True, text=True, env=env(**extra_env))
-    if check:
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
 def job_counts(output: str) -> Counter:
     """Rule -> count from the 'Job stats' table Snakemake prints."""
     table = output.split("Job stats:")[1].split("total")[0]
     return Counter({m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)})
 
 
-def expected_jobs(cfg: dict, val_shards: int | None) -> Counter:
-    b = len(cfg["backbones"])
-    jobs = Counter(all=1, mlflow_init=1, shard=1, saliency=1, backbone=b, report=1,
+def expected_jobs(cfg: dict) -> Counter:
+    b, oracle = len(cfg["backbones"]), len(cfg["oracle"]["budgets"])
+    return Counter(all=1, shard=1, saliency=1, backbone=b, report=1,
                    evaluate=b * len(cfg["eval"]["priors"]) * len(cfg["eval"]["budgets"]),
-                   oracle_gather=b * len(cfg["oracle"]["budgets"]), analyze=b * len(cfg["oracle"]["budgets"]),
+                   oracle=b * oracle * cfg["oracle"]["parts"], oracle_gather=b * oracle, analyze=b * oracle,
                    transfer=b * b * len(cfg["transfer"]["budgets"]))
-    if val_shards is not None:
-        jobs["oracle"] = b * len(cfg["oracle"]["budgets"]) * val_shards
-    return jobs
 
 
 def mlflow_runs(cwd: Path, name: str):
@@ -75,7 +49,7 @@ def test_dry_run_lists_every_job_of_the_default_config(tmp_path):
     default = yaml.safe_load((REPO / "params.yaml").read_text())
     r = snakemake(cwd, "-n", config="params.yaml")
     counts = job_counts(r.stdout)
-    assert counts == expected_jobs(default, None), counts   # per-shard oracle jobs appear once shards exist
+    assert counts == expected_jobs(default), counts
 
 
 def test_bad_config_stops_before_any_job(tmp_path):
@@ -88,20 +62,19 @@ def test_bad_config_stops_before_any_job(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """The whole DAG on the smoke config, run once."""
-    cwd = copy_repo(tmp_path_factory.mktemp("repo"))
-    r = snakemake(cwd)
-    return cwd, r
+def smoke(smoke_run):
+    return smoke_run
 
 
 def test_smoke_run_makes_every_job_and_report_file(smoke):
     cwd, r = smoke
     manifest = json.loads((cwd / "out" / "shards" / "manifest.json").read_text())
     shards = len(manifest["splits"]["val"]["shards"])
-    assert shards >= 2                                                   # the oracle really fans out
+    assert shards >= SMOKE["oracle"]["parts"] >= 2                      # every oracle part has a shard
     ran = Counter(re.findall(r"\(Rule: (\w+)\)", r.stdout + r.stderr))
-    assert ran == expected_jobs(SMOKE, shards), ran
+    assert ran == expected_jobs(SMOKE), ran
+    parts = [np.load(p)["keys"] for p in sorted((cwd / "out" / "oracle-parts" / "spot-a" / "4").glob("*/part.npz"))]
+    assert len(parts) == 2 and len(set(np.concatenate(parts))) == manifest["splits"]["val"]["count"]
     for f in REPORT_FILES:
         assert (cwd / "out" / "report" / f).stat().st_size > 0, f
 
@@ -148,7 +121,7 @@ def test_killed_job_is_not_complete_and_the_rerun_finishes(slow_training):
     target = "out/backbones/spot-a/run.json"
     proc = subprocess.Popen(["snakemake", "--cores", "2", target, "--config", "params=config/kill.yaml"], cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True)
-    ckpt = cwd / "out" / "checkpoints" / "spot-a" / "checkpoint.pt"
+    ckpt = cwd / "out" / "checkpoints" / "spot-a" / "checkpoint.pt"     # every 3 steps
     while not ckpt.exists() and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None, "snakemake ended before its first training checkpoint"

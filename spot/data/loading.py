@@ -1,10 +1,19 @@
-"""Read shards back as batches `(images, labels, keys, saliency)` with a backbone's preprocessing."""
+"""Read shards back as batches `(images, labels, keys, saliency)` with a backbone's preprocessing.
+
+A shard folder is read only as its manifest.json lists it: a folder without one (never finished, or
+being rewritten) or whose `<split>-NNNNNN.tar` files differ from the list (missing, another size,
+not listed) is refused with a one-line error, as is a shard holding a key twice.
+"""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import timm.data
@@ -12,6 +21,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torchvision import transforms as T
+
+from spot.data.shards import SHARD_NAME
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp", "bmp", "gif", "tiff", "ppm")
 
@@ -23,21 +34,111 @@ class Batch(NamedTuple):
     saliency: torch.Tensor | None   # (B, H, W) float32 in [0, 1], aligned with images
 
 
+def read_manifest(folder: str | Path) -> dict:
+    """`<folder>/manifest.json`; a one-line FileNotFoundError when it is missing (the stage that
+    writes the folder never finished, or is running: the manifest is removed first, written last)."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {folder} is not complete (run its stage again)")
+    return json.loads(path.read_text())
+
+
+def manifest_shards(manifest: dict) -> list[dict]:
+    """Every shard entry (name, count, size, sha256) of a manifest: image shards list theirs per
+    split, saliency maps in one list."""
+    if "splits" in manifest:
+        return [s for split in manifest["splits"].values() for s in split["shards"]]
+    return manifest["shards"]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_shards(folder: str | Path, manifest: dict, hash: bool = False) -> None:
+    """A one-line error unless the `<split>-NNNNNN.tar` files of `folder` are exactly those of its
+    `manifest`, each of its size (and sha256, with `hash`): FileNotFoundError for a missing shard,
+    ValueError for another size or hash or an unlisted shard (from a run killed half-way)."""
+    folder = Path(folder)
+    entries = manifest_shards(manifest)
+    for e in entries:
+        path = folder / e["name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in its manifest.json is missing (run its stage again)")
+        if path.stat().st_size != e.get("size"):
+            raise ValueError(f"shard {path} is {path.stat().st_size} bytes, its manifest.json says {e.get('size')} "
+                             f"(run its stage again)")
+        if hash and file_sha256(path) != e["sha256"]:
+            raise ValueError(f"shard {path} does not have the sha256 its manifest.json gives (run its stage again)")
+    with os.scandir(folder) as it:
+        extra = sorted({d.name for d in it if SHARD_NAME.fullmatch(d.name)} - {e["name"] for e in entries})
+    if extra:
+        raise ValueError(f"shard {folder / extra[0]} is not in its manifest.json (left by another run: "
+                         f"run its stage again)")
+
+
+def verify_shards(shards_dir: str | Path, hash: bool = True) -> dict:
+    """The manifest of a shard (or saliency) folder whose files all match it, sizes and, with
+    `hash`, sha256 included; else a one-line FileNotFoundError or ValueError naming the file."""
+    manifest = read_manifest(shards_dir)
+    check_shards(shards_dir, manifest, hash)
+    return manifest
+
+
+def shard_entries(shards_dir: str | Path, split: str) -> list[dict]:
+    """The manifest entries (name, count, size, sha256) of a split's shards in order, or of the
+    one shard `<split>.tar` if `split` names a shard (e.g. 'val-000003'), once the folder matches
+    its manifest (`verify_shards` without hashing)."""
+    splits = verify_shards(shards_dir, hash=False)["splits"]
+    if split in splits:
+        entries = splits[split]["shards"]
+    else:
+        entries = [e for v in splits.values() for e in v["shards"] if e["name"] == f"{split}.tar"]
+    if not entries:
+        raise FileNotFoundError(f"no {split} shards in {shards_dir} (its manifest.json has splits {', '.join(splits)})")
+    return entries
+
+
 def shard_paths(shards_dir: str | Path, split: str) -> list[Path]:
-    """Sorted `<shards_dir>/<split>-NNNNNN.tar` (or the one shard `<split>.tar` if `split` names a
-    shard, e.g. 'val-000003'); FileNotFoundError naming the folder if none."""
-    one = Path(shards_dir) / f"{split}.tar"
-    paths = [one] if one.is_file() else sorted(Path(shards_dir).glob(f"{split}-[0-9]*.tar"))
-    if not paths:
-        raise FileNotFoundError(f"no {split} shards in {shards_dir}")
-    return paths
+    """The paths of `shard_entries(shards_dir, split)`: `<shards_dir>/<split>-NNNNNN.tar` in order."""
+    return [Path(shards_dir) / e["name"] for e in shard_entries(shards_dir, split)]
+
+
+def saliency_paths(saliency_dir: str | Path, images: list[dict]) -> list[Path]:
+    """The saliency shards of the image shards `images` (manifest entries), once the saliency folder
+    matches its manifest and that lists maps made from these very shards (same name, count and
+    image sha256); one-line errors otherwise."""
+    maps = {e["name"]: e for e in verify_shards(saliency_dir, hash=False)["shards"]}
+    for e in images:
+        m = maps.get(e["name"])
+        if m is None:
+            raise FileNotFoundError(f"no saliency maps for shard {e['name']} in {saliency_dir} "
+                                    f"(run the saliency stage)")
+        if (m["count"], m.get("image_sha256")) != (e["count"], e["sha256"]):
+            raise ValueError(f"saliency shard {Path(saliency_dir) / e['name']} was made from other image shards "
+                             f"(run the saliency stage again)")
+    return [Path(saliency_dir) / e["name"] for e in images]
 
 
 def read_shard(path: str | Path) -> Iterator[dict]:
-    """Raw records (dict of key -> bytes, plus __key__) of one WebDataset tar, in stored order.
+    """Raw records (dict of key -> bytes, plus __key__) of one WebDataset tar, in stored order; an
+    unreadable shard or a key stored twice is a one-line ValueError naming the shard.
 
     No node or worker splitting here: `ShardStream` hands each rank and worker its own shards."""
-    yield from wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
+    def fail(e: Exception):
+        raise ValueError(f"shard {path} is unreadable: {e.args[0] if e.args else type(e).__name__}") from None
+
+    seen = set()
+    for rec in wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None,
+                              workersplitter=None, handler=fail):
+        if rec["__key__"] in seen:
+            raise ValueError(f"shard {path} holds key {rec['__key__']!r} twice")
+        seen.add(rec["__key__"])
+        yield rec
 
 
 def decode_image(record: dict) -> Image.Image:
@@ -69,7 +170,7 @@ class Preprocess:
         return x, torch.from_numpy(np.asarray(s, dtype=np.float32) / 255.0)
 
     def collate(self, samples: list[tuple]) -> Batch:
-        xs, ys, keys, sal = zip(*samples)
+        xs, ys, keys, sal = zip(*samples, strict=True)
         images = torch.stack(xs).float().div_(255).sub_(self.mean).div_(self.std)
         return Batch(images, torch.tensor(ys), list(keys), None if sal[0] is None else torch.stack(sal))
 
@@ -106,7 +207,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         for rec in read_shard(self.shards[i]):
             smap = None
             if sal is not None:
-                srec = next(sal)
+                srec = next(sal, {"__key__": None})
                 if srec["__key__"] != rec["__key__"]:
                     raise ValueError(f"saliency shard {self.saliency[i]} is out of step with {self.shards[i]} "
                                      f"at key {rec['__key__']}")
@@ -129,21 +230,19 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def make_loader(shards_dir: str | Path, split: str, data_config: dict, batch_size: int, train: bool = False,
-                num_workers: int = 0, seed: int = 0, saliency_dir: str | Path | None = None) -> torch.utils.data.DataLoader:
+                num_workers: int = 0, seed: int = 0,
+                saliency_dir: str | Path | None = None) -> torch.utils.data.DataLoader:
     """Batches of a split: `Batch(images (B,3,H,W), labels (B,), keys, saliency (B,H,W) or None)`.
 
     Preprocessing from `data_config` (timm: input_size, mean, std, interpolation, crop_pct); the
     saliency map from the parallel shard in `saliency_dir` goes through the same resize and crop.
+    Both folders are checked against their manifests first (`shard_entries`, `saliency_paths`).
     Shards are split across workers (and DDP ranks); evaluation order is fixed. For training,
     the loader's `.dataset.set_epoch(e)` reshuffles.
     """
-    shards = shard_paths(shards_dir, split)
-    saliency = None
-    if saliency_dir is not None:
-        saliency = [Path(saliency_dir) / p.name for p in shards]
-        missing = [str(p) for p in saliency if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"saliency shard {missing[0]} is missing (run the saliency stage)")
+    entries = shard_entries(shards_dir, split)
+    shards = [Path(shards_dir) / e["name"] for e in entries]
+    saliency = None if saliency_dir is None else saliency_paths(saliency_dir, entries)
     preprocess = Preprocess(data_config)
     ds = ShardStream(shards, preprocess, saliency, train=train, seed=seed)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(shards)),

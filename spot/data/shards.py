@@ -4,6 +4,10 @@ A split is cut into groups of `shard_count` consecutive samples. Each group beco
 where it passes `shard_bytes`), written by one of `workers` processes under a temporary name, and
 the shards are renamed to their numbers in order as their groups finish: the bytes depend on the
 source and the parameters, never on `workers`.
+
+The folder is complete or visibly not: the run holds its lock, removes manifest.json and run.json
+before writing anything and writes them last; the manifest lists every shard with its size and
+sha256 (readers check them, `spot.data.loading.shard_paths`) and every source image it left out.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import re
 import signal
 import struct
 import sys
@@ -26,24 +31,26 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from spot.data.sources import Sample, make_source
-from spot.utils import atomic_path, write_json, write_run_record
+from spot.outputs import writing
+from spot.utils import atomic_path, write_json
+
+SHARD_NAME = re.compile(r"[A-Za-z0-9-]+-[0-9]{6,}\.tar")      # <split>-NNNNNN.tar
 
 
 def check_image(sample: Sample) -> str | None:
-    """None if the sample is a readable image, else the reason it is not (header parse + end marker)."""
+    """None if PIL decodes the sample, else the reason it does not. A JPEG with its end-of-image
+    marker in its last 64 bytes passes on its header (the fast path); any other file is decoded
+    whole, so a JPEG with trailing bytes after its marker is kept and a truncated one is not."""
     if isinstance(sample.data, np.ndarray):
         return None
     try:
         with Image.open(io.BytesIO(sample.data)) as im:
-            fmt = im.format
-            if fmt != "JPEG":
+            if im.format != "JPEG" or b"\xff\xd9" not in sample.data[-64:]:
                 im.load()
     except UnidentifiedImageError:  # its message holds an object address: reasons must not vary by run
         return "not an image (no image format recognises it)"
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds for bad files
         return f"not a readable image: {type(e).__name__}: {e}"
-    if fmt == "JPEG" and b"\xff\xd9" not in sample.data[-64:].rstrip(b"\x00"):
-        return "truncated JPEG (no end-of-image marker)"
     return None
 
 
@@ -59,13 +66,14 @@ def encode(sample: Sample) -> dict:
 
 
 class HashingFile:
-    """A write-only file that hashes what passes through it (no second read of the shard)."""
+    """A write-only file that hashes and counts what passes through it (no second read of the shard)."""
 
     def __init__(self, f):
-        self.f, self.sha256 = f, hashlib.sha256()
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
 
     def write(self, data) -> int:
         self.sha256.update(data)
+        self.size += len(data)
         return self.f.write(data)
 
 
@@ -137,19 +145,21 @@ class ShardFile:
             self.classes[label] += 1
 
     def close(self) -> dict:
-        """Finish the tar; return its path, record count, class counts and sha256."""
+        """Finish the tar; return its path, record count, class counts, size (bytes) and sha256."""
         self.writer.close()
         self.file.close()
-        return dict(path=str(self.path), count=self.count, classes=self.classes, sha256=self.out.sha256.hexdigest())
+        return dict(path=str(self.path), count=self.count, classes=self.classes, size=self.out.size,
+                    sha256=self.out.sha256.hexdigest())
 
 
-def write_shard(path: Path, records: list[dict]) -> str:
-    """Write records to one tar atomically; return its sha256."""
+def write_shard(path: Path, records: list[dict]) -> dict:
+    """Write records to one tar atomically; return dict(size (bytes), sha256)."""
     with atomic_path(path) as tmp:
         shard = ShardFile(tmp)
         for r in records:
             shard.write(r)
-        return shard.close()["sha256"]
+        part = shard.close()
+    return dict(size=part["size"], sha256=part["sha256"])
 
 
 def write_group(source, shard_bytes: float, prefix: str) -> dict:
@@ -200,6 +210,27 @@ def default_workers() -> int:
     return min(cpus, int(os.environ.get("OMP_NUM_THREADS") or cpus))
 
 
+def check_keys(sources: dict) -> None:
+    """A one-line ValueError naming both files where two samples of `sources` (split -> source)
+    would get the same key; read before anything is written."""
+    seen: dict[str, str] = {}
+    for samples in sources.values():
+        for key, origin in samples.listing():
+            if key in seen:
+                raise ValueError(f"{seen[key]} and {origin} would get the same key {key!r}: rename one")
+            seen[key] = origin
+
+
+def remove_unlisted(out: Path, names: set[str]) -> None:
+    """Remove the shards of `out` not in `names` and all temporary files: left by an earlier run
+    (other parameters, or killed). Call while holding the folder's lock."""
+    with os.scandir(out) as entries:
+        stale = [e.name for e in entries if e.name.startswith(".tmp-")
+                 or (SHARD_NAME.fullmatch(e.name) and e.name not in names)]
+    for name in stale:
+        (out / name).unlink()
+
+
 def write_shards(source: str, root: str | Path, out_dir: str | Path, splits=("train", "val"),
                  shard_count: int = 1000, shard_bytes: float = 1e9, max_per_class=None,
                  max_images=None, seed: int = 0, synset_words: str | None = None,
@@ -208,27 +239,30 @@ def write_shards(source: str, root: str | Path, out_dir: str | Path, splits=("tr
 
     Shards hold at most `shard_count` images and about `shard_bytes` bytes; JPEG bytes are copied
     unchanged, arrays are encoded as PNG. Unreadable or truncated files are skipped and listed in
-    the manifest with the reason. `max_per_class` / `max_images` (an int, or a dict split -> int)
-    pick a subset reproducible from `seed`. `workers` processes (default: `default_workers()`) write
-    the shards; each is written under a temporary name and renamed when complete, and a rerun
-    rewrites identical bytes.
+    the manifest with the reason, as are files the source cannot label (ImageNet val images of a
+    wnid missing from train/): every image is in a shard or in `skipped`. `max_per_class` /
+    `max_images` (an int, or a dict split -> int) pick a subset reproducible from `seed`. `workers`
+    processes (default: `default_workers()`) write the shards; each is written under a temporary
+    name and renamed when complete, and a rerun rewrites identical bytes. Two samples with one key
+    stop the run before anything is written; so does another process writing `out_dir`.
     """
     if shard_count < 1:
         raise ValueError(f"shard_count must be >= 1, got {shard_count} (data.shard_count)")
     if shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be > 0, got {shard_bytes} (data.shard_bytes)")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     per_split = lambda v, split: v.get(split) if isinstance(v, dict) else v  # noqa: E731
     manifest = dict(source=source, root=str(root), splits={}, skipped=[],
                     params=dict(shard_count=shard_count, shard_bytes=shard_bytes, seed=seed,
                                 max_per_class=max_per_class, max_images=max_images))
     opts = dict(synset_words=synset_words) if source == "imagenet" else {}
-    with group_writer(workers or default_workers()) as write_groups:
-        sources = {split: make_source(source, root, split, max_per_class=per_split(max_per_class, split),
-                                      max_images=per_split(max_images, split), seed=seed, **opts)
-                   for split in splits}
+    sources = {split: make_source(source, root, split, max_per_class=per_split(max_per_class, split),
+                                  max_images=per_split(max_images, split), seed=seed, **opts)
+               for split in splits}
+    check_keys(sources)
+    with group_writer(workers or default_workers()) as write_groups, writing(out):  # pool first: no lock in it
         for split, samples in sources.items():
+            manifest["skipped"] += samples.skipped
             jobs = ((samples[i:i + shard_count], shard_bytes, str(out / f".tmp-{split}-{g:06d}"))
                     for g, i in enumerate(range(0, len(samples), shard_count)))
             shards, classes = [], Counter()
@@ -237,17 +271,13 @@ def write_shards(source: str, root: str | Path, out_dir: str | Path, splits=("tr
                     for part in group["parts"]:
                         name = f"{split}-{len(shards):06d}.tar"
                         os.replace(part["path"], out / name)
-                        shards.append(dict(name=name, count=part["count"], sha256=part["sha256"]))
+                        shards.append(dict(name=name, count=part["count"], size=part["size"],
+                                           sha256=part["sha256"]))
                         classes.update(part["classes"])
                     manifest["skipped"] += group["skipped"]
                     bar.update(sum(p["count"] for p in group["parts"]) + len(group["skipped"]))
             manifest["splits"][split] = dict(count=sum(s["count"] for s in shards), shards=shards,
                                              classes={str(c): n for c, n in sorted(classes.items())})
-            stale = set(out.glob(f"{split}-[0-9]*.tar")) - {out / s["name"] for s in shards}
-            for p in stale | set(out.glob(f".tmp-{split}-[0-9]*")):
-                p.unlink()  # left by an earlier run (other parameters, or killed): the loader globs shards
-    write_json(out / "manifest.json", manifest)
-    counts = {f"{s}_images": v["count"] for s, v in manifest["splits"].items()}
-    write_run_record(out, stage="shard", job="shard", params=dict(source=source, **manifest["params"]),
-                     metrics=dict(counts, skipped=len(manifest["skipped"])), artifacts=["manifest.json"])
+        remove_unlisted(out, {s["name"] for v in manifest["splits"].values() for s in v["shards"]})
+        write_json(out / "manifest.json", manifest)
     return manifest

@@ -2,8 +2,10 @@
 when indexed; a slice is a source of the same kind (the shard writer hands slices to its processes).
 
 `data` is encoded bytes copied from the file (ext 'jpg', 'png', ...) or a uint8 array (ext 'png',
-encoded when sharded). Keys are unique across splits and contain no '.' (WebDataset splits
-extensions at the first dot).
+encoded when sharded). A key is '<split>_<name>' with the name escaped (`make_key`): unique across
+splits, reversible (`split_key`), and free of '.' (WebDataset splits extensions at the first dot).
+A folder sample's name is its path under the split folder ('<class>/<file>'), a Fashion-MNIST
+sample's its 6-digit index. Files a source lists but cannot label are in its `skipped`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import copy
 import gzip
 import os
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -32,9 +35,48 @@ class Sample(NamedTuple):
     meta: dict
 
 
+SPLIT_NAME = re.compile(r"[A-Za-z0-9-]+")
+ESCAPED = re.compile(r"(?:[A-Za-z0-9-]|_[0-9a-f]{2})*")
+
+
+class Escapes(dict):
+    """`str.translate` table of `escape`: ASCII letters, digits and '-' stay, any other character
+    becomes its UTF-8 bytes as '_xx' (lowercase hex; undecodable file-name bytes included)."""
+
+    def __missing__(self, code: int) -> str:
+        ch = chr(code)
+        keep = ch.isascii() and (ch.isalnum() or ch == "-")
+        self[code] = ch if keep else "".join(f"_{b:02x}" for b in ch.encode("utf-8", "surrogateescape"))
+        return self[code]
+
+
+ESCAPES = Escapes()
+
+
+def escape(text: str) -> str:
+    """`text` in [A-Za-z0-9-] and '_xx' escapes: no '.', and `unescape` gives `text` back."""
+    return text.translate(ESCAPES)
+
+
+def unescape(text: str) -> str:
+    """The inverse of `escape`; a one-line ValueError for text `escape` cannot have made."""
+    if not ESCAPED.fullmatch(text):
+        raise ValueError(f"{text!r} is not an escaped name ([A-Za-z0-9-] and '_xx' only)")
+    first, *rest = text.split("_")
+    data = first.encode() + b"".join(bytes.fromhex(part[:2]) + part[2:].encode() for part in rest)
+    return data.decode("utf-8", "surrogateescape")
+
+
 def make_key(split: str, name: str) -> str:
-    """A WebDataset-safe key: '<split>_<name>' with dots and path separators replaced."""
-    return f"{split}_{name}".replace(".", "_").replace("/", "_")
+    """A WebDataset-safe key '<split>_<escaped name>'; `split` is letters, digits and '-' (see
+    `make_source`), so `split_key` takes it apart again."""
+    return f"{split}_{escape(name)}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(split, name) of a key made by `make_key`."""
+    split, _, name = key.partition("_")
+    return split, unescape(name)
 
 
 def subset(items: list, labels: list[int], max_per_class: int | None, max_images: int | None,
@@ -53,29 +95,51 @@ def subset(items: list, labels: list[int], max_per_class: int | None, max_images
     return sorted(keep)
 
 
-def folder_files(root: Path, split: str, classes: list[str]) -> tuple[list[str], list[int]]:
-    """Image files of `<root>/<split>/<class>/*` (paths relative to root) in sorted order, with their
-    class indices. One directory listing per class, no stat per file."""
-    files, labels = [], []
-    for idx, cls in enumerate(classes):
-        d = root / split / cls
-        if d.is_dir():
-            with os.scandir(d) as entries:
-                names = sorted(e.name for e in entries if e.is_file())
-            files += [f"{split}/{cls}/{name}" for name in names]
-            labels += [idx] * len(names)
-    return files, labels
+def folder_files(root: Path, split: str, classes: list[str]) -> tuple[list[str], list[int], list[str]]:
+    """The files of `<root>/<split>/<class>/` (paths relative to root) in sorted order with their
+    class indices, and the other files of `<root>/<split>`: loose ones and those of folders that
+    are not in `classes`. One directory listing per folder, no stat per file."""
+    index = {cls: i for i, cls in enumerate(classes)}
+    files, labels, others = [], [], []
+    with os.scandir(root / split) as entries:
+        top = sorted((e.name, e.is_dir()) for e in entries)
+    for name, is_dir in top:
+        if not is_dir:
+            others.append(f"{split}/{name}")
+            continue
+        with os.scandir(root / split / name) as entries:
+            paths = [f"{split}/{name}/{f}" for f in sorted(e.name for e in entries if e.is_file())]
+        if name in index:
+            files += paths
+            labels += [index[name]] * len(paths)
+        else:
+            others += paths
+    return files, labels, others
 
 
 class FolderSource(Sequence):
     """Samples of a class-per-folder tree, each file read when its sample is taken (bad files are
-    copied as they are; the shard writer catches them). A slice is a FolderSource of its files."""
+    copied as they are; the shard writer catches them). A slice is a FolderSource of its files.
 
-    def __init__(self, root: Path, split: str, classes: list[str], names: list[str], max_per_class=None,
-                 max_images=None, seed: int = 0):
-        files, labels = folder_files(root, split, classes)
+    Files of the split outside a class folder are in `skipped` (dicts key, path, reason), never
+    silently dropped; `classes_from` is the folder whose subfolders are the classes (for the reason).
+    """
+
+    def __init__(self, root: Path, split: str, classes: list[str], names: list[str], classes_from: Path,
+                 max_per_class=None, max_images=None, seed: int = 0):
+        files, labels, others = folder_files(root, split, classes)
         self.root, self.split, self.classes, self.names = str(root), split, classes, names
         self.items = [(files[i], labels[i]) for i in subset(files, labels, max_per_class, max_images, seed)]
+        self.skipped = [dict(key=self.key(path), path=path, reason=outside_reason(path, classes_from))
+                        for path in others]
+
+    def key(self, path: str) -> str:
+        """The key of the file at `path` ('<split>/<class>/<file>', relative to the root)."""
+        return make_key(self.split, path.split("/", 1)[1])
+
+    def listing(self) -> list[tuple[str, str]]:
+        """(key, path) of every sample, in order, without reading a file."""
+        return [(self.key(path), path) for path, _ in self.items]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -86,18 +150,26 @@ class FolderSource(Sequence):
             part.items = self.items[i]
             return part
         path, label = self.items[i]
-        stem, suffix = os.path.splitext(path.rsplit("/", 1)[1])
+        suffix = os.path.splitext(path)[1].lower()
         with open(os.path.join(self.root, path), "rb") as f:
             data = f.read()
-        return Sample(make_key(self.split, f"{self.classes[label]}_{stem}"), data,
-                      IMAGE_EXTS.get(suffix.lower(), suffix.lower().lstrip(".") or "bin"), label,
+        return Sample(self.key(path), data, IMAGE_EXTS.get(suffix, suffix.lstrip(".") or "bin"), label,
                       dict(path=path, class_name=self.names[label]))
+
+
+def outside_reason(path: str, classes_from: Path) -> str:
+    """Why a file at `path` ('<split>/<name>' or '<split>/<folder>/<name>') has no class."""
+    parts = path.split("/")
+    if len(parts) == 2:
+        return "not in a class folder"
+    return f"no class index: folder {parts[1]} is not a class (the classes are the folders of {classes_from})"
 
 
 def imagenet(root: Path, split: str, synset_words: str | None = None, **opts) -> FolderSource:
     """ImageNet layout `<root>/<split>/<wnid>/*.JPEG`; class index = position of the wnid in sorted
     order of `<root>/train` (else of `<root>/<split>`): the standard ImageNet-1k index of timm heads.
-    `synset_words` (lines '<wnid> <names>') gives readable class names."""
+    `synset_words` (lines '<wnid> <names>') gives readable class names. Images of a wnid missing
+    from `<root>/train` are skipped, with that reason."""
     ref = root / "train" if (root / "train").is_dir() else root / split
     wnids = sorted(d.name for d in ref.iterdir() if d.is_dir())
     if synset_words:
@@ -105,13 +177,13 @@ def imagenet(root: Path, split: str, synset_words: str | None = None, **opts) ->
         names = [words.get(w, w) for w in wnids]
     else:
         names = wnids
-    return FolderSource(root, split, wnids, names, **opts)
+    return FolderSource(root, split, wnids, names, ref, **opts)
 
 
 def folder(root: Path, split: str, **opts) -> FolderSource:
     """Any `<root>/<split>/<class>/<image>` tree; classes in sorted order of `<root>/<split>`."""
     classes = sorted(d.name for d in (root / split).iterdir() if d.is_dir())
-    return FolderSource(root, split, classes, classes, **opts)
+    return FolderSource(root, split, classes, classes, root / split, **opts)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -150,7 +222,7 @@ class FashionMNIST(Sequence):
 
     def __init__(self, root: Path, split: str, max_per_class=None, max_images=None, seed: int = 0):
         images, labels = fashion_mnist_arrays(root, split)
-        self.split = split
+        self.split, self.skipped = split, []
         self.ids = np.array(subset(images, labels.tolist(), max_per_class, max_images, seed), dtype=np.int64)
         self.images, self.labels = images[self.ids], labels[self.ids].astype(int)
 
@@ -163,8 +235,17 @@ class FashionMNIST(Sequence):
             part.ids, part.images, part.labels = self.ids[i], self.images[i], self.labels[i]
             return part
         idx, label = int(self.ids[i]), int(self.labels[i])
-        return Sample(make_key(self.split, f"{idx:06d}"), self.images[i], "png", label,
+        return Sample(self.key(idx), self.images[i], "png", label,
                       dict(index=idx, class_name=FASHION_MNIST_CLASSES[label]))
+
+    def key(self, idx: int) -> str:
+        """'<split>_<6-digit index>': downstream random positions are seeded from it, keep it."""
+        return make_key(self.split, f"{idx:06d}")
+
+    def listing(self) -> list[tuple[str, str]]:
+        """(key, origin) of every sample, in order."""
+        stem = FASHION_MNIST_FILES[self.split]
+        return [(self.key(idx), f"{stem} image {idx}") for idx in self.ids.tolist()]
 
 
 SOURCES = {"imagenet": imagenet, "fashion-mnist": FashionMNIST, "folder": folder}
@@ -174,6 +255,8 @@ def make_source(name: str, root: str | Path, split: str, **opts) -> Sequence[Sam
     """The samples of one split of a source, in a fixed order. Errors name the bad source, root or split."""
     if name not in SOURCES:
         raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
+    if not SPLIT_NAME.fullmatch(split):
+        raise ValueError(f"split name {split!r} may hold only letters, digits and '-' (data.splits)")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (data.root)")

@@ -1,6 +1,11 @@
+from functools import partial
+
 import yaml
 
 from spot.config import validate as validate_params
+from spot.layout import Layout
+from spot.pipeline import STAGES
+from spot.preflight import check as preflight
 
 # A full configuration file replaces params.yaml (Snakemake would merge it key by key).
 if PARAMS != "params.yaml":
@@ -8,42 +13,36 @@ if PARAMS != "params.yaml":
     config.update(yaml.safe_load(open(PARAMS)))
 config.pop("params", None)
 validate_params(config, PARAMS)
+preflight(config, PARAMS, devices=workflow.local_exec)  # a cluster's jobs run elsewhere
 
-ROOT = config["root"]
-BACKBONES = list(config["backbones"])
-ORACLE_PRIOR = config["oracle"]["prior"]
-MAP_PRIORS = ("salient", "inv_salient")
+LAYOUT = Layout(config["root"])
 GPU = 1 if config["device"].startswith("cuda") else 0
 
 
 wildcard_constraints:
-    backbone=r"[A-Za-z0-9_-]+?",
-    src=r"[A-Za-z0-9-]+(?:_[A-Za-z0-9-]+)*",
-    dst=r"[A-Za-z0-9-]+(?:_[A-Za-z0-9-]+)*",
+    backbone=r"[A-Za-z0-9_-]+",
+    src=r"[A-Za-z0-9_-]+",
+    dst=r"[A-Za-z0-9_-]+",
     prior=r"[a-z_]+",
     budget=r"\d+",
-    shard=r"val-\d+",
+    part=r"\d+",
 
 
-def spot(command, **args):
-    """The `spot` command line of a job; dvc.yaml runs the same ones (tests/test_dvc.py checks)."""
-    flags = "".join(f" --{k} {{wildcards.{v}}}" if isinstance(v, str) and v.isidentifier() else f" --{k} {v}"
-                    for k, v in args.items())
-    return f"spot {command} --params {PARAMS}{flags}"
+onstart:
+    shell(f"spot mlflow-init --params {PARAMS}")
 
 
-def val_shards(wildcards):
-    """Names of the val shards, known once the shard checkpoint has run."""
-    manifest = checkpoints.shard.get().output.manifest
-    return [s["name"].removesuffix(".tar") for s in yaml.safe_load(open(manifest))["splits"]["val"]["shards"]]
+def stage_inputs(stage, wildcards):
+    """The run.json files of a job's input folders."""
+    folders = stage.input_folders(config, LAYOUT, stage.typed(wildcards))
+    return [f"{f}/run.json" for v in folders.values() for f in (v if isinstance(v, list) else [v])]
 
 
-def backbone_inputs(wildcards):
-    """A backbone job waits for the shards (train) and for the backbone it fine-tunes from (init)."""
-    spec = config["backbones"][wildcards.backbone]
-    inputs = [rules.mlflow_init.output[0]]
-    if spec["make"] == "train":
-        inputs.append(rules.shard.output.run)
-        if spec.get("init"):
-            inputs.append(f"{ROOT}/backbones/{spec['init']}/run.json")
-    return inputs
+def stage_params(stage, wildcards):
+    """The config values a job reads (its rerun triggers)."""
+    return stage.param_values(config, stage.typed(wildcards))
+
+
+# Snakemake evaluates `shell:` twice: when the rule is defined (for -n -p), and at job time, where
+# the loop variable of stages.smk is the last stage; there the job's `rule` name picks the command.
+COMMANDS = {s.rule: s.command(PARAMS, {w: f"{{wildcards.{w}}}" for w in s.wildcards}) for s in STAGES}

@@ -1,39 +1,49 @@
 """The report: every result in one tidy table, the paper's tables, plots, pictures and findings."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
+from matplotlib.ticker import NullLocator
 
-from spot.utils import atomic_path, read_json, write_json, write_run_record
+from spot.backbones import read_meta
+from spot.data.loading import make_loader
+from spot.figures import draw_tokens, save_fig, to_display
+from spot.outputs import Record
+from spot.utils import atomic_path, read_json, write_json
 
 OBJECT_CENTRIC = ("center", "gaussian", "salient")
 COVERAGE = ("isotropic", "sobol", "uniform")
 PAPER_ORDER = ("grid", "uniform", "gaussian", "sobol", "isotropic", "center", "salient")
 
 
-def collect(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(results, transfer, saliency) tables from the run folders under `root` (eval, oracle, transfer, analysis)."""
+def records(folders: list[Path]) -> list[tuple[dict, Path]]:
+    """(run.json params, folder) of each input folder."""
+    return [(read_json(f / "run.json")["params"], f) for f in folders]
+
+
+def collect(inputs: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(results, transfer, saliency) tables from the input folders of eval, oracle, transfer, analysis."""
     rows = []
-    for f in sorted(root.glob("eval/*/*/*/metrics.json")):
-        b, p, n = f.parent.relative_to(root / "eval").parts
-        m = read_json(f)
-        rows.append(dict(backbone=b, prior=p, oracle=False, budget=int(n), top1=m["top1"], knn=m["knn"]))
-    for f in sorted(root.glob("oracle/*/*/*/metrics.json")):
-        b, p, n = f.parent.relative_to(root / "oracle").parts
-        m = read_json(f)
-        rows.append(dict(backbone=b, prior=p, oracle=True, budget=int(n), top1=m["top1"], knn=m["knn"],
-                         top1_init=m["top1_init"], top1_snapped=m["top1_snapped"]))
+    for p, f in records(inputs["eval"]):
+        m = read_json(f / "metrics.json")
+        rows.append(dict(backbone=p["backbone"], prior=p["prior"], oracle=False, budget=p["budget"], top1=m["top1"],
+                         knn=m["knn"]))
+    oracle_prior = {}
+    for p, f in records(inputs["oracle"]):
+        m = read_json(f / "metrics.json")
+        oracle_prior[p["backbone"], p["budget"]] = p["oracle.prior"]
+        rows.append(dict(backbone=p["backbone"], prior=p["oracle.prior"], oracle=True, budget=p["budget"],
+                         top1=m["top1"], knn=m["knn"], top1_init=m["top1_init"], top1_snapped=m["top1_snapped"]))
     results = pd.DataFrame(rows, columns=["backbone", "prior", "oracle", "budget", "top1", "knn", "top1_init",
                                           "top1_snapped"]).sort_values(["backbone", "oracle", "prior", "budget"],
                                                                        ignore_index=True)
-    trans = [dict(src=f.parent.parent.name.split("__")[0], dst=f.parent.parent.name.split("__")[1],
-                  budget=int(f.parent.name), **read_json(f)) for f in sorted(root.glob("transfer/*/*/metrics.json"))]
-    sal = [dict(backbone=f.parent.parent.parent.name, prior=f.parent.parent.name, budget=int(f.parent.name),
-                **read_json(f)) for f in sorted(root.glob("analysis/*/*/*/saliency.json"))]
+    trans = [dict(src=p["src"], dst=p["dst"], budget=p["budget"], **read_json(f / "metrics.json"))
+             for p, f in records(inputs["transfer"])]
+    sal = [dict(backbone=p["backbone"], prior=oracle_prior[p["backbone"], p["budget"]], budget=p["budget"],
+                **read_json(f / "saliency.json")) for p, f in records(inputs["analysis"])]
     trans.sort(key=lambda r: (r["src"], r["dst"], r["budget"]))
     sal.sort(key=lambda r: (r["backbone"], r["prior"], r["budget"]))
     return results, pd.DataFrame(trans), pd.DataFrame(sal)
@@ -112,17 +122,8 @@ def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame) -> s
     return "\n".join(out) + "\n"
 
 
-def save_fig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
 def plot_budgets(results: pd.DataFrame, path: Path) -> None:
     """Accuracy against token budget, one line per prior (dashed: oracle), one panel per backbone."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
     backbones, budgets = sorted(results.backbone.unique()), sorted(results.budget.unique())
     fig, axes = plt.subplots(1, max(1, len(backbones)), figsize=(4.5 * max(1, len(backbones)), 3.6), squeeze=False)
     for ax, b in zip(axes[0], backbones):
@@ -138,38 +139,30 @@ def plot_budgets(results: pd.DataFrame, path: Path) -> None:
     save_fig(fig, path)
 
 
-def prior_sheet(root: Path, path: Path, priors: list[str], budget: int, pictures: int, seed: int = 0) -> None:
-    """The same val images with the tokens of each prior drawn as k x k boxes."""
-    import matplotlib.pyplot as plt
-
-    from spot.analysis import denormalise, plt_rect
-    from spot.backbones import load_backbone
-    from spot.data.loading import make_loader
-    from spot.evaluate import positions_for
-    backbone = sorted((root / "backbones").glob("*/backbone.json"))[0].parent
-    model = load_backbone(backbone)
-    sal = root / "saliency" if (root / "saliency" / "manifest.json").is_file() else None
-    b = next(iter(make_loader(root / "shards", "val", model.data_config, pictures, saliency_dir=sal)))
-    priors = [p for p in priors if sal is not None or p not in ("salient", "inv_salient")]
-    imgs = denormalise(b.images, model.data_config)
+def prior_sheet(inputs: dict, path: Path, priors: list[str], budget: int, pictures: int) -> None:
+    """The first val images with the tokens each prior placed in the evaluation of the first
+    backbone (by name) at `budget`, drawn as k x k boxes."""
+    backbone = inputs["backbones"][0]
+    meta = read_meta(backbone)
+    dc = meta["data_config"]
+    b = next(iter(make_loader(inputs["shards"], "val", dc, pictures)))
+    placed = {p["prior"]: pd.read_parquet(f / "predictions.parquet").set_index("key")
+              for p, f in records(inputs["eval"]) if p["backbone"] == backbone.name and p["budget"] == budget}
+    priors = [p for p in priors if p in placed]
+    imgs = to_display(b.images, dc["mean"], dc["std"])
     fig, axes = plt.subplots(len(priors), len(imgs), figsize=(1.5 * len(imgs), 1.55 * len(priors)), squeeze=False)
     for row, prior in zip(axes, priors):
-        pos = positions_for(model, prior, budget, b.keys, seed + 1, b.saliency, b.images).numpy()
-        for ax, im, p in zip(row, imgs, pos):
-            h, w = im.shape[:2]
-            ax.imshow(im)
-            for y, x in p:
-                ax.add_patch(plt_rect(x * w - model.k / 2 - 0.5, y * h - model.k / 2 - 0.5, model.k))
-            ax.set_xticks([]), ax.set_yticks([])
+        for ax, im, key in zip(row, imgs, b.keys):
+            draw_tokens(ax, im, np.asarray(placed[prior].loc[key, "positions"]).reshape(-1, 2), meta["patch_size"])
         row[0].set_ylabel(prior, fontsize=8)
     fig.suptitle(f"{budget} tokens per prior ({backbone.name})")
     save_fig(fig, path)
 
 
-def trajectory_sheet(root: Path, path: Path) -> None:
-    """All analysis trajectory pictures stacked into one sheet."""
-    import matplotlib.pyplot as plt
-    pics = sorted((root / "analysis").glob("*/*/*/trajectories.png"), key=lambda p: (p.parts[-4], int(p.parts[-2])))
+def trajectory_sheet(inputs: dict, path: Path) -> None:
+    """All analysis trajectory pictures stacked into one sheet, by backbone and budget."""
+    pics = [f / "trajectories.png" for p, f in sorted(records(inputs["analysis"]),
+                                                      key=lambda r: (r[0]["backbone"], r[0]["budget"]))]
     if not pics:
         return
     fig, axes = plt.subplots(len(pics), 1, figsize=(12, 2.2 * len(pics)), squeeze=False)
@@ -179,17 +172,13 @@ def trajectory_sheet(root: Path, path: Path) -> None:
     save_fig(fig, path)
 
 
-def report(root: str | Path = "out", out_dir: str | Path = "out/report", pictures: int = 8,
-           priors: list[str] | None = None, picture_budget: int | None = None) -> dict:
-    """Gather every result under `root` into `out_dir`: results.{parquet,csv}, tables.md, findings.md,
-    metrics.json (flat, for `dvc metrics`), plots/accuracy_vs_budget.{png,csv}, pictures/priors.png,
-    pictures/trajectories.png, run.json."""
-    import matplotlib
-    matplotlib.use("Agg")
-    root, out = Path(root), Path(out_dir)
-    results, trans, sal = collect(root)
+def run(cfg: dict, inputs: dict, out: Path) -> Record:
+    """Gather every result into `out`: results.{parquet,csv}, tables.md, findings.md, metrics.json
+    (flat, for `dvc metrics`), plots/accuracy_vs_budget.{png,csv}, pictures/priors.png (priors in
+    `eval.priors` order), pictures/trajectories.png."""
+    results, trans, sal = collect(inputs)
     if results.empty:
-        raise FileNotFoundError(f"no evaluation results under {root}/eval: run the evaluate stage first")
+        raise FileNotFoundError("no evaluation results: the report needs at least one evaluate job")
     with atomic_path(out / "results.parquet") as tmp:
         results.to_parquet(tmp, index=False)
     with atomic_path(out / "results.csv") as tmp:
@@ -211,14 +200,12 @@ def report(root: str | Path = "out", out_dir: str | Path = "out/report", picture
         plot_data.to_csv(tmp, index=False)
     plot_budgets(results, out / "plots" / "accuracy_vs_budget.png")
     budgets = sorted(results.budget.unique())
-    prior_sheet(root, out / "pictures" / "priors.png", priors or sorted(results.prior.unique()),
-                picture_budget or int(budgets[len(budgets) // 2]), pictures)
-    trajectory_sheet(root, out / "pictures" / "trajectories.png")
+    prior_sheet(inputs, out / "pictures" / "priors.png", cfg["eval"]["priors"], int(budgets[len(budgets) // 2]),
+                cfg["report"]["pictures"])
+    trajectory_sheet(inputs, out / "pictures" / "trajectories.png")
     metrics = {f"{r.backbone}/{r.prior}{'/oracle' if r.oracle else ''}/{r.budget}/{c}": round(float(getattr(r, c)), 6)
                for r in results.itertuples() for c in ("top1", "knn")}
     metrics.update({f"transfer/{r.src}__{r.dst}/{r.budget}/gain": round(float(r.gain), 6) for r in trans.itertuples()})
     write_json(out / "metrics.json", metrics)
-    artifacts = [str(p.relative_to(out)) for p in sorted(out.rglob("*")) if p.is_file() and p.name != "run.json"]
-    write_run_record(out, stage="report", job="report", params=dict(root=str(root)),
-                     metrics=dict(rows=len(results), transfers=len(trans)), artifacts=artifacts)
-    return metrics
+    artifacts = [str(p.relative_to(out)) for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    return Record(dict(rows=len(results), transfers=len(trans)), artifacts)

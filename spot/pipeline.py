@@ -1,0 +1,258 @@
+"""The stage table: every pipeline stage declared once.
+
+A `Stage` names its wildcards, the config keys it reads, its inputs and output (folders of
+`spot.layout`) and the function that runs it. From this table come the `spot` subcommands
+(`spot.cli`), the Snakemake rules (`workflow/rules/stages.smk`) and `dvc.yaml` (`spot.dvc_yaml`),
+so the engines run the same jobs with the same commands and rerun on the same parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spot.layout import Layout
+from spot.priors import NEEDS_SALIENCY
+
+PACKAGE = Path(__file__).resolve().parent
+INT_WILDCARDS = ("budget", "part")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage. `params(cfg, wildcards)` lists the dotted config keys the job reads (its rerun
+    triggers); `inputs(cfg, wildcards)` maps input names to `(layout kind, wildcards)` folders or
+    lists of them; `jobs(cfg)` lists every job's wildcards for a config."""
+    name: str
+    run: str                                         # "module:function" under spot.stages
+    help: str
+    wildcards: tuple[str, ...]
+    params: Callable[[dict, dict], list[str]]
+    inputs: Callable[[dict, dict], dict]
+    jobs: Callable[[dict], list[dict]]
+    output: str                                      # layout kind of the job's folder
+    state: str | None = None                         # layout kind of a folder kept across reruns (resume)
+    metrics: tuple[str, ...] = ()                    # files in the output folder DVC shows as metrics,
+    plots: tuple[str, ...] = ()                      # and as plots; with either, `files` lists the rest
+    files: tuple[str, ...] = ()
+    threads: int = 1
+    gpu: bool = False
+    options: dict = field(default_factory=dict)      # extra CLI flags: name -> argparse kwargs
+
+    @property
+    def rule(self) -> str:
+        """The Snakemake rule name."""
+        return self.name.replace("-", "_")
+
+    @property
+    def module(self) -> str:
+        return "spot.stages." + self.run.split(":")[0]
+
+    def function(self) -> Callable:
+        """The stage's entry point, imported on demand: `fn(cfg, inputs, out, **wildcards) -> Record`."""
+        module, fn = self.run.split(":")
+        return getattr(importlib.import_module(f"spot.stages.{module}"), fn)
+
+    def typed(self, wildcards) -> dict:
+        """The job's wildcards from any mapping of strings (Snakemake's), budgets and parts as ints."""
+        return {w: int(wildcards[w]) if w in INT_WILDCARDS else str(wildcards[w]) for w in self.wildcards}
+
+    def job_id(self, wildcards: dict) -> str:
+        """'evaluate/spot/grid/4': the job's identity (MLflow run name, run.json `job`)."""
+        return "/".join([self.name, *(str(wildcards[w]) for w in self.wildcards)])
+
+    def output_folder(self, layout: Layout, wildcards: dict) -> Path:
+        return layout(self.output, **wildcards)
+
+    def input_folders(self, cfg: dict, layout: Layout, wildcards: dict) -> dict[str, Path | list[Path]]:
+        """Input name -> folder (or list of folders) for one job."""
+        def folder(ref):
+            kind, wc = ref
+            return layout(kind, **wc)
+        return {k: [folder(r) for r in v] if isinstance(v, list) else folder(v)
+                for k, v in self.inputs(cfg, wildcards).items()}
+
+    def param_values(self, cfg: dict, wildcards: dict) -> dict:
+        """Dotted key -> value of every config value the job reads, down to the leaves."""
+        return flatten({k: lookup(cfg, k) for k in self.params(cfg, wildcards)})
+
+    def command(self, params_file: str, wildcards: dict) -> str:
+        """The job's command line, e.g. `spot evaluate --params params.yaml --backbone spot ...`."""
+        flags = "".join(f" --{w} {wildcards[w]}" for w in self.wildcards)
+        return f"spot {self.name} --params {params_file}{flags}"
+
+
+def lookup(cfg: dict, key: str):
+    """cfg["a"]["b"] for key "a.b" (KeyError naming the key)."""
+    value = cfg
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"config has no key {key!r}")
+        value = value[part]
+    return value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and other values are leaves."""
+    out = {}
+    for k, v in tree.items():
+        out |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}
+    return out
+
+
+class Declared(dict):
+    """The config a stage declared: reading any other key raises a KeyError naming it."""
+
+    def __init__(self, values: dict, prefix: str = ""):
+        super().__init__({k: Declared(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in values.items()})
+        self.prefix = prefix
+
+    def __missing__(self, key):
+        raise KeyError(f"the stage reads config key '{self.prefix}{key}', which it does not declare")
+
+
+def declared(cfg: dict, keys: list[str]) -> Declared:
+    """The part of `cfg` under `keys` (dotted), nested as in `cfg`."""
+    out: dict = {}
+    for key in keys:
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = lookup(cfg, key)
+    return Declared(out)
+
+
+def product(**axes) -> list[dict]:
+    """Every combination of the axes' values, as wildcard dicts, in order."""
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+# --- the stages -----------------------------------------------------------------------------------
+
+def backbone_params(cfg, w):
+    spec = cfg["backbones"][w["backbone"]]
+    return [f"backbones.{w['backbone']}", "seed", "device"] + (["train"] if spec["make"] == "train" else [])
+
+
+def backbone_inputs(cfg, w):
+    spec = cfg["backbones"][w["backbone"]]
+    inputs = {"shards": ("shards", {})} if spec["make"] == "train" else {}
+    if spec.get("init"):
+        inputs["init"] = ("backbone", {"backbone": spec["init"]})
+    return inputs
+
+
+def with_saliency(inputs: dict, prior: str) -> dict:
+    return inputs | ({"saliency": ("saliency", {})} if prior in NEEDS_SALIENCY else {})
+
+
+def eval_of(cfg, backbone, budget):
+    """The evaluation an oracle job starts from (its prior supplies the start and the kNN bank)."""
+    return ("eval", {"backbone": backbone, "prior": cfg["oracle"]["prior"], "budget": budget})
+
+
+def report_inputs(cfg, w):
+    jobs = {name: [(STAGE[name].output, j) for j in STAGE[name].jobs(cfg)]
+            for name in ("evaluate", "oracle-gather", "transfer", "analyze")}
+    return dict(shards=("shards", {}), backbones=[("backbone", {"backbone": b}) for b in sorted(cfg["backbones"])],
+                eval=jobs["evaluate"], oracle=jobs["oracle-gather"], transfer=jobs["transfer"],
+                analysis=jobs["analyze"])
+
+
+ORACLE = ["oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size", "oracle.parts",
+          "seed", "device"]
+
+STAGES = [
+    Stage("shard", "shard:run", "write the dataset into WebDataset shards", (),
+          params=lambda cfg, w: ["data", "seed"], inputs=lambda cfg, w: {}, jobs=lambda cfg: [{}],
+          output="shards", threads=32,
+          options={"workers": dict(type=int, help="writer processes (default: the CPUs it may use, at most "
+                                                  "OMP_NUM_THREADS, which Snakemake sets to the job's threads)")}),
+    Stage("saliency", "saliency:run", "precompute a saliency map per image", (),
+          params=lambda cfg, w: ["saliency", "report.pictures"], inputs=lambda cfg, w: {"shards": ("shards", {})},
+          jobs=lambda cfg: [{}], output="saliency"),
+    Stage("backbone", "backbone:run", "fetch (timm) or train one backbone of the config", ("backbone",),
+          params=backbone_params, inputs=backbone_inputs, jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
+          output="backbone", state="checkpoint", threads=2, gpu=True,
+          options={"resume": dict(action=argparse.BooleanOptionalAction, default=None,
+                                  help="--resume: continue the checkpoint, stop if another config made it; "
+                                       "--no-resume: start over (default: continue it if this config made it)")}),
+    Stage("evaluate", "evaluate:run", "top-1 and kNN of one backbone x prior x budget", ("backbone", "prior", "budget"),
+          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "seed", "device"],
+          inputs=lambda cfg, w: with_saliency({"backbone": ("backbone", {"backbone": w["backbone"]}),
+                                               "shards": ("shards", {})}, w["prior"]),
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), prior=cfg["eval"]["priors"],
+                                   budget=cfg["eval"]["budgets"]),
+          output="eval", gpu=True),
+    Stage("oracle", "oracle:search", "SPoT-ON search on one part of the val shards", ("backbone", "budget", "part"),
+          params=lambda cfg, w: ORACLE,
+          inputs=lambda cfg, w: with_saliency({"backbone": ("backbone", {"backbone": w["backbone"]}),
+                                               "shards": ("shards", {})}, cfg["oracle"]["prior"]),
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), budget=cfg["oracle"]["budgets"],
+                                   part=list(range(cfg["oracle"]["parts"]))),
+          output="oracle-part", gpu=True),
+    Stage("oracle-gather", "oracle:gather", "join the oracle parts, kNN of the found features", ("backbone", "budget"),
+          params=lambda cfg, w: ["oracle.prior", "eval.knn"],
+          inputs=lambda cfg, w: {"parts": [("oracle-part", dict(w, part=p)) for p in range(cfg["oracle"]["parts"])],
+                                 "eval": eval_of(cfg, w["backbone"], w["budget"])},
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), budget=cfg["oracle"]["budgets"]),
+          output="oracle"),
+    Stage("transfer", "transfer:run", "oracle placements of --src evaluated on --dst", ("src", "dst", "budget"),
+          params=lambda cfg, w: ["oracle.prior", "eval.batch_size", "device"],
+          inputs=lambda cfg, w: {"oracle": ("oracle", {"backbone": w["src"], "budget": w["budget"]}),
+                                 "eval": eval_of(cfg, w["dst"], w["budget"]),
+                                 "backbone": ("backbone", {"backbone": w["dst"]}), "shards": ("shards", {})},
+          jobs=lambda cfg: product(src=list(cfg["backbones"]), dst=list(cfg["backbones"]),
+                                   budget=cfg["transfer"]["budgets"]),
+          output="transfer", gpu=True),
+    Stage("analyze", "analyze:run", "saliency under the oracle positions, trajectory pictures", ("backbone", "budget"),
+          params=lambda cfg, w: ["report.pictures"],
+          inputs=lambda cfg, w: {"oracle": ("oracle", w), "backbone": ("backbone", {"backbone": w["backbone"]}),
+                                 "shards": ("shards", {}), "saliency": ("saliency", {})},
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), budget=cfg["oracle"]["budgets"]),
+          output="analysis"),
+    Stage("report", "report:run", "the paper's tables, plots, pictures and findings", (),
+          params=lambda cfg, w: ["report", "eval.priors"], inputs=report_inputs, jobs=lambda cfg: [{}],
+          output="report", metrics=("metrics.json",), plots=("plots/accuracy_vs_budget.csv",),
+          files=("tables.md", "findings.md", "results.csv", "results.parquet", "pictures",
+                 "plots/accuracy_vs_budget.png", "run.json")),
+]
+STAGE = {s.name: s for s in STAGES}
+
+
+def all_jobs(cfg: dict) -> list[tuple[Stage, dict]]:
+    """Every (stage, wildcards) job of a config, upstream stages first."""
+    return [(s, w) for s in STAGES for w in s.jobs(cfg)]
+
+
+def code_deps(stage: Stage) -> list[str]:
+    """The `spot` source files a stage runs: its module and every `spot` module it imports, found by
+    reading the imports (at any depth, function-local ones too), as paths relative to the repository.
+    Package `__init__.py` files hold no code a stage runs and are left out."""
+    seen, todo = set(), [stage.module]
+    while todo:
+        name = todo.pop()
+        path = module_path(name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+    return sorted(str(p.relative_to(PACKAGE.parent)) for p in seen)
+
+
+def module_path(name: str) -> Path | None:
+    """The source file of module `spot...` (None for other packages, packages' __init__ and names
+    that are not modules)."""
+    if name != "spot" and not name.startswith("spot."):
+        return None
+    path = PACKAGE.parent / (name.replace(".", "/") + ".py")
+    return path if path.is_file() else None

@@ -1,0 +1,54 @@
+"""Stage analyze: saliency under the initial vs the final oracle positions (case study 3), and a
+picture sheet of the search trajectories."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from spot.backbones import read_meta
+from spot.data.loading import make_loader
+from spot.figures import draw_trajectories, save_fig, to_display
+from spot.outputs import Record
+from spot.utils import read_json, write_json
+
+
+def saliency_at(maps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, N) saliency read bilinearly at positions (B, N, 2) (y, x) in [0, 1] from maps (B, H, W)."""
+    grid = (2 * positions - 1).flip(-1)[:, None]
+    return F.grid_sample(maps[:, None], grid, mode="bilinear", align_corners=False)[:, 0, 0]
+
+
+def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
+    """Writes saliency.json (mean saliency at the start and the end, the fraction of images whose
+    tokens moved to more salient pixels) and trajectories.png (`report.pictures` images)."""
+    pictures = cfg["report"]["pictures"]
+    found = pd.read_parquet(inputs["oracle"] / "results.parquet").set_index("key")
+    prior = read_json(inputs["oracle"] / "run.json")["params"]["oracle.prior"]
+    meta = read_meta(inputs["backbone"])
+    dc = meta["data_config"]
+    init_s, final_s, shown = [], [], []
+    for b in make_loader(inputs["shards"], "val", dc, 256, saliency_dir=inputs["saliency"]):
+        rows = found.loc[b.keys]
+        init, final = (torch.from_numpy(np.stack(rows[c].to_numpy()).astype(np.float32)).view(len(b.keys), -1, 2)
+                       for c in ("init", "final"))
+        init_s.append(saliency_at(b.saliency, init).mean(1))
+        final_s.append(saliency_at(b.saliency, final).mean(1))
+        if len(shown) < pictures:
+            imgs = to_display(b.images[:pictures - len(shown)], dc["mean"], dc["std"])
+            shown += [(im, np.stack([i, f])) for im, i, f in zip(imgs, init.numpy(), final.numpy())]
+    init_s, final_s = torch.cat(init_s), torch.cat(final_s)
+    metrics = dict(saliency_init=init_s.mean().item(), saliency_final=final_s.mean().item(),
+                   saliency_delta=(final_s - init_s).mean().item(),
+                   frac_images_more_salient=(final_s > init_s).float().mean().item(), n=len(init_s))
+    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(2 * max(1, len(shown)), 2.3), squeeze=False)
+    for ax, (im, traj) in zip(axes[0], shown):
+        draw_trajectories(ax, im, traj, meta["patch_size"])
+    fig.suptitle(f"SPoT-ON {backbone} {prior} N={budget}: start (cyan) -> end (red)")
+    save_fig(fig, out / "trajectories.png")
+    write_json(out / "saliency.json", metrics)
+    return Record(metrics, ["saliency.json", "trajectories.png"])

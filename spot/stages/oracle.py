@@ -1,0 +1,77 @@
+"""Stage oracle: SPoT-ON over one part of the val shards; stage oracle-gather: the parts joined."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from spot.backbones import load_backbone
+from spot.data.loading import make_loader, shard_paths
+from spot.knn import knn_predict
+from spot.oracle import oracle_search
+from spot.outputs import Record
+from spot.priors import check_budget, positions_for
+from spot.utils import atomic_path, resolve_device, write_json
+
+FIELDS = ("trajectory", "correct", "snapped", "snapped_correct", "features")
+
+
+def search(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part: int) -> Record:
+    """SPoT-ON for every image of the val shards `part::oracle.parts`, one shard at a time, starting
+    from the positions `evaluate` draws for val (prior `oracle.prior`, seed + 1). Writes part.npz:
+    keys, labels, trajectory (n, steps+1, N, 2), correct (n, steps+1), snapped (n, N, 2),
+    snapped_correct (n,), features (n, D) at the final positions."""
+    o = cfg["oracle"]
+    device = resolve_device(cfg["device"])
+    model = load_backbone(inputs["backbone"], device)
+    check_budget(o["prior"], budget, *model.img_size, model.k)
+    shards = shard_paths(inputs["shards"], "val")[part::o["parts"]]
+    found: dict[str, list] = {k: [] for k in ("keys", "labels", *FIELDS)}
+    for shard in shards:
+        loader = make_loader(inputs["shards"], shard.stem, model.data_config, o["batch_size"],
+                             saliency_dir=inputs.get("saliency"))
+        for b in tqdm(loader, desc=f"oracle {backbone}/{budget} {shard.stem}", unit="batch"):
+            init = positions_for(o["prior"], budget, b.keys, cfg["seed"] + 1, *model.img_size, model.k, b.saliency,
+                                 b.images).to(device)
+            r = oracle_search(model, b.images.to(device), b.labels.to(device), init, steps=o["steps"], lr=o["lr"],
+                              optimizer=o["optimizer"])
+            found["keys"] += b.keys
+            found["labels"].append(b.labels.numpy())
+            for k in FIELDS:
+                found[k].append(getattr(r, k).cpu().numpy())
+    arrays = {k: np.asarray(v) if k == "keys" else np.concatenate(v) for k, v in found.items() if v}
+    with atomic_path(out / "part.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return Record(dict(images=len(found["keys"]), shards=len(shards)), [])
+
+
+def gather(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
+    """Join the parts; kNN of the final features against the bank of the evaluation the search
+    started from. Writes metrics.json (top1_init, top1 (an upper bound: it uses labels),
+    top1_snapped, knn, accuracy_per_step) and results.parquet (per image: correctness, init and
+    final positions as 2N floats)."""
+    parts = [np.load(p / "part.npz") for p in inputs["parts"]]
+    parts = [p for p in parts if "keys" in p.files]
+    if not parts:
+        raise ValueError(f"the oracle parts of {backbone}/{budget} hold no images (no val shards?)")
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files}
+    bank = np.load(inputs["eval"] / "bank.npz")
+    knn = cfg["eval"]["knn"]
+    knn_pred = knn_predict(torch.from_numpy(bank["features"]).float(), torch.from_numpy(bank["labels"]),
+                           torch.from_numpy(cat["features"]), k=knn["k"], temperature=knn["temperature"]).numpy()
+    labels, traj = cat["labels"], cat["trajectory"]
+    curve = cat["correct"].mean(0)
+    metrics = dict(top1_init=float(curve[0]), top1=float(curve[-1]), top1_snapped=float(cat["snapped_correct"].mean()),
+                   knn=float((knn_pred == labels).mean()), accuracy_per_step=[float(a) for a in curve],
+                   n=int(len(labels)), steps=int(traj.shape[1] - 1))
+    table = pd.DataFrame(dict(key=cat["keys"], label=labels, correct_init=cat["correct"][:, 0],
+                              correct=cat["correct"][:, -1], snapped_correct=cat["snapped_correct"],
+                              knn_correct=knn_pred == labels, init=list(traj[:, 0].reshape(len(labels), -1)),
+                              final=list(traj[:, -1].reshape(len(labels), -1))))
+    with atomic_path(out / "results.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    write_json(out / "metrics.json", metrics)
+    return Record(metrics, ["metrics.json", "results.parquet"])

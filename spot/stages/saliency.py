@@ -1,0 +1,13 @@
+"""Stage saliency: one map per image, in shards parallel to the image shards (`spot.saliency`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from spot.outputs import Record
+from spot.saliency import write_saliency
+
+
+def run(cfg: dict, inputs: dict, out: Path) -> Record:
+    s = cfg["saliency"]
+    manifest = write_saliency(inputs["shards"], out, s["method"], s["size"], preview=cfg["report"]["pictures"])
+    return Record(dict(maps=sum(sh["count"] for sh in manifest["shards"])), ["manifest.json", "preview.png"])

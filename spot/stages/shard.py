@@ -1,0 +1,17 @@
+"""Stage shard: the dataset's splits as WebDataset tars plus manifest.json (`spot.data.shards`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from spot.data.shards import write_shards
+from spot.outputs import Record
+
+
+def run(cfg: dict, inputs: dict, out: Path, workers: int | None = None) -> Record:
+    d = cfg["data"]
+    manifest = write_shards(d["source"], d["root"], out, splits=d["splits"], shard_count=d["shard_count"],
+                            shard_bytes=d["shard_bytes"], max_per_class=d["max_per_class"],
+                            max_images=d["max_images"], seed=cfg["seed"], synset_words=d["synset_words"],
+                            workers=workers)
+    counts = {f"{s}_images": v["count"] for s, v in manifest["splits"].items()}
+    return Record(dict(counts, skipped=len(manifest["skipped"])), ["manifest.json"])

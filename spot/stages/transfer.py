@@ -1,0 +1,43 @@
+"""Stage transfer: oracle placements found with backbone `src`, evaluated on backbone `dst`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from spot.backbones import load_backbone
+from spot.data.loading import make_loader
+from spot.outputs import Record
+from spot.utils import read_json, resolve_device, write_json
+
+
+@torch.no_grad()
+def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> Record:
+    """Top-1 of `dst` with the final oracle positions of `src`, against `dst` on the prior the
+    search started from (same images, same budget) and `src`'s own oracle top-1. With src == dst it
+    reproduces the oracle's top-1. Writes metrics.json."""
+    found = pd.read_parquet(inputs["oracle"] / "results.parquet")
+    final = {k: np.asarray(v, dtype=np.float32).reshape(-1, 2) for k, v in zip(found["key"], found["final"])}
+    device = resolve_device(cfg["device"])
+    model = load_backbone(inputs["backbone"], device)
+    hits, n = 0, 0
+    for b in tqdm(make_loader(inputs["shards"], "val", model.data_config, cfg["eval"]["batch_size"]),
+                  desc=f"transfer {src} -> {dst}/{budget}", unit="batch"):
+        keep = [i for i, k in enumerate(b.keys) if k in final]
+        if not keep:
+            continue
+        pos = torch.from_numpy(np.stack([final[b.keys[i]] for i in keep])).to(device)
+        logits = model(b.images[keep].to(device), pos)
+        hits += (logits.argmax(1).cpu() == b.labels[keep]).sum().item()
+        n += len(keep)
+    if n != len(final):
+        raise ValueError(f"transfer: {len(final) - n} oracle images of {inputs['oracle']} are not in the val shards "
+                         f"{inputs['shards']}")
+    metrics = dict(top1_transfer=hits / n, top1_prior=read_json(inputs["eval"] / "metrics.json")["top1"],
+                   top1_src_oracle=read_json(inputs["oracle"] / "metrics.json")["top1"], n=n)
+    metrics["gain"] = metrics["top1_transfer"] - metrics["top1_prior"]
+    write_json(out / "metrics.json", metrics)
+    return Record(metrics, ["metrics.json"])
