@@ -11,6 +11,9 @@ PARAMS = config.get("params", "params.yaml")
 configfile: PARAMS
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/stages.smk"
 include: "workflow/rules/tools.smk"

@@ -24,22 +24,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import report, timeit
+from benchmarks.common import SAMPLE, imagenet_layout, report, timeit
 from spot.data.loading import make_loader
 from spot.data.shards import default_workers, write_shards
 from spot.saliency import saliency_maps, write_saliency
-
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-
-
-def imagenet_layout(sample: Path, root: Path, copies: int = 1) -> Path:
-    """`root/val/<wnid>/<i>_<file>`, i < copies: copies of the sample JPEGs (named <wnid>_<class>.JPEG)."""
-    for f in sorted(sample.glob("*.JPEG")):
-        d = root / "val" / f.name.split("_")[0]
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(copies):
-            shutil.copyfile(f, d / f"{i}_{f.name}")
-    return root
 
 
 def count(loader) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -11,6 +12,21 @@ from pathlib import Path
 import torch
 
 OUT = Path("out/bench")
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "imagenet-sample"
+SAMPLE = SHARED if SHARED.is_dir() else REPO / "tests" / "data"    # real ImageNet JPEGs
+
+
+def imagenet_layout(sample: Path, root: Path, copies: int = 1, splits=("val",)) -> Path:
+    """`root/<split>/<wnid>/<i>_<file>`, i < copies: real copies of the sample JPEGs (named
+    <wnid>_<class>.JPEG) in each split."""
+    for split in splits:
+        for f in sorted(sample.glob("*.JPEG")):
+            d = root / split / f.name.split("_")[0]
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(copies):
+                shutil.copyfile(f, d / f"{i}_{f.name}")
+    return root
 
 
 def timeit(fn, reps: int = 5, warmup: int = 1) -> float:

@@ -18,8 +18,10 @@ from spot.pipeline import INT_WILDCARDS, STAGES, Stage, declared
 
 
 def run_stage(stage: Stage, cfg: dict, a: argparse.Namespace) -> None:
+    from spot import tracking
     from spot.outputs import require_complete, writing
     from spot.utils import write_run_record
+    started = tracking.job_start()
     layout = Layout(cfg["root"])
     wildcards = {w: getattr(a, w) for w in stage.wildcards}
     check_job(stage, cfg, wildcards, a.params)
@@ -34,12 +36,13 @@ def run_stage(stage: Stage, cfg: dict, a: argparse.Namespace) -> None:
     if int(os.environ.get("RANK", "0")) > 0:           # a torchrun rank other than 0 only trains along
         stage.function()(declared(cfg, stage.params(cfg, wildcards)), inputs, out, **wildcards, **options)
         return
-    with writing(out):
+    job, params = stage.job_id(wildcards), wildcards | stage.param_values(cfg, wildcards)
+    with writing(out), tracking.JobRun(out, experiment=cfg["name"], uri=tracking.tracking_uri(cfg), stage=stage.name,
+                                       job=job, params=params, inputs=inputs, started=started) as live:
         record = stage.function()(declared(cfg, stage.params(cfg, wildcards)), inputs, out, **wildcards, **options)
-        write_run_record(out, stage=stage.name, job=stage.job_id(wildcards),
-                         params=wildcards | stage.param_values(cfg, wildcards), metrics=record.metrics,
-                         artifacts=record.artifacts)
-    track(cfg, out)
+        write_run_record(out, stage=stage.name, job=job, params=params, metrics=record.metrics,
+                         artifacts=record.artifacts, inputs=inputs, **live.record_fields())
+        track(cfg, out, live)
 
 
 def check_job(stage: Stage, cfg: dict, wildcards: dict, params: str) -> None:
@@ -54,9 +57,14 @@ def check_job(stage: Stage, cfg: dict, wildcards: dict, params: str) -> None:
     raise ValueError(f"{stage.job_id(wildcards)} is not a job of {params}")
 
 
-def track(cfg: dict, run_dir) -> None:
+def track(cfg: dict, run_dir, live=None) -> None:
+    """Log the job's run.json to MLflow: into its live run (`spot.tracking.JobRun`), else as a new
+    run; never fatal (one warning line; `spot mlflow-sync` logs it later)."""
     from spot import tracking
-    tracking.safe_log(run_dir, cfg["name"], tracking.tracking_uri(cfg))
+    if live is not None:
+        live.finish()
+    else:
+        tracking.safe_log(run_dir, cfg["name"], tracking.tracking_uri(cfg))
 
 
 def cmd_validate(cfg, a):
@@ -82,7 +90,11 @@ def cmd_mlflow_init(cfg, a):
     from spot import tracking
     uri = tracking.tracking_uri(cfg)
     exp = tracking.init(cfg["name"], uri)
-    print(f"MLflow experiment {cfg['name']!r} at {uri}: {'ready' if exp else 'unreachable (results kept for mlflow-sync)'}")
+    if exp is None:
+        print(f"MLflow experiment {cfg['name']!r} at {uri}: unreachable (results kept for mlflow-sync)")
+        return
+    print(f"MLflow experiment {cfg['name']!r} at {uri}: ready; its runs table in the UI (`mlflow ui "
+          f"--backend-store-uri {uri}`): #/experiments/{exp}?workflowType=machine_learning")
 
 
 def cmd_mlflow_sync(cfg, a):

@@ -10,6 +10,7 @@ from pathlib import Path
 FOLDERS = {
     "shards": "shards",
     "saliency": "saliency",
+    "decoded": "decoded/{geometry}",
     "backbone": "backbones/{backbone}",
     "checkpoint": "checkpoints/{backbone}",
     "eval": "eval/{backbone}/{prior}/{budget}",

@@ -102,3 +102,11 @@ class SPoTViT(nn.Module):
     def forward(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, num_classes) logits for images (B, C, H, W) with tokens at positions (B, N, 2)."""
         return self.vit.forward_head(self.forward_features(images, positions))
+
+
+def compile_features(model: SPoTViT, backend: str | None) -> SPoTViT:
+    """`model` with `forward_features` run through `torch.compile(backend=backend)` ('inductor' for
+    speed, 'cudagraphs', or 'eager' to check the graph capture); None leaves it eager."""
+    if backend is not None:
+        model.forward_features = torch.compile(model.forward_features, backend=backend)
+    return model

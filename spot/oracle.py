@@ -20,8 +20,6 @@ class OracleResult:
     correct: torch.Tensor        # (B, steps + 1) bool, per image and step
     snapped: torch.Tensor        # (B, N, 2) final positions moved to the nearest patch-cell centre
     snapped_correct: torch.Tensor  # (B,) bool, top-1 at the snapped positions
-    init_logits: torch.Tensor    # (B, classes) at the initial positions
-    final_logits: torch.Tensor   # (B, classes) at the final positions
     features: torch.Tensor       # (B, D) pooled features at the final positions
 
 
@@ -83,8 +81,6 @@ def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: 
             traj.append(pos.detach().clone())
             losses.append(loss.detach() / len(labels))
             correct.append(logits.argmax(1) == labels)
-            if step == 0:
-                init_logits = logits.detach()
             if last:
                 break
             opt.zero_grad(set_to_none=True)
@@ -100,5 +96,4 @@ def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: 
     correct = torch.stack(correct, 1)
     return OracleResult(positions=final, trajectory=torch.stack(traj, 1), loss=torch.stack(losses).cpu(),
                         accuracy=correct.float().mean(0).cpu(), correct=correct, snapped=snapped,
-                        snapped_correct=snapped_correct, init_logits=init_logits, final_logits=logits,
-                        features=features)
+                        snapped_correct=snapped_correct, features=features)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spot.layout import Layout
-from spot.priors import NEEDS_SALIENCY
 
 PACKAGE = Path(__file__).resolve().parent
 INT_WILDCARDS = ("budget", "part")
@@ -147,8 +146,14 @@ def backbone_inputs(cfg, w):
     return inputs
 
 
-def with_saliency(inputs: dict, prior: str) -> dict:
-    return inputs | ({"saliency": ("saliency", {})} if prior in NEEDS_SALIENCY else {})
+def decoded(cfg, backbone):
+    """The decoded images a backbone reads (its data geometry, planned from the config)."""
+    from spot.data.decoded import geometry_name, planned_data_config
+    return ("decoded", {"geometry": geometry_name(planned_data_config(cfg, backbone))})
+
+
+def geometries(cfg) -> list[dict]:
+    return [dict(t) for t in dict.fromkeys(tuple(decoded(cfg, b)[1].items()) for b in cfg["backbones"])]
 
 
 def eval_of(cfg, backbone, budget):
@@ -159,13 +164,13 @@ def eval_of(cfg, backbone, budget):
 def report_inputs(cfg, w):
     jobs = {name: [(STAGE[name].output, j) for j in STAGE[name].jobs(cfg)]
             for name in ("evaluate", "oracle-gather", "transfer", "analyze")}
-    return dict(shards=("shards", {}), backbones=[("backbone", {"backbone": b}) for b in sorted(cfg["backbones"])],
-                eval=jobs["evaluate"], oracle=jobs["oracle-gather"], transfer=jobs["transfer"],
-                analysis=jobs["analyze"])
+    first = sorted(cfg["backbones"])[0]                  # its evaluations make the prior picture sheet
+    return dict(backbone=("backbone", {"backbone": first}), decoded=decoded(cfg, first), eval=jobs["evaluate"],
+                oracle=jobs["oracle-gather"], transfer=jobs["transfer"], analysis=jobs["analyze"])
 
 
 ORACLE = ["oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size", "oracle.parts",
-          "seed", "device"]
+          "oracle.save_every", "oracle.compile", "seed", "device"]
 
 STAGES = [
     Stage("shard", "shard:run", "write the dataset into WebDataset shards", (),
@@ -176,6 +181,11 @@ STAGES = [
     Stage("saliency", "saliency:run", "precompute a saliency map per image", (),
           params=lambda cfg, w: ["saliency", "report.pictures"], inputs=lambda cfg, w: {"shards": ("shards", {})},
           jobs=lambda cfg: [{}], output="saliency"),
+    Stage("decode", "decode:run", "decode every image (and saliency map) once for a data geometry", ("geometry",),
+          params=lambda cfg, w: [], inputs=lambda cfg, w: {"shards": ("shards", {}), "saliency": ("saliency", {})},
+          jobs=geometries, output="decoded", threads=32,
+          options={"workers": dict(type=int, help="decoding processes (default: the CPUs it may use, at most "
+                                                  "OMP_NUM_THREADS)")}),
     Stage("backbone", "backbone:run", "fetch (timm) or train one backbone of the config", ("backbone",),
           params=backbone_params, inputs=backbone_inputs, jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
           output="backbone", state="checkpoint", threads=2, gpu=True,
@@ -183,16 +193,16 @@ STAGES = [
                                   help="--resume: continue the checkpoint, stop if another config made it; "
                                        "--no-resume: start over (default: continue it if this config made it)")}),
     Stage("evaluate", "evaluate:run", "top-1 and kNN of one backbone x prior x budget", ("backbone", "prior", "budget"),
-          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "seed", "device"],
-          inputs=lambda cfg, w: with_saliency({"backbone": ("backbone", {"backbone": w["backbone"]}),
-                                               "shards": ("shards", {})}, w["prior"]),
+          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "seed", "device"],
+          inputs=lambda cfg, w: {"backbone": ("backbone", {"backbone": w["backbone"]}),
+                                 "decoded": decoded(cfg, w["backbone"])},
           jobs=lambda cfg: product(backbone=list(cfg["backbones"]), prior=cfg["eval"]["priors"],
                                    budget=cfg["eval"]["budgets"]),
           output="eval", gpu=True),
     Stage("oracle", "oracle:search", "SPoT-ON search on one part of the val shards", ("backbone", "budget", "part"),
           params=lambda cfg, w: ORACLE,
-          inputs=lambda cfg, w: with_saliency({"backbone": ("backbone", {"backbone": w["backbone"]}),
-                                               "shards": ("shards", {})}, cfg["oracle"]["prior"]),
+          inputs=lambda cfg, w: {"backbone": ("backbone", {"backbone": w["backbone"]}),
+                                 "decoded": decoded(cfg, w["backbone"])},
           jobs=lambda cfg: product(backbone=list(cfg["backbones"]), budget=cfg["oracle"]["budgets"],
                                    part=list(range(cfg["oracle"]["parts"]))),
           output="oracle-part", gpu=True),
@@ -206,21 +216,21 @@ STAGES = [
           params=lambda cfg, w: ["oracle.prior", "eval.batch_size", "device"],
           inputs=lambda cfg, w: {"oracle": ("oracle", {"backbone": w["src"], "budget": w["budget"]}),
                                  "eval": eval_of(cfg, w["dst"], w["budget"]),
-                                 "backbone": ("backbone", {"backbone": w["dst"]}), "shards": ("shards", {})},
+                                 "backbone": ("backbone", {"backbone": w["dst"]}), "decoded": decoded(cfg, w["dst"])},
           jobs=lambda cfg: product(src=list(cfg["backbones"]), dst=list(cfg["backbones"]),
                                    budget=cfg["transfer"]["budgets"]),
           output="transfer", gpu=True),
     Stage("analyze", "analyze:run", "saliency under the oracle positions, trajectory pictures", ("backbone", "budget"),
           params=lambda cfg, w: ["report.pictures"],
           inputs=lambda cfg, w: {"oracle": ("oracle", w), "backbone": ("backbone", {"backbone": w["backbone"]}),
-                                 "shards": ("shards", {}), "saliency": ("saliency", {})},
+                                 "decoded": decoded(cfg, w["backbone"])},
           jobs=lambda cfg: product(backbone=list(cfg["backbones"]), budget=cfg["oracle"]["budgets"]),
           output="analysis"),
     Stage("report", "report:run", "the paper's tables, plots, pictures and findings", (),
           params=lambda cfg, w: ["report", "eval.priors"], inputs=report_inputs, jobs=lambda cfg: [{}],
-          output="report", metrics=("metrics.json",), plots=("plots/accuracy_vs_budget.csv",),
-          files=("tables.md", "findings.md", "results.csv", "results.parquet", "pictures",
-                 "plots/accuracy_vs_budget.png", "run.json")),
+          output="report", metrics=("metrics",), plots=("plots/accuracy_vs_budget.png", "plots/oracle_steps.png"),
+          files=("tables.md", "tables.html", "findings.md", "findings.html", "results.csv", "results.parquet",
+                 "metrics.json", "plots/accuracy_vs_budget.csv", "pictures", "run.json")),
 ]
 STAGE = {s.name: s for s in STAGES}
 

@@ -148,12 +148,14 @@ def check_budget(prior: str, budget: int, height: int, width: int, k: int) -> No
 def positions_for(prior: str, budget: int, keys: list[str], seed: int, height: int, width: int, k: int,
                   saliency: torch.Tensor | None = None, images: torch.Tensor | None = None) -> torch.Tensor:
     """(B, budget, 2) positions for the images named `keys`, each drawn from a generator seeded by
-    (seed, key): the same positions whatever the batch size or order. saliency (B, h, w) and
-    images (B, C, H, W) feed the map priors."""
+    (seed, key): the same positions whatever the batch size or order. saliency (B, h, w) feeds the
+    salient priors, images (B, C, H, W) the edge prior; the lattice priors draw nothing (one call)."""
+    if prior in ("isotropic", "center"):
+        return sample_positions(prior, len(keys), budget, height, width, k=k)
     out = []
     for i, key in enumerate(keys):
         gen = torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(key.encode()))
         out.append(sample_positions(prior, 1, budget, height, width, k=k, generator=gen,
-                                    saliency=None if saliency is None else saliency[i:i + 1],
-                                    images=None if images is None else images[i:i + 1]))
+                                    saliency=None if saliency is None else saliency[i:i + 1].cpu(),
+                                    images=images[i:i + 1].cpu() if prior == "edge" else None))
     return torch.cat(out)

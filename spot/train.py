@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from spot import live
 from spot.backbones import build, describe, load_backbone, save_backbone
 from spot.checkpoint import digest, fingerprint, load_checkpoint, load_state, save_checkpoint
 from spot.data.loading import make_loader
@@ -134,6 +135,7 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, out_dir: Path, ch
         load_state(model, state["model"], ckpt)
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
+    live.start_series(step)               # MLflow step series: a resumed run keeps its points up to `step`
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     loader = make_loader(shards_dir, "train", model.data_config, batch_size, train=True,
                          num_workers=tcfg["workers"], seed=seed)
@@ -172,12 +174,15 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, out_dir: Path, ch
             seen += len(y)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            live.log_metrics({"train/loss": loss.item(), "train/acc": (logits.argmax(1) == y).float().mean().item(),
+                                  "train/lr": opt.param_groups[0]["lr"]}, step=step)
             if step % tcfg["checkpoint_every"] == 0:
                 checkpoint()
         if step % steps_per_epoch == 0 or step >= total:
             row = dict(epoch=epoch, step=step, train_loss=float(np.mean(losses)) if losses else float("nan"),
                        train_acc=hits / max(seen, 1), **validate(model, val_loader, device, token_range[0]))
             history.append(row)
+            live.log_metrics(row, step=step)   # per epoch: train/epoch_loss, train/epoch_acc, val/top1, ...
             checkpoint()
     bar.close()
     if rank == 0:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -39,16 +40,30 @@ def read_json(path: str | os.PathLike):
 
 
 def write_run_record(out_dir: str | os.PathLike, *, stage: str, job: str, params: dict,
-                     metrics: dict, artifacts: list[str]) -> dict:
+                     metrics: dict, artifacts: list[str], inputs: dict | None = None,
+                     started: str | None = None, series: str | None = None) -> dict:
     """Write `<out_dir>/run.json`, the record MLflow logging reads (see docs/contracts.md).
 
     `job` is the job identity (e.g. "evaluate/spot-s0/uniform/16"); `artifacts` are paths
-    relative to `out_dir`. Written last, so its presence means the stage's outputs are complete.
+    relative to `out_dir`; `inputs` maps input names to the folders (or lists of folders) read;
+    `started` is the job's start (ISO 8601 UTC, `now_iso`), `ended` is now; `series` names the
+    job's step-series file (`spot.tracking.SERIES`) when it logged one. Written last, so its
+    presence means the stage's outputs are complete.
     """
+    ended = now_iso()
     record = dict(stage=stage, job=job, params=params, metrics=metrics,
-                  artifacts=sorted(artifacts), code_version=code_version())
+                  artifacts=sorted(artifacts), code_version=code_version(), started=started or ended, ended=ended)
+    if inputs is not None:
+        record["inputs"] = {k: [str(f) for f in v] if isinstance(v, list) else str(v) for k, v in inputs.items()}
+    if series:
+        record["series"] = series
     write_json(Path(out_dir) / "run.json", record)
     return record
+
+
+def now_iso() -> str:
+    """The time now as run.json writes it: ISO 8601, UTC, milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def code_version() -> str:

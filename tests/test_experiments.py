@@ -4,8 +4,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from spot.cli import main
+from spot.data import decoded, loading
+from spot.data.loading import decode_image
 from spot.pipeline import all_jobs
 from tests.conftest import linked_root
 
@@ -15,13 +18,24 @@ def spot(params, *argv):
 
 
 @pytest.fixture(scope="module")
-def done(smoke_stages):
-    """Every job of the smoke config after the backbones, in-process, in the stage table's order."""
+def done(smoke_stages, tmp_path_factory):
+    """Every job of the smoke config after the backbones, in-process, in the stage table's order,
+    with every image decode (in this process or a forked one) written to a file."""
     params, cfg, root = smoke_stages
-    for stage, w in all_jobs(cfg):
-        if stage.name not in ("shard", "saliency", "backbone"):
-            spot(params, stage.name, *[a for k, v in w.items() for a in (f"--{k}", str(v))])
-    return params, cfg, root
+    decodes = tmp_path_factory.mktemp("decodes") / "keys.txt"
+
+    def counted(record):
+        with open(decodes, "a") as f:
+            f.write(record["__key__"] + "\n")
+        return decode_image(record)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (loading, decoded):
+            mp.setattr(module, "decode_image", counted)
+        for stage, w in all_jobs(cfg):
+            if stage.name not in ("shard", "saliency", "backbone"):
+                spot(params, stage.name, *[a for k, v in w.items() for a in (f"--{k}", str(v))])
+    return params, cfg, root, decodes.read_text().split()
 
 
 def metrics(path):
@@ -29,7 +43,7 @@ def metrics(path):
 
 
 def test_evaluate_metrics_match_predictions(done):
-    _, cfg, root = done
+    _, cfg, root, _ = done
     run = root / "eval" / "spot-a" / "isotropic" / "4"
     pred, m = pd.read_parquet(run / "predictions.parquet"), metrics(run)
     manifest = json.loads((root / "shards" / "manifest.json").read_text())
@@ -41,15 +55,15 @@ def test_evaluate_metrics_match_predictions(done):
 
 
 def test_grid_prior_reads_patch_cells(done):
-    _, _, root = done
+    _, _, root, _ = done
     pred = pd.read_parquet(root / "eval" / "grid-b" / "grid" / "4" / "predictions.parquet")
     cells = np.stack(pred["positions"].to_numpy()) * 7 - 0.5          # 28 px / patch 4: 7 x 7 cells
     np.testing.assert_allclose(cells, np.round(cells), atol=1e-5)
 
 
 def test_evaluate_is_deterministic(done, tmp_path):
-    params, cfg, root = done
-    again = linked_root(tmp_path, root, "shards", "saliency", "backbones")
+    params, cfg, root, _ = done
+    again = linked_root(tmp_path, root, "shards", "saliency", "decoded", "backbones")
     spot(again, "evaluate", "--backbone", "spot-a", "--prior", "salient", "--budget", "4")
     run = tmp_path / "out" / "eval" / "spot-a" / "salient" / "4"
     assert metrics(run) == metrics(root / "eval" / "spot-a" / "salient" / "4")
@@ -60,7 +74,7 @@ def test_evaluate_is_deterministic(done, tmp_path):
 
 
 def test_oracle_starts_from_the_evaluated_prior_and_does_not_lose(done):
-    _, _, root = done
+    _, _, root, _ = done
     for b in ("spot-a", "grid-b"):
         ev = pd.read_parquet(root / "eval" / b / "isotropic" / "4" / "predictions.parquet").set_index("key")
         run = root / "oracle" / b / "4"
@@ -75,7 +89,7 @@ def test_oracle_starts_from_the_evaluated_prior_and_does_not_lose(done):
 
 
 def test_transfer_to_itself_reproduces_the_oracle(done):
-    _, _, root = done
+    _, _, root, _ = done
     self_ = metrics(root / "transfer" / "spot-a" / "spot-a" / "4")
     assert self_["top1_transfer"] == pytest.approx(metrics(root / "oracle" / "spot-a" / "4")["top1"])
     cross = metrics(root / "transfer" / "spot-a" / "grid-b" / "4")
@@ -84,7 +98,7 @@ def test_transfer_to_itself_reproduces_the_oracle(done):
 
 
 def test_report_tables_equal_the_per_run_results(done):
-    _, _, root = done
+    _, _, root, _ = done
     rep = root / "report"
     for f in ("tables.md", "findings.md", "results.csv", "results.parquet", "metrics.json",
               "plots/accuracy_vs_budget.png", "plots/accuracy_vs_budget.csv", "pictures/priors.png",
@@ -103,7 +117,7 @@ def test_report_tables_equal_the_per_run_results(done):
 
 
 def test_analysis_measures_saliency_under_tokens(done):
-    _, _, root = done
+    _, _, root, _ = done
     run = root / "analysis" / "spot-a" / "4"
     sal = json.loads((run / "saliency.json").read_text())
     assert 0 <= sal["saliency_init"] <= 1 and 0 <= sal["saliency_final"] <= 1
@@ -112,20 +126,49 @@ def test_analysis_measures_saliency_under_tokens(done):
 
 
 def test_every_job_logged_once_to_mlflow(done):
-    params, cfg, root = done
+    """One run per job, spanning the job (run.json's start and end), top-level when run by hand;
+    a training run's curves (more than one step), weights and dataset; the oracle's accuracy per
+    step; stage-prefixed metric names; a rerun replaces its run."""
+    params, cfg, root, _ = done
     from mlflow.tracking import MlflowClient
+
+    from spot.tracking import metric_name, ms
     c = MlflowClient(cfg["mlflow"]["tracking_uri"])
     exp = c.get_experiment_by_name(cfg["name"])
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"    # kind: machine learning
     runs = c.search_runs([exp.experiment_id], max_results=1000)
-    jobs = sorted(r.data.tags["spot.job"] for r in runs)
-    records = sorted(json.loads(p.read_text())["job"] for p in root.rglob("run.json"))
-    assert jobs == records
+    records = {r["job"]: r for r in (json.loads(p.read_text()) for p in root.rglob("run.json"))}
+    assert sorted(r.data.tags["spot.job"] for r in runs) == sorted(records)
+    for r in runs:
+        rec = records[r.data.tags["spot.job"]]
+        assert r.info.status == "FINISHED" and "mlflow.parentRunId" not in r.data.tags
+        assert r.info.start_time == ms(rec["started"])           # and it ends when its logging is done
+        assert ms(rec["ended"]) <= r.info.end_time <= ms(rec["ended"]) + 10_000, rec["job"]
+        for k, v in rec["metrics"].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and metric_name(rec["stage"], k):
+                assert r.data.metrics[metric_name(rec["stage"], k)] == pytest.approx(v), (rec["job"], k)
     ev = next(r for r in runs if r.data.tags["spot.job"] == "evaluate/spot-a/isotropic/4")
-    assert ev.data.metrics["top1"] == pytest.approx(metrics(root / "eval" / "spot-a" / "isotropic" / "4")["top1"])
+    assert ev.data.metrics["evaluate/top1"] == pytest.approx(metrics(root / "eval" / "spot-a" / "isotropic" / "4")["top1"])
+    assert "top1" not in ev.data.metrics
     assert ev.data.params["prior"] == "isotropic" and ev.data.params["budget"] == "4"
     assert "predictions.parquet" in [a.path for a in c.list_artifacts(ev.info.run_id)]
+    train = next(r for r in runs if r.data.tags["spot.job"] == "backbone/spot-a")
+    steps = {k: [m.step for m in c.get_metric_history(train.info.run_id, k)] for k in ("train/loss", "train/lr")}
+    assert steps["train/loss"] == steps["train/lr"] == list(range(1, 1 + len(steps["train/loss"])))
+    assert len(steps["train/loss"]) > 1
+    assert [m.step for m in c.get_metric_history(train.info.run_id, "val/top1")] == [steps["train/loss"][-1]]
+    assert {"model.safetensors", "series.csv", "metrics.csv"} <= {a.path for a in c.list_artifacts(train.info.run_id)}
+    assert [d.dataset.name for d in train.inputs.dataset_inputs] == ["shards"]
+    version = records["backbone/spot-a"]["code_version"].removesuffix("-dirty")
+    if version.isalnum():                                                    # a git checkout
+        assert train.data.tags["mlflow.source.git.commit"].startswith(version)
+    oracle = next(r for r in runs if r.data.tags["spot.job"] == "oracle-gather/spot-a/4")
+    curve = metrics(root / "oracle" / "spot-a" / "4")["accuracy_per_step"]
+    got = sorted((m.step, m.value) for m in c.get_metric_history(oracle.info.run_id, "oracle/accuracy"))
+    assert len(got) == len(curve) > 1 and got == [(i, pytest.approx(a)) for i, a in enumerate(curve)]
     spot(params, "evaluate", "--backbone", "spot-a", "--prior", "isotropic", "--budget", "4")   # rerun
-    assert len(c.search_runs([exp.experiment_id], max_results=1000)) == len(runs)
+    again = c.search_runs([exp.experiment_id], max_results=1000)
+    assert len(again) == len(runs) and ev.info.run_id not in {r.info.run_id for r in again}
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -137,9 +180,45 @@ def test_every_job_logged_once_to_mlflow(done):
     (["oracle", "--backbone", "spot-a", "--budget", "4", "--part", "2"], "--part 2"),
 ])
 def test_bad_requests_fail_with_one_line_naming_it(done, capsys, argv, message):
-    params, _, root = done
+    params, _, root, _ = done
     before = sorted(p for p in root.rglob("*") if p.is_file())
     assert main([*argv, "--params", str(params)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
     assert sorted(p for p in root.rglob("*") if p.is_file()) == before
+
+
+def test_each_image_is_decoded_once_for_its_geometry(done):
+    """After sharding, the decode stage decodes each image once (the smoke backbones share one
+    geometry); evaluate, oracle, transfer, analyze and report decode nothing."""
+    _, cfg, root, keys = done
+    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    assert len(keys) == sum(s["count"] for s in manifest["splits"].values()) == len(set(keys))
+
+
+def test_decoded_batches_equal_the_shard_loaders(done):
+    """The decoded arrays give the tensors of decoding the shards on the fly (same bytes, same order)."""
+    _, _, root, _ = done
+    from spot.backbones import read_meta
+    from spot.data.decoded import Decoded, geometry_name
+    dc = read_meta(root / "backbones" / "spot-a")["data_config"]
+    fast = Decoded(root / "decoded" / geometry_name(dc), dc).batches("val", 16, saliency=True)
+    slow = loading.make_loader(root / "shards", "val", dc, 16, saliency_dir=root / "saliency")
+    for a, b in zip(fast, slow, strict=True):
+        assert a.keys == b.keys and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.images, b.images) and torch.equal(a.saliency, b.saliency)
+
+
+def test_compiled_forward_gives_the_same_results(done, tmp_path):
+    """eval.compile and oracle.compile run the model's forward through torch.compile (the 'eager'
+    backend here: the graph capture without a C++ build); the numbers do not change."""
+    params, cfg, root, _ = done
+    again = linked_root(tmp_path, root, "shards", "saliency", "decoded", "backbones",
+                        eval=dict(cfg["eval"], compile="eager"), oracle=dict(cfg["oracle"], compile="eager"))
+    spot(again, "evaluate", "--backbone", "spot-a", "--prior", "uniform", "--budget", "16")
+    assert metrics(tmp_path / "out" / "eval" / "spot-a" / "uniform" / "16") == \
+        metrics(root / "eval" / "spot-a" / "uniform" / "16")
+    spot(again, "oracle", "--backbone", "spot-a", "--budget", "4", "--part", "0")
+    a, b = (np.load(r / "oracle-parts" / "spot-a" / "4" / "0" / "part.npz") for r in (tmp_path / "out", root))
+    np.testing.assert_allclose(a["final"], b["final"], atol=1e-6)
+    np.testing.assert_array_equal(a["correct"], b["correct"])

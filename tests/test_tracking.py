@@ -1,55 +1,210 @@
-"""MLflow logging of run records: idempotent per job, never fatal, synced later."""
+"""MLflow logging against a real SQLite store: live job runs with step series, idempotent per job,
+never fatal, synced later with the same series and times; parent runs; the report's table."""
+import json
 import socket
+import time
+from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from spot import tracking
 from spot.utils import write_json, write_run_record
 
 
-def record(d, job="evaluate/b/uniform/4", top1=0.5):
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory):
+    """One store for the module (creating one costs seconds of migrations); tests use their own experiment."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'm.db'}"
+
+
+@pytest.fixture(autouse=True)
+def no_parent(monkeypatch):
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.setenv(tracking.FLUSH_ENV, "0")            # live: every log_metrics call reaches the store
+
+
+def record(d, job="evaluate/b/uniform/4", top1=0.5, stage="evaluate", metrics=None, **fields):
+    d.mkdir(parents=True, exist_ok=True)
     write_json(d / "metrics.json", {"top1": top1})
-    write_run_record(d, stage="evaluate", job=job, params=dict(backbone="b", prior="uniform", budget=4),
-                     metrics=dict(top1=top1), artifacts=["metrics.json"])
+    write_run_record(d, stage=stage, job=job, params=dict(backbone="b", prior="uniform", budget=4),
+                     metrics=metrics or dict(top1=top1), artifacts=["metrics.json"], **fields)
     return d
 
 
-def runs(uri, name="exp"):
-    c = tracking.client(uri)
+def runs(uri, name):
+    c = MlflowClient(uri)
     return c.search_runs([c.get_experiment_by_name(name).experiment_id], max_results=100)
 
 
-def closed_port() -> int:
+def history(uri, run_id, key):
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def closed_port() -> str:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    return port
+    return f"http://127.0.0.1:{port}"
 
 
-def test_log_is_idempotent_and_a_changed_record_replaces_the_run(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+def job(out, uri, name, stage="backbone", job_id="backbone/b", steps=range(1, 4), inputs=None, fail=False,
+        resume=None, pause=0.0):
+    """A job as `spot.cli.run_stage` runs it, whose stage logs a loss per step; returns (JobRun, record)."""
+    with tracking.JobRun(out, experiment=name, uri=uri, stage=stage, job=job_id, params={"backbone": "b"},
+                         inputs=inputs) as live:
+        if resume is not None:
+            tracking.start_series(resume)
+        for s in steps:
+            tracking.log_metrics({"train/loss": 1.0 / s, "train/lr": 0.1}, step=s)
+        time.sleep(pause)
+        if fail:
+            raise RuntimeError("stage failed")
+        rec = write_run_record(out, stage=stage, job=job_id, params={"backbone": "b"}, metrics={"val_top1": 0.25},
+                               artifacts=[], inputs=inputs, **live.record_fields())
+        live.finish()
+    return live, rec
+
+
+def test_log_is_idempotent_and_a_changed_record_replaces_the_run(tmp_path, uri):
     d = record(tmp_path / "r")
-    first = tracking.log_record(d, "exp", uri)
-    assert tracking.log_record(d, "exp", uri) == first
-    (r,) = runs(uri)
-    assert r.data.metrics["top1"] == 0.5 and r.data.params["prior"] == "uniform"
+    first = tracking.log_record(d, "idem", uri)
+    assert tracking.log_record(d, "idem", uri) == first
+    (r,) = runs(uri, "idem")
+    assert r.data.metrics["evaluate/top1"] == 0.5 and r.data.params["prior"] == "uniform"
     assert r.data.tags["spot.job"] == "evaluate/b/uniform/4" and "code_version" in r.data.params
-    assert sorted(a.path for a in tracking.client(uri).list_artifacts(first)) == ["metrics.json", "run.json"]
+    assert sorted(a.path for a in MlflowClient(uri).list_artifacts(first)) == ["metrics.json", "run.json"]
     record(d, top1=0.75)
-    second = tracking.log_record(d, "exp", uri)
-    (r,) = runs(uri)
-    assert second != first and r.info.run_id == second and r.data.metrics["top1"] == 0.75
+    second = tracking.log_record(d, "idem", uri)
+    (r,) = runs(uri, "idem")
+    assert second != first and r.info.run_id == second and r.data.metrics["evaluate/top1"] == 0.75
 
 
-def test_unreachable_server_never_fails_and_sync_logs_everything_later(tmp_path):
-    dirs = [record(tmp_path / "out" / f"r{i}", job=f"evaluate/b/uniform/{i}") for i in range(3)]
-    with pytest.warns(UserWarning, match="mlflow-sync"):
-        assert tracking.safe_log(dirs[0], "exp", f"http://127.0.0.1:{closed_port()}") is None
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    ids = tracking.sync(tmp_path / "out", "exp", uri)
-    assert len(set(ids)) == 3 and len(runs(uri)) == 3
-    assert tracking.sync(tmp_path / "out", "exp", uri) == ids       # a second sync adds nothing
+def test_live_run_spans_the_job_and_shows_its_series_while_it_runs(tmp_path, uri):
+    """The run starts with the job, holds the steps logged so far while the job runs, and ends with
+    it: start and end are run.json's; tags, params and the input dataset are there from the start."""
+    shards = tmp_path / "shards"
+    write_json(shards / "manifest.json", {"splits": {"train": {"count": 8, "shards": [{"sha256": "ab" * 32}]},
+                                                     "val": {"count": 2, "shards": [{"sha256": "cd" * 32}]}}})
+    out, seen = tmp_path / "out", {}
+    with tracking.JobRun(out, experiment="live", uri=uri, stage="backbone", job="backbone/b", params={"seed": 0},
+                         inputs={"shards": shards}) as live:
+        for s in (1, 2, 3):
+            tracking.log_metrics({"train/loss": 1.0 / s}, step=s)
+        (r,) = runs(uri, "live")                                   # while the job runs
+        seen = dict(status=r.info.status, loss=history(uri, r.info.run_id, "train/loss"), params=r.data.params)
+        time.sleep(1.0)
+        tracking.log_metrics({"train_loss": 0.4, "val_top1": 0.5, "step": 3, "epoch": 0}, step=3)
+        rec = write_run_record(out, stage="backbone", job="backbone/b", params={"seed": 0},
+                               metrics={"train_loss": 0.4, "val_top1": 0.5, "step": 3}, artifacts=[],
+                               inputs={"shards": shards}, **live.record_fields())
+        assert live.finish() == r.info.run_id
+    assert seen == dict(status="RUNNING", loss=[(1, 1.0), (2, 0.5), (3, 1 / 3)], params={"seed": "0", **{
+        "code_version": rec["code_version"]}})
+    (r,) = runs(uri, "live")
+    assert r.info.status == "FINISHED" and rec["series"] == "series.csv"
+    assert r.info.start_time == tracking.ms(rec["started"])                   # ends when its logging is done
+    assert tracking.ms(rec["ended"]) <= r.info.end_time < tracking.ms(rec["ended"]) + 3000
+    assert 1000 <= r.info.end_time - r.info.start_time < 4000
+    assert r.data.metrics["val/top1"] == 0.5 and r.data.metrics["train/epoch_loss"] == 0.4
+    assert "step" not in r.data.metrics and "train/steps" not in r.data.metrics
+    assert len(history(uri, r.info.run_id, "val/top1")) == 1                  # the record adds no second point
+    tags = r.data.tags
+    assert tags["spot.stage"] == "backbone" and tags["mlflow.source.name"] == "spot/stages/backbone.py"
+    assert "mlflow.user" in tags and tags["spot.code_version"] == rec["code_version"]
+    if rec["code_version"][:7].isalnum():                       # a git checkout: the full commit
+        assert len(tags["mlflow.source.git.commit"]) == 40
+        assert tags["mlflow.source.git.commit"].startswith(rec["code_version"].removesuffix("-dirty"))
+    (ds,) = r.inputs.dataset_inputs
+    assert ds.dataset.name == "shards" and len(ds.dataset.digest) == 16
+    assert json.loads(ds.dataset.profile) == {"train": 8, "val": 2}
+    assert [(t.key, t.value) for t in ds.tags] == [("mlflow.data.context", "train")]
+    assert {a.path for a in MlflowClient(uri).list_artifacts(r.info.run_id)} == {"run.json", "series.csv"}
+    exp = MlflowClient(uri).get_experiment_by_name("live")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"    # kind: machine learning
+
+
+def test_list_metrics_are_step_series_and_names_say_their_stage(tmp_path, uri):
+    d = record(tmp_path / "o", job="oracle-gather/b/4", stage="oracle-gather",
+               metrics=dict(top1=0.7, top1_init=0.5, accuracy_per_step=[0.5, 0.6, 0.7], steps=2))
+    rid = tracking.log_record(d, "lists", uri)
+    assert history(uri, rid, "oracle/accuracy") == [(0, 0.5), (1, 0.6), (2, 0.7)]
+    assert MlflowClient(uri).get_run(rid).data.metrics == {"oracle/top1": 0.7, "oracle/top1_init": 0.5,
+                                                           "oracle/accuracy": 0.7, "oracle/steps": 2}
+    assert tracking.metric_name("transfer", "top1_transfer") == "transfer/top1_transfer"
+    assert tracking.metric_name("evaluate", "top1") == "evaluate/top1"
+    assert tracking.metric_name("backbone", "train_loss") == "train/epoch_loss"
+
+
+def test_failed_job_ends_its_run_failed_and_the_rerun_replaces_it(tmp_path, uri):
+    with pytest.raises(RuntimeError, match="stage failed"):
+        job(tmp_path / "b", uri, "fail", fail=True)
+    (r,) = runs(uri, "fail")
+    assert r.info.status == "FAILED" and "stage failed" in r.data.tags["spot.error"]
+    live, _ = job(tmp_path / "b", uri, "fail")
+    (r,) = runs(uri, "fail")
+    assert r.info.run_id == live.run_id and r.info.status == "FINISHED"
+
+
+def test_resumed_job_keeps_its_series_up_to_the_checkpoint(tmp_path, uri):
+    """A killed training resumed from step 3: steps 1-3 of the first attempt, 4-6 of the second, once each."""
+    with pytest.raises(RuntimeError):
+        job(tmp_path / "b", uri, "resume", steps=range(1, 6), fail=True)
+    live, _ = job(tmp_path / "b", uri, "resume", steps=range(4, 7), resume=3)
+    expected = [(s, 1.0 / s) for s in range(1, 7)]
+    assert history(uri, live.run_id, "train/loss") == pytest.approx(expected)
+    rows = tracking.read_series(tmp_path / "b" / "series.csv")
+    assert sorted((s, v) for k, s, v, _ in rows if k == "train/loss") == pytest.approx(expected)
+    job(tmp_path / "b", uri, "resume", steps=range(1, 3))                     # a fresh start drops them all
+    assert [s for k, s, *_ in tracking.read_series(tmp_path / "b" / "series.csv") if k == "train/loss"] == [1, 2]
+
+
+def test_unreachable_server_one_warning_then_sync_replays_series_and_times(tmp_path, uri, capsys):
+    down = closed_port()
+    _, rec = job(tmp_path / "out" / "b", down, "sync", pause=0.5)
+    err = capsys.readouterr().err
+    assert err.count("spot: warning:") == 1 and "mlflow-sync" in err, err
+    others = [record(tmp_path / "out" / f"r{i}", job=f"evaluate/b/uniform/{i}") for i in range(2)]
+    assert tracking.safe_log(others[0], "sync", down) is None
+    ids = tracking.sync(tmp_path / "out", "sync", uri)
+    assert len(set(ids)) == 3 and len(runs(uri, "sync")) == 3
+    r = next(r for r in runs(uri, "sync") if r.data.tags["spot.job"] == "backbone/b")
+    assert history(uri, r.info.run_id, "train/loss") == pytest.approx([(1, 1.0), (2, 0.5), (3, 1 / 3)])
+    assert r.info.start_time == tracking.ms(rec["started"]) and r.info.end_time == tracking.ms(rec["ended"])
+    assert r.info.end_time - r.info.start_time >= 500
+    assert tracking.sync(tmp_path / "out", "sync", uri) == ids       # a second sync adds nothing
+
+
+def test_parent_run_nests_the_jobs_and_an_empty_one_is_deleted(tmp_path, uri):
+    cfg = {"name": "nest", "mlflow": {"tracking_uri": uri}, "seed": 0}
+    parent = tracking.start_pipeline(cfg, "params.yaml")
+    live, _ = job(tmp_path / "b", uri, "nest")
+    tracking.end_pipeline(cfg)
+    c = MlflowClient(uri)
+    assert c.get_run(live.run_id).data.tags["mlflow.parentRunId"] == parent
+    p = c.get_run(parent)
+    assert p.info.status == "FINISHED" and p.data.tags["spot.pipeline"] == "snakemake" and p.data.params["seed"] == "0"
+    assert "spot.job" not in p.data.tags
+    empty = tracking.start_pipeline(cfg, "params.yaml")
+    tracking.end_pipeline(cfg)
+    assert c.get_run(empty).info.lifecycle_stage == "deleted"
+
+
+def test_report_run_shows_the_results_table(tmp_path, uri):
+    d = tmp_path / "report"
+    d.mkdir()
+    (d / "results.csv").write_text("backbone,prior,oracle,budget,top1\nb,grid,False,4,0.5\nb,uniform,False,4,0.625\n")
+    (d / "tables.md").write_text("# Results\n\n| prior | 4 |\n|---|---|\n| grid | 50.00 |\n")
+    write_json(d / "metrics.json", {"b/grid/4/top1": 0.5, "b/uniform/4/top1": 0.625})
+    write_run_record(d, stage="report", job="report", params={}, metrics={"rows": 2},
+                     artifacts=["results.csv", "tables.md", "metrics.json"])
+    rid = tracking.log_record(d, "report", uri)
+    r = MlflowClient(uri).get_run(rid)
+    assert r.data.metrics["report/b/uniform/4/top1"] == 0.625 and r.data.metrics["report/rows"] == 2
+    assert r.data.tags["mlflow.note.content"] == (d / "tables.md").read_text()
+    table = json.loads(Path(MlflowClient(uri).download_artifacts(rid, "results.json", str(tmp_path))).read_text())
+    assert table["columns"][:2] == ["backbone", "prior"] and len(table["data"]) == 2
 
 
 def test_tracking_uri_environment_overrides_params(monkeypatch):
@@ -57,3 +212,11 @@ def test_tracking_uri_environment_overrides_params(monkeypatch):
     assert tracking.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}) == "http://elsewhere:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///x.db"}}) == "sqlite:///x.db"
+
+
+def test_stages_depend_on_the_logging_interface_not_on_mlflow_code():
+    """Changing how results are logged reruns no stage (DVC's deps are the modules a stage imports)."""
+    from spot.pipeline import STAGES, code_deps
+    deps = {s.name: code_deps(s) for s in STAGES}
+    assert "spot/live.py" in deps["backbone"]
+    assert not any("spot/tracking.py" in d or "spot/cli.py" in d for d in deps.values())

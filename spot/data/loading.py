@@ -161,13 +161,17 @@ class Preprocess:
         self.mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.as_tensor(steps[-1].std, dtype=torch.float32).view(1, -1, 1, 1)
 
-    def __call__(self, image: Image.Image, saliency: Image.Image | None):
-        """(3, H, W) uint8 image and (H, W) float32 saliency in [0, 1] (or None)."""
-        x = torch.from_numpy(np.asarray(self.geometry(image), dtype=np.uint8).copy()).permute(2, 0, 1)
+    def pixels(self, image: Image.Image, saliency: Image.Image | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(3, H, W) uint8 image and (H, W) uint8 saliency levels (or None) after resize and crop."""
+        x = np.asarray(self.geometry(image), dtype=np.uint8).transpose(2, 0, 1)
         if saliency is None:
             return x, None
-        s = self.geometry(saliency.convert("L").resize(image.size, Image.BILINEAR))
-        return x, torch.from_numpy(np.asarray(s, dtype=np.float32) / 255.0)
+        return x, np.asarray(self.geometry(saliency.convert("L").resize(image.size, Image.BILINEAR)), dtype=np.uint8)
+
+    def __call__(self, image: Image.Image, saliency: Image.Image | None):
+        """(3, H, W) uint8 image and (H, W) float32 saliency in [0, 1] (or None)."""
+        x, s = self.pixels(image, saliency)
+        return torch.from_numpy(x.copy()), None if s is None else torch.from_numpy(s.astype(np.float32) / 255.0)
 
     def collate(self, samples: list[tuple]) -> Batch:
         xs, ys, keys, sal = zip(*samples, strict=True)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from spot.backbones import read_meta
-from spot.data.loading import make_loader
+from spot.data.decoded import Decoded
 from spot.figures import draw_trajectories, save_fig, to_display
 from spot.outputs import Record
 from spot.utils import read_json, write_json
@@ -32,7 +32,7 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
     meta = read_meta(inputs["backbone"])
     dc = meta["data_config"]
     init_s, final_s, shown = [], [], []
-    for b in make_loader(inputs["shards"], "val", dc, 256, saliency_dir=inputs["saliency"]):
+    for b in Decoded(inputs["decoded"], dc).batches("val", 256, saliency=True):
         rows = found.loc[b.keys]
         init, final = (torch.from_numpy(np.stack(rows[c].to_numpy()).astype(np.float32)).view(len(b.keys), -1, 2)
                        for c in ("init", "final"))

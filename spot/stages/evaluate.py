@@ -9,27 +9,21 @@ import torch
 from tqdm import tqdm
 
 from spot.backbones import load_backbone
-from spot.data.loading import make_loader
+from spot.data.decoded import Decoded
 from spot.knn import knn_predict
-from spot.model import SPoTViT
+from spot.model import SPoTViT, compile_features
 from spot.outputs import Record
-from spot.priors import check_budget, positions_for
+from spot.priors import NEEDS_SALIENCY, check_budget, positions_for
 from spot.utils import atomic_path, resolve_device, write_json
 
 
 @torch.no_grad()
-def run_split(model: SPoTViT, loader, prior: str, budget: int, seed: int, device, desc: str,
-              limit: int | None = None) -> dict:
+def run_split(model: SPoTViT, batches, prior: str, budget: int, seed: int, device, desc: str) -> dict:
     """Features (n, D), logits (n, classes), labels (n,), keys and positions (n, budget, 2) of the
-    loader's first `limit` images (all if None), in order."""
+    batches' images, in order."""
     feats, logits, labels, keys, positions = [], [], [], [], []
-    for b in tqdm(loader, desc=desc, unit="batch"):
-        if limit is not None and len(keys) >= limit:
-            break
-        if limit is not None and len(keys) + len(b.keys) > limit:
-            n = limit - len(keys)
-            b = type(b)(b.images[:n], b.labels[:n], b.keys[:n], None if b.saliency is None else b.saliency[:n])
-        x = b.images.to(device)
+    for b in tqdm(batches, desc=desc, unit="batch"):
+        x = b.images.to(device, non_blocking=True)
         pos = positions_for(prior, budget, b.keys, seed, *model.img_size, model.k, b.saliency, b.images).to(device)
         tok = model.forward_features(x, pos)
         feats.append(model.vit.forward_head(tok, pre_logits=True).float().cpu())
@@ -50,17 +44,19 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, prior: str, budget: i
     positions as 2N floats (y, x) in [0, 1]) and bank.npz (train features float16, labels).
     """
     device = resolve_device(cfg["device"])
-    model = load_backbone(inputs["backbone"], device)
+    model = compile_features(load_backbone(inputs["backbone"], device), cfg["eval"]["compile"])
     check_budget(prior, budget, *model.img_size, model.k)
     knn, seed = cfg["eval"]["knn"], cfg["seed"]
 
-    def loader(split):
-        return make_loader(inputs["shards"], split, model.data_config, cfg["eval"]["batch_size"],
-                           saliency_dir=inputs.get("saliency"))
+    data = Decoded(inputs["decoded"], model.data_config)
+
+    def batches(split, limit=None):
+        return data.batches(split, cfg["eval"]["batch_size"], limit=limit, saliency=prior in NEEDS_SALIENCY,
+                            device=device)
 
     job = f"{backbone}/{prior}/{budget}"
-    bank = run_split(model, loader("train"), prior, budget, seed, device, f"bank {job}", limit=knn["bank_size"])
-    val = run_split(model, loader("val"), prior, budget, seed + 1, device, f"val {job}")
+    bank = run_split(model, batches("train", knn["bank_size"]), prior, budget, seed, device, f"bank {job}")
+    val = run_split(model, batches("val"), prior, budget, seed + 1, device, f"val {job}")
     labels, pred = val["labels"], val["logits"].argmax(1)
     knn_pred = knn_predict(bank["features"], bank["labels"], val["features"], k=knn["k"],
                            temperature=knn["temperature"], num_classes=val["logits"].shape[1])

@@ -9,38 +9,45 @@ import torch
 from tqdm import tqdm
 
 from spot.backbones import load_backbone
-from spot.data.loading import make_loader, shard_paths
+from spot.data.decoded import Decoded
 from spot.knn import knn_predict
+from spot.model import compile_features
 from spot.oracle import oracle_search
 from spot.outputs import Record
-from spot.priors import check_budget, positions_for
+from spot.priors import NEEDS_SALIENCY, check_budget, positions_for
 from spot.utils import atomic_path, resolve_device, write_json
 
-FIELDS = ("trajectory", "correct", "snapped", "snapped_correct", "features")
+FIELDS = ("init", "final", "trajectory", "correct", "snapped", "snapped_correct", "features")
 
 
 def search(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part: int) -> Record:
     """SPoT-ON for every image of the val shards `part::oracle.parts`, one shard at a time, starting
     from the positions `evaluate` draws for val (prior `oracle.prior`, seed + 1). Writes part.npz:
-    keys, labels, trajectory (n, steps+1, N, 2), correct (n, steps+1), snapped (n, N, 2),
+    keys, labels, init and final positions (n, N, 2) float32, trajectory (n, T, N, 2) float16 (every
+    `oracle.save_every`-th step and the last), correct (n, steps+1), snapped (n, N, 2),
     snapped_correct (n,), features (n, D) at the final positions."""
     o = cfg["oracle"]
     device = resolve_device(cfg["device"])
-    model = load_backbone(inputs["backbone"], device)
+    model = compile_features(load_backbone(inputs["backbone"], device), o["compile"])
     check_budget(o["prior"], budget, *model.img_size, model.k)
-    shards = shard_paths(inputs["shards"], "val")[part::o["parts"]]
+    data = Decoded(inputs["decoded"], model.data_config)
+    shards = [e["name"] for e in data.index["splits"]["val"]["shards"]][part::o["parts"]]
+    kept = sorted(set(range(0, o["steps"] + 1, o["save_every"])) | {o["steps"]})
     found: dict[str, list] = {k: [] for k in ("keys", "labels", *FIELDS)}
     for shard in shards:
-        loader = make_loader(inputs["shards"], shard.stem, model.data_config, o["batch_size"],
-                             saliency_dir=inputs.get("saliency"))
-        for b in tqdm(loader, desc=f"oracle {backbone}/{budget} {shard.stem}", unit="batch"):
+        batches = data.batches("val", o["batch_size"], saliency=o["prior"] in NEEDS_SALIENCY, shards=[shard],
+                               device=device)
+        for b in tqdm(batches, desc=f"oracle {backbone}/{budget} {shard}", unit="batch"):
             init = positions_for(o["prior"], budget, b.keys, cfg["seed"] + 1, *model.img_size, model.k, b.saliency,
                                  b.images).to(device)
             r = oracle_search(model, b.images.to(device), b.labels.to(device), init, steps=o["steps"], lr=o["lr"],
                               optimizer=o["optimizer"])
             found["keys"] += b.keys
             found["labels"].append(b.labels.numpy())
-            for k in FIELDS:
+            found["init"].append(r.trajectory[:, 0].cpu().numpy())
+            found["final"].append(r.positions.cpu().numpy())
+            found["trajectory"].append(r.trajectory[:, kept].half().cpu().numpy())
+            for k in ("correct", "snapped", "snapped_correct", "features"):
                 found[k].append(getattr(r, k).cpu().numpy())
     arrays = {k: np.asarray(v) if k == "keys" else np.concatenate(v) for k, v in found.items() if v}
     with atomic_path(out / "part.npz") as tmp, open(tmp, "wb") as f:
@@ -62,15 +69,15 @@ def gather(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Re
     knn = cfg["eval"]["knn"]
     knn_pred = knn_predict(torch.from_numpy(bank["features"]).float(), torch.from_numpy(bank["labels"]),
                            torch.from_numpy(cat["features"]), k=knn["k"], temperature=knn["temperature"]).numpy()
-    labels, traj = cat["labels"], cat["trajectory"]
+    labels, n = cat["labels"], len(cat["labels"])
     curve = cat["correct"].mean(0)
     metrics = dict(top1_init=float(curve[0]), top1=float(curve[-1]), top1_snapped=float(cat["snapped_correct"].mean()),
                    knn=float((knn_pred == labels).mean()), accuracy_per_step=[float(a) for a in curve],
-                   n=int(len(labels)), steps=int(traj.shape[1] - 1))
+                   n=int(n), steps=int(cat["correct"].shape[1] - 1))
     table = pd.DataFrame(dict(key=cat["keys"], label=labels, correct_init=cat["correct"][:, 0],
                               correct=cat["correct"][:, -1], snapped_correct=cat["snapped_correct"],
-                              knn_correct=knn_pred == labels, init=list(traj[:, 0].reshape(len(labels), -1)),
-                              final=list(traj[:, -1].reshape(len(labels), -1))))
+                              knn_correct=knn_pred == labels, init=list(cat["init"].reshape(n, -1)),
+                              final=list(cat["final"].reshape(n, -1))))
     with atomic_path(out / "results.parquet") as tmp:
         table.to_parquet(tmp, index=False)
     write_json(out / "metrics.json", metrics)

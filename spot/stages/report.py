@@ -1,6 +1,9 @@
 """The report: every result in one tidy table, the paper's tables, plots, pictures and findings."""
 from __future__ import annotations
 
+import html
+import re
+import shutil
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -9,7 +12,7 @@ import pandas as pd
 from matplotlib.ticker import NullLocator
 
 from spot.backbones import read_meta
-from spot.data.loading import make_loader
+from spot.data.decoded import Decoded
 from spot.figures import draw_tokens, save_fig, to_display
 from spot.outputs import Record
 from spot.utils import atomic_path, read_json, write_json
@@ -142,10 +145,10 @@ def plot_budgets(results: pd.DataFrame, path: Path) -> None:
 def prior_sheet(inputs: dict, path: Path, priors: list[str], budget: int, pictures: int) -> None:
     """The first val images with the tokens each prior placed in the evaluation of the first
     backbone (by name) at `budget`, drawn as k x k boxes."""
-    backbone = inputs["backbones"][0]
+    backbone = inputs["backbone"]
     meta = read_meta(backbone)
     dc = meta["data_config"]
-    b = next(iter(make_loader(inputs["shards"], "val", dc, pictures)))
+    b = next(Decoded(inputs["decoded"], dc).batches("val", pictures))
     placed = {p["prior"]: pd.read_parquet(f / "predictions.parquet").set_index("key")
               for p, f in records(inputs["eval"]) if p["backbone"] == backbone.name and p["budget"] == budget}
     priors = [p for p in priors if p in placed]
@@ -172,9 +175,126 @@ def trajectory_sheet(inputs: dict, path: Path) -> None:
     save_fig(fig, path)
 
 
+def oracle_curves(inputs: dict) -> pd.DataFrame:
+    """SPoT-ON top-1 per search step: backbone, budget, step, top1 (and top1_snapped, the same on
+    every row of a search)."""
+    rows = []
+    for p, f in records(inputs["oracle"]):
+        m = read_json(f / "metrics.json")
+        rows += [dict(backbone=p["backbone"], budget=p["budget"], step=i, top1=a, top1_snapped=m["top1_snapped"])
+                 for i, a in enumerate(m["accuracy_per_step"])]
+    return pd.DataFrame(rows, columns=["backbone", "budget", "step", "top1", "top1_snapped"])
+
+
+def plot_oracle_steps(curves: pd.DataFrame, path: Path) -> None:
+    """SPoT-ON top-1 against search step, one line per budget, one panel per backbone; a cross at
+    the last step marks the found positions snapped to the patch grid."""
+    backbones = sorted(curves.backbone.unique()) or ["(no SPoT-ON runs)"]
+    fig, axes = plt.subplots(1, len(backbones), figsize=(4.5 * len(backbones), 3.6), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax, b in zip(axes[0], backbones):
+        for i, (n, g) in enumerate(curves[curves.backbone == b].groupby("budget")):
+            g = g.sort_values("step")
+            color = f"C{i}"
+            ax.plot(g.step, 100 * g.top1, "-", marker="o", ms=3, color=color, label=f"{n} tokens")
+            ax.plot(g.step.iloc[-1], 100 * g.top1_snapped.iloc[-1], "x", ms=7, color=color)
+        ax.set(title=b, xlabel="SPoT-ON step", ylabel="top-1 (%)" if ax is axes[0][0] else None)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.plot([], [], "x", color="grey", label="snapped to grid")
+            ax.legend(fontsize=7, loc="best")
+    save_fig(fig, path)
+
+
+def metric_rows(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame) -> dict[str, dict]:
+    """The DVC metrics: one small file per backbone and way of placing tokens, keyed by budget
+    (zero-padded, so `dvc metrics show` sorts its columns by budget) then top1 / knn / saliency, so
+    that `dvc metrics show` prints the paper's table, a row per file. Rows: each prior, `spot-on`
+    (the oracle), `spot-on-snapped` (its positions snapped to the grid), `transfer-from-<src>`
+    (another backbone's oracle positions). `saliency`: mean saliency under the tokens, where the
+    analysis measured it (the oracle's start prior and `spot-on`)."""
+    budgets = list(results.budget) + (list(trans.budget) if not trans.empty else [])
+    width = len(str(max(budgets)))
+    rows: dict[str, dict] = {}
+
+    def put(backbone, row, budget, **values):
+        cell = rows.setdefault(f"{backbone}/{row}.json", {}).setdefault(f"{int(budget):0{width}d}", {})
+        cell.update({k: round(float(v), 6) for k, v in values.items()})
+
+    for r in results.itertuples():
+        if r.oracle:
+            put(r.backbone, "spot-on", r.budget, top1=r.top1, knn=r.knn)
+            put(r.backbone, "spot-on-snapped", r.budget, top1=r.top1_snapped)
+        else:
+            put(r.backbone, r.prior, r.budget, top1=r.top1, knn=r.knn)
+    for r in trans.itertuples() if not trans.empty else ():
+        if r.src != r.dst:
+            put(r.dst, f"transfer-from-{r.src}", r.budget, top1=r.top1_transfer)
+    for r in sal.itertuples() if not sal.empty else ():
+        put(r.backbone, r.prior, r.budget, saliency=r.saliency_init)
+        put(r.backbone, "spot-on", r.budget, saliency=r.saliency_final)
+    return {k: dict(sorted(v.items())) for k, v in sorted(rows.items())}
+
+
+def write_metrics(folder: Path, rows: dict[str, dict]) -> None:
+    """`folder` holding exactly the files of `rows` (an earlier run's files are removed first)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for name, data in rows.items():
+        write_json(folder / name, data)
+
+
+def inline(text: str) -> str:
+    """Markdown `**bold**` and `code` in one escaped line of HTML."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def markdown_html(text: str, title: str) -> str:
+    """A standalone HTML page of the markdown this stage writes (headings, paragraphs, bullet lists,
+    pipe tables, bold), for the Snakemake report and browsers."""
+    body, table, items = [], [], []
+
+    def flush():
+        if items:
+            body.append("<ul>" + "".join(f"<li>{inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+        if table:
+            head, *rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table
+                           if not re.fullmatch(r"\|?[\s:|-]+\|?", line.strip())]
+            numeric = r"[-+]?[\d.]+%?|<b>[-+]?[\d.]+</b>"
+            cells = lambda row, tag: "".join(
+                f"<{tag}{' class=num' if re.fullmatch(numeric, inline(c)) else ''}>{inline(c)}</{tag}>" for c in row)
+            body.append("<table><thead><tr>" + cells(head, "th") + "</tr></thead><tbody>" +
+                        "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows) + "</tbody></table>")
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if line.startswith("- "):
+            items.append(line[2:])
+            continue
+        flush()
+        if m := re.match(r"(#{1,3}) (.*)", line):
+            level = len(m[1])
+            body.append(f"<h{level}>{inline(m[2])}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{inline(line)}</p>")
+    flush()
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+            "th,td{border:1px solid #ccc;padding:.25em .6em}th{background:#f2f2f2}td.num{text-align:right}"
+            "tbody tr:nth-child(even){background:#fafafa}li{margin:.2em 0}"
+            "</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
 def run(cfg: dict, inputs: dict, out: Path) -> Record:
-    """Gather every result into `out`: results.{parquet,csv}, tables.md, findings.md, metrics.json
-    (flat, for `dvc metrics`), plots/accuracy_vs_budget.{png,csv}, pictures/priors.png (priors in
+    """Gather every result into `out`: results.{parquet,csv}, tables.{md,html}, findings.{md,html},
+    metrics.json (every number, flat), metrics/<backbone>/<row>.json (the DVC metrics: `metric_rows`),
+    plots/accuracy_vs_budget.{png,csv}, plots/oracle_steps.png, pictures/priors.png (priors in
     `eval.priors` order), pictures/trajectories.png."""
     results, trans, sal = collect(inputs)
     if results.empty:
@@ -189,16 +309,19 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
         tables += [f"## Backbone: {b}", "", paper_table(g), ""]
     if not trans.empty:
         tables += ["## Transfer of oracle placements", "", trans.to_markdown(index=False, floatfmt=".4f"), ""]
-    with atomic_path(out / "tables.md") as tmp:
-        tmp.write_text("\n".join(tables))
-    with atomic_path(out / "findings.md") as tmp:
-        tmp.write_text(findings(results, trans, sal))
+    found = findings(results, trans, sal)
+    for name, text, title in (("tables", "\n".join(tables), "SPoT results"), ("findings", found, "SPoT findings")):
+        with atomic_path(out / f"{name}.md") as tmp:
+            tmp.write_text(text)
+        with atomic_path(out / f"{name}.html") as tmp:
+            tmp.write_text(markdown_html(text, title))
     plot_data = results[["backbone", "prior", "oracle", "budget", "top1", "knn"]].sort_values(
         ["backbone", "prior", "oracle", "budget"]).assign(series=lambda d: d.backbone + "/" + d.prior +
                                                           np.where(d.oracle, "/oracle", ""))
     with atomic_path(out / "plots" / "accuracy_vs_budget.csv") as tmp:
         plot_data.to_csv(tmp, index=False)
     plot_budgets(results, out / "plots" / "accuracy_vs_budget.png")
+    plot_oracle_steps(oracle_curves(inputs), out / "plots" / "oracle_steps.png")
     budgets = sorted(results.budget.unique())
     prior_sheet(inputs, out / "pictures" / "priors.png", cfg["eval"]["priors"], int(budgets[len(budgets) // 2]),
                 cfg["report"]["pictures"])
@@ -207,5 +330,6 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
                for r in results.itertuples() for c in ("top1", "knn")}
     metrics.update({f"transfer/{r.src}__{r.dst}/{r.budget}/gain": round(float(r.gain), 6) for r in trans.itertuples()})
     write_json(out / "metrics.json", metrics)
+    write_metrics(out / "metrics", metric_rows(results, trans, sal))
     artifacts = [str(p.relative_to(out)) for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     return Record(dict(rows=len(results), transfers=len(trans)), artifacts)

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from spot.backbones import load_backbone
-from spot.data.loading import make_loader
+from spot.data.decoded import Decoded
 from spot.outputs import Record
 from spot.utils import read_json, resolve_device, write_json
 
@@ -24,18 +24,18 @@ def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> 
     device = resolve_device(cfg["device"])
     model = load_backbone(inputs["backbone"], device)
     hits, n = 0, 0
-    for b in tqdm(make_loader(inputs["shards"], "val", model.data_config, cfg["eval"]["batch_size"]),
-                  desc=f"transfer {src} -> {dst}/{budget}", unit="batch"):
+    batches = Decoded(inputs["decoded"], model.data_config).batches("val", cfg["eval"]["batch_size"], device=device)
+    for b in tqdm(batches, desc=f"transfer {src} -> {dst}/{budget}", unit="batch"):
         keep = [i for i, k in enumerate(b.keys) if k in final]
         if not keep:
             continue
         pos = torch.from_numpy(np.stack([final[b.keys[i]] for i in keep])).to(device)
-        logits = model(b.images[keep].to(device), pos)
+        logits = model(b.images[keep], pos)
         hits += (logits.argmax(1).cpu() == b.labels[keep]).sum().item()
         n += len(keep)
     if n != len(final):
-        raise ValueError(f"transfer: {len(final) - n} oracle images of {inputs['oracle']} are not in the val shards "
-                         f"{inputs['shards']}")
+        raise ValueError(f"transfer: {len(final) - n} oracle images of {inputs['oracle']} are not among the val "
+                         f"images of {inputs['decoded']}")
     metrics = dict(top1_transfer=hits / n, top1_prior=read_json(inputs["eval"] / "metrics.json")["top1"],
                    top1_src_oracle=read_json(inputs["oracle"] / "metrics.json")["top1"], n=n)
     metrics["gain"] = metrics["top1_transfer"] - metrics["top1_prior"]

@@ -26,10 +26,31 @@ wildcard_constraints:
     prior=r"[a-z_]+",
     budget=r"\d+",
     part=r"\d+",
+    geometry=r"[A-Za-z0-9.-]+",
 
 
+# MLflow: a parent run per invocation that runs jobs (it creates the store and the experiment before
+# the fan-out); its id goes to the jobs in SPOT_MLFLOW_PARENT_RUN, so their runs nest under it.
 onstart:
-    shell(f"spot mlflow-init --params {PARAMS}")
+    from spot import tracking
+
+    tracking.start_pipeline(config, PARAMS)
+
+
+onerror:
+    from spot import tracking
+
+    tracking.end_pipeline(config, "FAILED")
+
+
+# After a run, `dvc commit` records the outputs of its jobs in dvc.lock when dvc.yaml was generated
+# for this params file, so `dvc status` agrees with Snakemake (SPOT_DVC_COMMIT=0 turns it off).
+onsuccess:
+    from spot import tracking
+    from spot.dvc_yaml import commit_after_snakemake
+
+    tracking.end_pipeline(config, "FINISHED")  # (Snakemake keeps one onsuccess: MLflow's parent run ends here)
+    print(commit_after_snakemake(PARAMS, [(job.rule.name, job.wildcards_dict) for job in workflow.dag.jobs]))
 
 
 def stage_inputs(stage, wildcards):

@@ -1,5 +1,21 @@
+import os
+
 # One rule per stage of spot.pipeline.STAGES: its output is the job folder's run.json (written
 # last), its inputs the run.json of its input folders, its params the config values it reads.
+# Files of its folder listed in workflow/report/items.yaml are outputs too, shown by
+# `snakemake --report report.html` with their category, label and caption.
+REPORT_ITEMS = yaml.safe_load(open(os.path.join(workflow.basedir, "workflow", "report", "items.yaml")))
+
+
+# (a lambda: the report() flag of one file; captions are relative to this file)
+report_output = lambda stage, name, item: report(
+    f"{LAYOUT.pattern(stage.output)}/{name}",
+    caption=f"../report/{item['caption']}",
+    category=item["category"],
+    labels={"result": item["label"]},
+)
+
+
 for stage in STAGES:
 
     rule:
@@ -9,6 +25,7 @@ for stage in STAGES:
             partial(stage_inputs, stage),
         output:
             f"{LAYOUT.pattern(stage.output)}/run.json",
+            *[report_output(stage, n, i) for n, i in REPORT_ITEMS.get(stage.name, {}).items()],
         params:
             values=partial(stage_params, stage),
         threads: stage.threads

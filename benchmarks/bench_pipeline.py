@@ -1,0 +1,131 @@
+"""Each stage's throughput next to the core's on the same model, budget and batch, in one run, on
+real ImageNet JPEGs (the shared sample, or tests/data, copied into train/ and val/):
+
+1. the data path from the decoded arrays with a no-op model (images per second), next to decoding
+   the JPEG shards on the fly (the loader the stages used before);
+2. `spot evaluate` (kNN bank + val, as a job) against the model alone (forward on tensors already
+   in memory, same prior, budget and batch): the stage's images per second over the model's;
+3. `spot oracle` (one part: all val shards) against `oracle_search` alone on the same batches:
+   image-steps per second, stage over core.
+
+    python -m benchmarks.bench_pipeline [--copies 20] [--model vit_tiny_patch16_224] [--img-size 64]
+        [--patch 8] [--budgets 16 64] [--batch 64] [--device auto]
+
+A ratio near 1 means the stage keeps the model busy; the rest is data, Python and job overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+import yaml
+
+from benchmarks.common import SAMPLE, imagenet_layout, report
+from spot import SPoTViT, oracle_search
+from spot.backbones import describe, load_backbone, save_backbone
+from spot.cli import main as spot
+from spot.data.decoded import Decoded, geometry_name
+from spot.data.loading import make_loader
+from spot.layout import Layout
+from spot.priors import positions_for
+from spot.utils import resolve_device, write_run_record
+
+PRIOR = "isotropic"
+
+
+def config(tmp: Path, root: Path, a) -> Path:
+    """A params file for the copied images, one untrained-backbone slot, budgets `a.budgets`."""
+    cfg = yaml.safe_load(Path("params.yaml").read_text())
+    cfg.update(name="bench-pipeline", root=str(tmp / "out"), device=a.device,
+               mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+               backbones={"b": {"make": "train", "model": a.model,
+                                "arch": dict(img_size=a.img_size, patch_size=a.patch, num_classes=1000)}})
+    cfg["data"].update(source="imagenet", root=str(root), max_per_class=None, shard_count=500)
+    cfg["train"]["data_config"] = {}
+    cfg["eval"].update(priors=[PRIOR], budgets=a.budgets, batch_size=a.batch)
+    cfg["eval"]["knn"]["bank_size"] = None
+    cfg["oracle"].update(prior=PRIOR, budgets=a.budgets, batch_size=a.batch, parts=1, steps=a.steps)
+    cfg["transfer"]["budgets"] = a.budgets[:1]
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def timed(fn) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--copies", type=int, default=20, help="copies of each sample image per split")
+    ap.add_argument("--model", default="vit_tiny_patch16_224")
+    ap.add_argument("--img-size", type=int, default=64)
+    ap.add_argument("--patch", type=int, default=8)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args()
+    device = resolve_device(a.device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        params = config(tmp, imagenet_layout(SAMPLE, tmp / "imagenet", a.copies, ("train", "val")), a)
+        layout = Layout(tmp / "out")
+        for stage in ("shard", "saliency"):
+            assert spot([stage, "--params", str(params)]) == 0
+        arch = dict(img_size=a.img_size, patch_size=a.patch, num_classes=1000)
+        model = SPoTViT(timm.create_model(a.model, pretrained=False, **arch))
+        out = layout("backbone", backbone="b")                               # an untrained backbone
+        save_backbone(model, out, describe(model, "b", a.model, arch, source="bench"))
+        write_run_record(out, stage="backbone", job="backbone/b", params={}, metrics={}, artifacts=[])
+        model = load_backbone(out, device)
+        dc, geometry = model.data_config, geometry_name(model.data_config)
+        t = timed(lambda: spot(["decode", "--params", str(params), "--geometry", geometry]))
+        data = Decoded(layout("decoded", geometry=geometry), dc)
+        n_val, n_all = len(data.array("val", "labels")), sum(len(data.array(s, "labels")) for s in ("train", "val"))
+        rows.append(dict(bench="decode stage (JPEG decode + resize + crop, once)", images=n_all, seconds=t,
+                         per_s=n_all / t))
+        t = timed(lambda: [b.images.to(device) for b in data.batches("val", a.batch, device=device)])
+        rows.append(dict(bench="data path: decoded arrays, no-op model", images=n_val, seconds=t, per_s=n_val / t))
+        t = timed(lambda: [b.images.to(device) for b in make_loader(layout("shards"), "val", dc, a.batch)])
+        rows.append(dict(bench="data path: JPEG shards decoded on the fly", images=n_val, seconds=t, per_s=n_val / t))
+        batches = list(data.batches("val", a.batch, device=device))
+        for n in a.budgets:
+            def model_only():
+                with torch.no_grad():
+                    for _ in ("train", "val"):                     # the bank pass, then val
+                        for b in batches:
+                            pos = positions_for(PRIOR, n, b.keys, 0, *model.img_size, model.k).to(device)
+                            tok = model.forward_features(b.images, pos)
+                            model.vit.forward_head(tok, pre_logits=True), model.vit.forward_head(tok)
+            core = n_val * 2 / timed(model_only)
+            t = timed(lambda: spot(["evaluate", "--params", str(params), "--backbone", "b", "--prior", PRIOR,
+                                    "--budget", str(n)]))
+            rows.append(dict(bench=f"evaluate job, {n} tokens", images=n_all, seconds=t, per_s=n_all / t,
+                             core_per_s=core, stage_over_core=n_all / t / core))
+            labels = [b.labels.to(device) for b in batches]
+            core = n_val * a.steps / timed(lambda: [oracle_search(
+                model, b.images, y, positions_for(PRIOR, n, b.keys, 1, *model.img_size, model.k).to(device),
+                steps=a.steps, lr=2.4e-2) for b, y in zip(batches, labels)])
+            t = timed(lambda: spot(["oracle", "--params", str(params), "--backbone", "b", "--budget", str(n),
+                                    "--part", "0"]))
+            rows.append(dict(bench=f"oracle job ({a.steps} steps), {n} tokens", images=n_val, seconds=t,
+                             per_s=n_val * a.steps / t, core_per_s=core, stage_over_core=n_val * a.steps / t / core))
+    t = timed(lambda: subprocess.run(["spot", "evaluate", "--help"], check=True, capture_output=True))
+    rows.append(dict(bench="job start-up: `spot evaluate --help` in a new process", images=0, seconds=t))
+    report("pipeline", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Decode once: every image resized and cropped for one geometry (input size, interpolation, crop),
+with its saliency map under the same geometry, stored as uint8 arrays. Evaluate, oracle, transfer,
+analyze and report read them as ready tensors: no JPEG decoding and no per-image Python after this.
+
+Folder `decoded/<geometry name>/`: `<split>-images.npy` (n, 3, H, W) uint8, `<split>-saliency.npy`
+(n, H, W) uint8 (the map's 0..255 levels), `<split>-labels.npy` (n,) int64, `<split>-keys.npy` (n,)
+str, and `decoded.json` {geometry, splits: {split: {count, shards: [{name, count}]}}}. Rows follow
+the shards' order; the bytes are those of `spot.data.loading.Preprocess` (tested).
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from spot.data.loading import Batch, Preprocess, decode_image, manifest_shards, read_shard, verify_shards
+from spot.data.shards import default_workers
+from spot.utils import atomic_path, read_json, write_json
+
+GEOMETRY = ("input_size", "interpolation", "crop_pct", "crop_mode")
+
+
+def geometry(data_config: dict) -> dict:
+    """The keys of a timm data config that decide the decoded pixels (not mean and std)."""
+    return {k: list(data_config[k]) if k == "input_size" else data_config[k] for k in GEOMETRY}
+
+
+def geometry_name(data_config: dict) -> str:
+    """A folder name for a geometry, e.g. '28x28-bilinear-crop1-center'."""
+    g = geometry(data_config)
+    return f"{g['input_size'][1]}x{g['input_size'][2]}-{g['interpolation']}-crop{g['crop_pct']:g}-{g['crop_mode']}"
+
+
+def parse_geometry(name: str) -> dict:
+    """The geometry a `geometry_name` names (its inverse)."""
+    size, interpolation, crop, mode = name.split("-")
+    h, w = size.split("x")
+    return dict(input_size=(3, int(h), int(w)), interpolation=interpolation, crop_pct=float(crop.removeprefix("crop")),
+                crop_mode=mode)
+
+
+def planned_data_config(cfg: dict, backbone: str) -> dict:
+    """The data config backbone `backbone` of `cfg` will have (what `spot.model.SPoTViT` and training
+    give it), known before it exists: timm's pretrained config of its model at its image size, with
+    `train.data_config` on top for trained backbones; a fine-tuned one starts from its `init`."""
+    import timm
+    spec = cfg["backbones"][backbone]
+    if spec["init"]:
+        dc = planned_data_config(cfg, spec["init"])
+    else:
+        pre = timm.models.get_pretrained_cfg(spec["model"])
+        if pre is None:
+            raise ValueError(f"backbones.{backbone}.model: unknown timm model {spec['model']!r}")
+        size = spec["arch"].get("img_size", pre.input_size[1:])
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        dc = dict(input_size=(3, *size), interpolation=pre.interpolation, crop_pct=pre.crop_pct,
+                  crop_mode=pre.crop_mode)
+    if spec["make"] == "train":
+        dc = dict(dc, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["train"]["data_config"].items()})
+    return {k: dc[k] for k in GEOMETRY}
+
+
+def decode_shard(job: tuple) -> int:
+    """Decode one image shard (and its saliency shard) into rows [start, start + count) of the
+    arrays being written. Returns the count."""
+    shard, saliency, data_config, paths, start = job
+    pre = Preprocess(data_config)
+    images = np.load(paths["images"], mmap_mode="r+")
+    maps = np.load(paths["saliency"], mmap_mode="r+")
+    smaps = read_shard(saliency)
+    i = start
+    for rec in read_shard(shard):
+        srec = next(smaps, {"__key__": None})
+        if srec["__key__"] != rec["__key__"]:
+            raise ValueError(f"saliency shard {saliency} is out of step with {shard} at key {rec['__key__']}")
+        images[i], maps[i] = pre.pixels(decode_image(rec), Image.open(io.BytesIO(srec["png"])))
+        i += 1
+    images.flush(), maps.flush()
+    return i - start
+
+
+def decode_split(shards_dir: Path, saliency_dir: Path, out: Path, split: str, entries: list[dict],
+                 data_config: dict, workers: int) -> dict:
+    """Write `<split>-*.npy` of `out` from the split's shards, `workers` processes at a time."""
+    n = sum(e["count"] for e in entries)
+    _, h, w = data_config["input_size"]
+    labels, keys = [], []
+    with atomic_path(out / f"{split}-images.npy") as img_tmp, atomic_path(out / f"{split}-saliency.npy") as sal_tmp:
+        np.lib.format.open_memmap(img_tmp, mode="w+", dtype=np.uint8, shape=(n, 3, h, w)).flush()
+        np.lib.format.open_memmap(sal_tmp, mode="w+", dtype=np.uint8, shape=(n, h, w)).flush()
+        starts = np.cumsum([0] + [e["count"] for e in entries])[:-1]
+        jobs = [(shards_dir / e["name"], saliency_dir / e["name"], data_config,
+                 dict(images=img_tmp, saliency=sal_tmp), int(s)) for e, s in zip(entries, starts)]
+        with tqdm(total=n, desc=f"decode {split}", unit="img") as bar:
+            if workers > 1 and len(jobs) > 1:
+                with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+                    for count in pool.imap(decode_shard, jobs):
+                        bar.update(count)
+            else:
+                for job in jobs:
+                    bar.update(decode_shard(job))
+        for e in entries:                                           # labels and keys without decoding
+            for rec in read_shard(shards_dir / e["name"]):
+                labels.append(int(rec["cls"]))
+                keys.append(rec["__key__"])
+    with atomic_path(out / f"{split}-labels.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(labels, dtype=np.int64))
+    with atomic_path(out / f"{split}-keys.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(keys, dtype=str))
+    return dict(count=n, shards=[dict(name=e["name"], count=e["count"]) for e in entries])
+
+
+def write_decoded(shards_dir: str | Path, saliency_dir: str | Path, out_dir: str | Path, data_config: dict,
+                  workers: int | None = None) -> dict:
+    """Decode every split of `shards_dir` (with the maps of `saliency_dir`) for `data_config`'s
+    geometry into `out_dir`; returns the index written as decoded.json."""
+    shards_dir, saliency_dir, out = Path(shards_dir), Path(saliency_dir), Path(out_dir)
+    manifest = verify_shards(shards_dir, hash=False)
+    verify_shards(saliency_dir, hash=False)
+    index = dict(geometry=geometry(data_config), splits={})
+    for split, info in manifest["splits"].items():
+        entries = [e for e in manifest_shards(manifest) if e in info["shards"]]
+        index["splits"][split] = decode_split(shards_dir, saliency_dir, out, split, entries, data_config,
+                                              workers or default_workers())
+    write_json(out / "decoded.json", index)
+    return index
+
+
+class Decoded:
+    """The decoded arrays of a folder, read as batches for a model's data config (its geometry must
+    be the folder's: a one-line ValueError otherwise)."""
+
+    def __init__(self, folder: str | Path, data_config: dict):
+        self.folder = Path(folder)
+        self.index = read_json(self.folder / "decoded.json")
+        if self.index["geometry"] != geometry(data_config):
+            raise ValueError(f"{self.folder} holds images decoded for {self.index['geometry']}, not for the model's "
+                             f"{geometry(data_config)}")
+        self.mean = torch.as_tensor(data_config["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(data_config["std"], dtype=torch.float32).view(1, -1, 1, 1)
+
+    def array(self, split: str, what: str) -> np.ndarray:
+        return np.load(self.folder / f"{split}-{what}.npy", mmap_mode="r")
+
+    def rows(self, split: str, shards: list[str] | None = None) -> list[range]:
+        """Row ranges of the split's shards (all, or those named), in stored order."""
+        entries = self.index["splits"][split]["shards"]
+        starts = np.cumsum([0] + [e["count"] for e in entries])
+        return [range(int(a), int(b)) for e, a, b in zip(entries, starts[:-1], starts[1:])
+                if shards is None or e["name"] in shards]
+
+    def batches(self, split: str, batch_size: int, limit: int | None = None, saliency: bool = False,
+                shards: list[str] | None = None, device=None) -> Iterator[Batch]:
+        """`Batch`es (images normalised as timm does, labels, keys, saliency in [0, 1] or None) of the
+        split's first `limit` rows (all if None); with `shards`, only theirs, each shard batched on its
+        own. On a CUDA `device` the uint8 pixels go there from page-locked memory without blocking and
+        are normalised there (the same arithmetic); otherwise batches stay on the CPU."""
+        images, labels, keys = self.array(split, "images"), self.array(split, "labels"), self.array(split, "keys")
+        maps = self.array(split, "saliency") if saliency else None
+        cuda = device is not None and torch.device(device).type == "cuda"
+        mean, std = (self.mean.to(device), self.std.to(device)) if cuda else (self.mean, self.std)
+        spans = self.rows(split, shards) if shards is not None else [range(len(labels) if limit is None
+                                                                           else min(limit, len(labels)))]
+        for span in spans:
+            for a in range(span.start, span.stop, batch_size):
+                b = min(a + batch_size, span.stop)
+                x = torch.from_numpy(np.array(images[a:b]))                  # a copy off the read-only map
+                x = x.pin_memory().to(device, non_blocking=True) if cuda else x
+                s = None if maps is None else torch.from_numpy(np.array(maps[a:b])).float() / 255.0
+                yield Batch(x.float().div_(255).sub_(mean).div_(std), torch.from_numpy(np.array(labels[a:b])),
+                            [str(k) for k in keys[a:b]], s)
