@@ -169,10 +169,10 @@ class Chromium:
             time.sleep(0.5)
 
     def shoot(self, url: str, path: Path, size: tuple[int, int], ready: str, wait: float, then: str = "",
-              after: str = "", full: bool = False) -> None:
+              click: str = "", after: str = "", full: bool = False) -> None:
         """Open `url` at `size`, wait until the JS expression `ready` is true (at most `wait` s), run
-        `then` (JS) and wait for `after`, let it settle, and save a PNG of the viewport (`full`: of the
-        whole page)."""
+        `then` (JS), click the points [[x, y], ...] the JS `click` returns, wait for `after`, let it
+        settle, and save a PNG of the viewport (`full`: of the whole page)."""
         if not (url.startswith("file://") or loopback(url)):
             fail(f"{url}: only pages on this machine are shot")
         self.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1,
@@ -181,6 +181,11 @@ class Chromium:
         self.wait_for(url, ready, wait)
         if then:
             self.js(then)
+            time.sleep(1.5)                               # the page lays itself out again
+        for x, y in self.js(click) if click else ():        # real mouse clicks (some widgets ignore .click())
+            for kind in ("mousePressed", "mouseReleased"):
+                self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+        if then or click:
             time.sleep(1)
             self.wait_for(url, after or ready, wait)
         time.sleep(2)                                 # charts animate in, fonts settle
@@ -265,10 +270,9 @@ CLOSE_ASSISTANT = """(() => {                       // MLflow 3 opens its assist
     for (let p = b.parentElement, i = 0; p && i < 8; p = p.parentElement, i++)
       if ((p.innerText || '').includes('Assistant')) { b.click(); return true; }
   return false; })()"""
-EXPAND_RUNS = """(() => {                           // job runs nested under a pipeline run: unfold them
-  const bs = document.querySelectorAll('[role=row] button[data-component-id*="runnamecellrenderer"]');
-  bs.forEach(b => b.click());
-  return bs.length; })()"""
+UNFOLD_RUNS = """Array.from(document.querySelectorAll(         // the [+] of runs with nested job runs
+  '[role=row] button[data-component-id*="runnamecellrenderer"]')).map(b => b.getBoundingClientRect())
+  .filter(r => r.width > 0).map(r => [r.x + r.width / 2, r.y + r.height / 2])"""
 SHOW_TABLES = """(() => {                           // the report's Tables category, showing tables.html
   const path = Object.keys(results).find(k => k.endsWith('/tables.html'));
   app.showCategory('Tables');
@@ -302,7 +306,7 @@ def main(argv=None) -> int:
                     if "mlflow-runs" in a.only:
                         listed = r"/[1-9]\d* matching runs?/.test(document.body.innerText)"
                         chrome.shoot(f"{base}/#/experiments/{eid}/runs", out / "mlflow-runs.png", (1600, 900),
-                                     listed, a.wait, f"{CLOSE_ASSISTANT}; {EXPAND_RUNS}",
+                                     listed, a.wait, CLOSE_ASSISTANT, UNFOLD_RUNS,
                                      f"{listed} && document.body.innerText.includes('evaluate/')")  # job runs shown
                         made["mlflow-runs"] = f"experiment {cfg['name']}"
                     if "mlflow-training" in a.only:

@@ -5,7 +5,6 @@ import yaml
 from spot.config import validate as validate_params
 from spot.layout import Layout
 from spot.pipeline import STAGES
-from spot.preflight import check as preflight
 
 # A full configuration file replaces params.yaml (Snakemake would merge it key by key).
 if PARAMS != "params.yaml":
@@ -13,7 +12,10 @@ if PARAMS != "params.yaml":
     config.update(yaml.safe_load(open(PARAMS)))
 config.pop("params", None)
 validate_params(config, PARAMS)
-preflight(config, PARAMS, devices=workflow.local_exec)  # a cluster's jobs run elsewhere
+if not (workflow.remote_exec or workflow.subprocess_exec):  # once, in the main snakemake, not per job
+    from spot.preflight import check as preflight
+
+    preflight(config, PARAMS, devices=workflow.local_exec)  # a cluster's jobs run elsewhere
 
 LAYOUT = Layout(config["root"])
 GPU = 1 if config["device"].startswith("cuda") else 0
