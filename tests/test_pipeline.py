@@ -111,11 +111,12 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id, job
         assert r.info.status == "FINISHED" and r.info.start_time == ms(record["started"])
         assert parent.info.start_time <= r.info.start_time <= r.info.end_time <= parent.info.end_time
-        # the job as Snakemake saw it: the run starts with its process and ends when its work and logging
-        # are done; after that only Python's teardown (3-14 s on 2 busy cores, torch and mlflow loaded)
+        # the job as Snakemake saw it: the run starts with its process and ends after its record is
+        # written and before Snakemake sees the job end (then only Python's teardown, seconds to tens
+        # of seconds on busy cores, which no bound here depends on)
         times = snakemake_times(cwd, records[job] / "run.json")
         assert abs(r.info.start_time / 1000 - times["starttime"]) < 2, job
-        assert -20 < r.info.end_time / 1000 - times["endtime"] < 1, job
+        assert ms(record["ended"]) <= r.info.end_time <= times["endtime"] * 1000 + 1000, job
         for k, v in record["metrics"].items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and metric_name(record["stage"], k):
                 assert r.data.metrics[metric_name(record["stage"], k)] == pytest.approx(v), (job, k)
