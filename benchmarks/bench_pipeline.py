@@ -9,15 +9,21 @@ real ImageNet JPEGs (the shared sample, or tests/data, copied into train/ and va
    image-steps per second, stage over core.
 
     python -m benchmarks.bench_pipeline [--copies 20] [--model vit_tiny_patch16_224] [--img-size 64]
-        [--patch 8] [--budgets 16 64] [--batch 64] [--device auto]
+        [--patch 8] [--budgets 16 64] [--batch 64] [--device auto] [--sample DIR] [--estimate config/imagenet.yaml]
 
-A ratio near 1 means the stage keeps the model busy; the rest is data, Python and job overhead.
+A ratio near 1 means the stage keeps the model busy; the rest is data, Python and job overhead. On
+CUDA (with nvidia-ml-py) each job's GPU busy fraction is sampled every 20 ms. `--estimate` turns the
+measured per-image times (linear in the budget between the two budgets measured) into the GPU time
+of a whole configuration's evaluate, oracle and transfer jobs.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,9 +35,11 @@ from benchmarks.common import SAMPLE, imagenet_layout, report
 from spot import SPoTViT, oracle_search
 from spot.backbones import describe, load_backbone, save_backbone
 from spot.cli import main as spot
+from spot.config import load_config
 from spot.data.decoded import Decoded, geometry_name
 from spot.data.loading import make_loader
 from spot.layout import Layout
+from spot.model import autocast_for
 from spot.priors import positions_for
 from spot.utils import resolve_device, write_run_record
 
@@ -51,6 +59,8 @@ def config(tmp: Path, root: Path, a) -> Path:
     cfg["eval"]["knn"]["bank_size"] = None
     cfg["oracle"].update(prior=PRIOR, budgets=a.budgets, batch_size=a.batch, parts=1, steps=a.steps)
     cfg["transfer"]["budgets"] = a.budgets[:1]
+    cfg["saliency"]["model"] = None                                  # maps from the image alone
+    cfg["placement"].update(methods=[], budgets=a.budgets[:1], transfer=[])   # no label-free placement jobs
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -65,6 +75,70 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+class GpuBusy:
+    """Context manager: the fraction of 20 ms samples in which the GPU ran a kernel (NVML's
+    utilisation), in `.busy`; None without CUDA or nvidia-ml-py."""
+
+    def __init__(self):
+        self.busy, self.samples, self.stop = None, [], threading.Event()
+
+    def __enter__(self):
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        except Exception:  # noqa: BLE001 - no GPU, no NVML: nothing to sample
+            return self
+
+        def sample():
+            while not self.stop.wait(0.02):
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if hasattr(self, "thread"):
+            self.thread.join()
+            self.busy = sum(self.samples) / len(self.samples) / 100 if self.samples else None
+
+
+def job(argv: list[str]) -> tuple[float, float | None]:
+    """Seconds and GPU busy fraction of one `spot` command run in this process (exits if it fails)."""
+    codes = []
+    with GpuBusy() as gpu:
+        t = timed(lambda: codes.append(spot(argv)))
+    if codes[-1] != 0:
+        raise SystemExit(f"spot {' '.join(argv)} failed")
+    return t, gpu.busy
+
+
+def estimate(path: str, per_image: dict) -> list[dict]:
+    """GPU hours of config `path`'s evaluate, oracle and transfer jobs from measured seconds per
+    image (evaluate, transfer) and per image-step (oracle), {stage: (budget_a, t_a, budget_b, t_b)},
+    linear in the budget. Bank and val sizes: data.max_per_class x classes (ImageNet: 1000; val
+    50 per class when null), the kNN bank capped at eval.knn.bank_size."""
+    cfg = load_config(path)
+    per_class = cfg["data"]["max_per_class"] or {}
+    n_val = 50 * 1000 if per_class.get("val") is None else per_class["val"] * 1000
+    n_bank = min(x for x in (1_281_167 if per_class.get("train") is None else per_class["train"] * 1000,
+                             cfg["eval"]["knn"].get("bank_size") or 10**9))
+
+    def seconds(stage, n):
+        a, ta, b, tb = per_image[stage]
+        return max(ta + (tb - ta) * (n - a) / (b - a), min(ta, tb))     # never below a measured time
+    backbones, rows = len(cfg["backbones"]), []
+    ev = sum(seconds("evaluate", n) for n in cfg["eval"]["budgets"]) * len(cfg["eval"]["priors"]) * backbones
+    rows.append(dict(bench=f"estimate {path}: evaluate", hours=ev * (n_bank + n_val) / 3600))
+    orc = sum(seconds("oracle", n) for n in cfg["oracle"]["budgets"]) * backbones * cfg["oracle"]["steps"]
+    rows.append(dict(bench=f"estimate {path}: oracle", hours=orc * n_val / 3600))
+    tr = sum(seconds("evaluate", n) for n in cfg["transfer"]["budgets"]) * backbones ** 2
+    rows.append(dict(bench=f"estimate {path}: transfer", hours=tr * n_val / 3600))
+    rows.append(dict(bench=f"estimate {path}: all GPU stages", hours=sum(r["hours"] for r in rows)))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--copies", type=int, default=20, help="copies of each sample image per split")
@@ -75,15 +149,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--sample", type=Path, default=SAMPLE, help="folder of <wnid>_<name>.JPEG files to copy")
+    ap.add_argument("--estimate", help="a params file whose GPU time to estimate from the measured rates")
     a = ap.parse_args()
     device = resolve_device(a.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        params = config(tmp, imagenet_layout(SAMPLE, tmp / "imagenet", a.copies, ("train", "val")), a)
+        params = config(tmp, imagenet_layout(a.sample, tmp / "imagenet", a.copies, ("train", "val")), a)
         layout = Layout(tmp / "out")
         for stage in ("shard", "saliency"):
-            assert spot([stage, "--params", str(params)]) == 0
+            t, busy = job([stage, "--params", str(params)])
+            rows.append(dict(bench=f"{stage} stage", seconds=t, gpu_busy=busy))
         arch = dict(img_size=a.img_size, patch_size=a.patch, num_classes=1000)
         model = SPoTViT(timm.create_model(a.model, pretrained=False, **arch))
         out = layout("backbone", backbone="b")                               # an untrained backbone
@@ -91,39 +168,46 @@ def main() -> None:
         write_run_record(out, stage="backbone", job="backbone/b", params={}, metrics={}, artifacts=[])
         model = load_backbone(out, device)
         dc, geometry = model.data_config, geometry_name(model.data_config)
-        t = timed(lambda: spot(["decode", "--params", str(params), "--geometry", geometry]))
+        t, _ = job(["decode", "--params", str(params), "--geometry", geometry])
         data = Decoded(layout("decoded", geometry=geometry), dc)
         n_val, n_all = len(data.array("val", "labels")), sum(len(data.array(s, "labels")) for s in ("train", "val"))
         rows.append(dict(bench="decode stage (JPEG decode + resize + crop, once)", images=n_all, seconds=t,
                          per_s=n_all / t))
         t = timed(lambda: [b.images.to(device) for b in data.batches("val", a.batch, device=device)])
         rows.append(dict(bench="data path: decoded arrays, no-op model", images=n_val, seconds=t, per_s=n_val / t))
-        t = timed(lambda: [b.images.to(device) for b in make_loader(layout("shards"), "val", dc, a.batch)])
-        rows.append(dict(bench="data path: JPEG shards decoded on the fly", images=n_val, seconds=t, per_s=n_val / t))
+        jpeg = min(n_val, 4096)                                        # slow: a sample of the split is enough
+        t = timed(lambda: [b.images.to(device) for b in itertools.islice(
+            make_loader(layout("shards"), "val", dc, a.batch), -(-jpeg // a.batch))])
+        rows.append(dict(bench="data path: JPEG shards decoded on the fly", images=jpeg, seconds=t, per_s=jpeg / t))
         batches = list(data.batches("val", a.batch, device=device))
+        per_image = {}
         for n in a.budgets:
             def model_only():
-                with torch.no_grad():
+                with torch.no_grad(), autocast_for(device):
                     for _ in ("train", "val"):                     # the bank pass, then val
                         for b in batches:
-                            pos = positions_for(PRIOR, n, b.keys, 0, *model.img_size, model.k).to(device)
+                            pos = positions_for(PRIOR, n, b.keys, 0, *model.img_size, model.k, device=device)
                             tok = model.forward_features(b.images, pos)
                             model.vit.forward_head(tok, pre_logits=True), model.vit.forward_head(tok)
             core = n_val * 2 / timed(model_only)
-            t = timed(lambda: spot(["evaluate", "--params", str(params), "--backbone", "b", "--prior", PRIOR,
-                                    "--budget", str(n)]))
+            t, busy = job(["evaluate", "--params", str(params), "--backbone", "b", "--prior", PRIOR, "--budget", str(n)])
             rows.append(dict(bench=f"evaluate job, {n} tokens", images=n_all, seconds=t, per_s=n_all / t,
-                             core_per_s=core, stage_over_core=n_all / t / core))
+                             core_per_s=core, stage_over_core=n_all / t / core, gpu_busy=busy))
+            per_image.setdefault("evaluate", []).extend([n, t / n_all])
             labels = [b.labels.to(device) for b in batches]
             core = n_val * a.steps / timed(lambda: [oracle_search(
-                model, b.images, y, positions_for(PRIOR, n, b.keys, 1, *model.img_size, model.k).to(device),
+                model, b.images, y, positions_for(PRIOR, n, b.keys, 1, *model.img_size, model.k, device=device),
                 steps=a.steps, lr=2.4e-2) for b, y in zip(batches, labels)])
-            t = timed(lambda: spot(["oracle", "--params", str(params), "--backbone", "b", "--budget", str(n),
-                                    "--part", "0"]))
+            t, busy = job(["oracle", "--params", str(params), "--backbone", "b", "--budget", str(n), "--part", "0"])
             rows.append(dict(bench=f"oracle job ({a.steps} steps), {n} tokens", images=n_val, seconds=t,
-                             per_s=n_val * a.steps / t, core_per_s=core, stage_over_core=n_val * a.steps / t / core))
-    t = timed(lambda: subprocess.run(["spot", "evaluate", "--help"], check=True, capture_output=True))
+                             per_s=n_val * a.steps / t, core_per_s=core, stage_over_core=n_val * a.steps / t / core,
+                             gpu_busy=busy))
+            per_image.setdefault("oracle", []).extend([n, t / (n_val * a.steps)])
+    t = timed(lambda: subprocess.run([sys.executable, "-m", "spot.cli", "evaluate", "--help"], check=True,
+                                     capture_output=True))
     rows.append(dict(bench="job start-up: `spot evaluate --help` in a new process", images=0, seconds=t))
+    if a.estimate and len(a.budgets) > 1:
+        rows += estimate(a.estimate, {k: tuple(v[:2] + v[-2:]) for k, v in per_image.items()})
     report("pipeline", rows)
 
 

@@ -57,6 +57,25 @@ def validate(cfg: dict, source: str = "params.yaml") -> dict:
         if extra:
             raise ValueError(f"{source}: {key}.budgets: {sorted(extra)} not in {within}.budgets")
     fill_defaults(cfg, s, s.get("$defs", {}))
+    place = cfg["placement"]
+    extra = set(place["budgets"]) - set(cfg["eval"]["budgets"]) if place["methods"] else set()
+    if extra:
+        raise ValueError(f"{source}: placement.budgets: {sorted(extra)} not in eval.budgets")
+    if set(place["transfer"]) - set(place["budgets"]):
+        raise ValueError(f"{source}: placement.transfer: {sorted(set(place['transfer']) - set(place['budgets']))} "
+                         "not in placement.budgets")
+    if place["methods"] and not place["budgets"]:
+        raise ValueError(f"{source}: placement.budgets: empty, while placement.methods names {place['methods']}")
+    model = cfg["saliency"]["model"]
+    if model is not None and model not in cfg["backbones"]:
+        raise ValueError(f"{source}: saliency.model: {model!r} is not a backbone of this file")
+    if "model_salient" in cfg["eval"]["priors"] and model is None:
+        raise ValueError(f"{source}: eval.priors: 'model_salient' needs saliency.model (the backbone making its maps)")
+    if "model_salient" in cfg["train"]["priors"] + [cfg["oracle"]["prior"]]:
+        raise ValueError(f"{source}: prior 'model_salient' is for eval.priors only (train.priors, oracle.prior: "
+                         "use 'salient')")
+    if "placer" in place["methods"] and place["placer"]["init"] == "learned" and "learned" not in place["methods"]:
+        raise ValueError(f"{source}: placement.placer.init: 'learned' needs 'learned' in placement.methods")
     for spec in cfg["backbones"].values():
         spec.setdefault("seed", cfg["seed"])
         if spec["make"] == "train":

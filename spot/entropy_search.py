@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spot.learned_prior import autocast_for
+from spot.model import autocast_for
 from spot.oracle import OPTIMIZERS, frozen, snap_to_grid
 
 
@@ -62,14 +62,15 @@ def entropy_search(model, images: torch.Tensor, positions: torch.Tensor, steps: 
             with torch.set_grad_enabled(not last), autocast_for(images.device):
                 tokens = model.forward_features(images, pos)
                 logits = model.vit.forward_head(tokens).float()
-            ent = prediction_entropy(logits)
+                ent = prediction_entropy(logits)
+                total = ent.sum()                           # images do not interact
             traj.append(pos.detach().clone())
             ents.append(ent.detach())
             preds.append(logits.detach().argmax(1))
             if last:
                 break
             opt.zero_grad(set_to_none=True)
-            ent.sum().backward()
+            total.backward()
             opt.step()
             with torch.no_grad():
                 pos.clamp_(0, 1)

@@ -18,6 +18,11 @@ FOLDERS = {
     "oracle": "oracle/{backbone}/{budget}",
     "transfer": "transfer/{src}/{dst}/{budget}",
     "analysis": "analysis/{backbone}/{budget}",
+    "model-saliency": "model-saliency/{backbone}",
+    "learned": "learned/{backbone}/{budget}",
+    "placer": "placer/{backbone}/{budget}",
+    "entropy": "entropy/{backbone}/{budget}",
+    "placer-transfer": "placer-transfer/{src}/{dst}/{budget}",
     "report": "report",
     "logs": "logs",
 }

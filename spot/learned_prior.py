@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from spot.model import autocast_for
 from spot.oracle import OPTIMIZERS, frozen
 from spot.priors import NEEDS_SALIENCY, sample_positions
 
@@ -37,11 +38,6 @@ def batches_forever(batches: Iterable) -> Iterator:
             yield b
         if empty:
             raise ValueError("the batches ran out (empty, or a generator already consumed): pass a re-iterable")
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (as SPoT-ON runs), a no-op elsewhere; the tokenizer samples in float32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def initial_positions(init: str | torch.Tensor, n: int, img_size: tuple[int, int], k: int, seed: int = 0) -> torch.Tensor:

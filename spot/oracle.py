@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from spot.model import autocast_for
+
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
@@ -69,7 +71,7 @@ def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: 
     pos = positions.detach().clone().float().requires_grad_(True)
     kw = {"weight_decay": 0.0} if optimizer != "sgd" else {}
     opt = OPTIMIZERS[optimizer]([pos], lr=lr, **kw)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=images.is_cuda)
+    autocast = autocast_for(images.device)
     traj, losses, correct = [], [], []
     with frozen(model):
         for step in range(steps + 1):
@@ -77,7 +79,7 @@ def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: 
             with torch.set_grad_enabled(not last), autocast:
                 tokens = model.forward_features(images, pos)
                 logits = model.vit.forward_head(tokens).float()
-            loss = F.cross_entropy(logits, labels, reduction="sum")
+                loss = F.cross_entropy(logits, labels, reduction="sum")
             traj.append(pos.detach().clone())
             losses.append(loss.detach() / len(labels))
             correct.append(logits.argmax(1) == labels)

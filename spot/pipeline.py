@@ -163,10 +163,39 @@ def eval_of(cfg, backbone, budget):
 
 def report_inputs(cfg, w):
     jobs = {name: [(STAGE[name].output, j) for j in STAGE[name].jobs(cfg)]
-            for name in ("evaluate", "oracle-gather", "transfer", "analyze")}
+            for name in ("evaluate", "oracle-gather", "transfer", "analyze", "placer-transfer", *PLACEMENT)}
     first = sorted(cfg["backbones"])[0]                  # its evaluations make the prior picture sheet
     return dict(backbone=("backbone", {"backbone": first}), decoded=decoded(cfg, first), eval=jobs["evaluate"],
-                oracle=jobs["oracle-gather"], transfer=jobs["transfer"], analysis=jobs["analyze"])
+                oracle=jobs["oracle-gather"], transfer=jobs["transfer"], analysis=jobs["analyze"],
+                placer_transfer=jobs["placer-transfer"], **{m: jobs[m] for m in PLACEMENT})
+
+
+PLACEMENT = ("learned", "placer", "entropy")             # label-free placement stages, `placement.methods`
+
+
+def placement_jobs(method):
+    """The jobs of a label-free placement stage: every backbone x `placement.budgets`, if the method is on."""
+    return lambda cfg: (product(backbone=list(cfg["backbones"]), budget=cfg["placement"]["budgets"])
+                        if method in cfg["placement"]["methods"] else [])
+
+
+def placer_transfers(cfg) -> list[dict]:
+    """Every ordered pair of different backbones x `placement.transfer` (budgets), if placers run."""
+    if "placer" not in cfg["placement"]["methods"]:
+        return []
+    return [j for j in product(src=list(cfg["backbones"]), dst=list(cfg["backbones"]),
+                               budget=cfg["placement"]["transfer"]) if j["src"] != j["dst"]]
+
+
+def model_inputs(cfg, w):
+    """A job's backbone `w["backbone"]` and the decoded images it reads."""
+    return {"backbone": ("backbone", {"backbone": w["backbone"]}), "decoded": decoded(cfg, w["backbone"])}
+
+
+def model_maps(cfg, wanted: bool) -> dict:
+    """The model-saliency maps as an input, if `wanted` and the config makes them (`saliency.model`)."""
+    model = cfg["saliency"]["model"]
+    return {"model_saliency": ("model-saliency", {"backbone": model})} if wanted and model else {}
 
 
 ORACLE = ["oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size", "oracle.parts",
@@ -179,8 +208,10 @@ STAGES = [
           options={"workers": dict(type=int, help="writer processes (default: the CPUs it may use, at most "
                                                   "OMP_NUM_THREADS, which Snakemake sets to the job's threads)")}),
     Stage("saliency", "saliency:run", "precompute a saliency map per image", (),
-          params=lambda cfg, w: ["saliency", "report.pictures"], inputs=lambda cfg, w: {"shards": ("shards", {})},
-          jobs=lambda cfg: [{}], output="saliency"),
+          params=lambda cfg, w: ["saliency.method", "saliency.size", "report.pictures", "device"],
+          inputs=lambda cfg, w: {"shards": ("shards", {})}, jobs=lambda cfg: [{}], output="saliency", threads=32,
+          gpu=True, options={"workers": dict(type=int, help="decoding processes (default: the CPUs it may use, at "
+                                                           "most OMP_NUM_THREADS); the maps are computed on `device`")}),
     Stage("decode", "decode:run", "decode every image (and saliency map) once for a data geometry", ("geometry",),
           params=lambda cfg, w: [], inputs=lambda cfg, w: {"shards": ("shards", {}), "saliency": ("saliency", {})},
           jobs=geometries, output="decoded", threads=32,
@@ -192,10 +223,14 @@ STAGES = [
           options={"resume": dict(action=argparse.BooleanOptionalAction, default=None,
                                   help="--resume: continue the checkpoint, stop if another config made it; "
                                        "--no-resume: start over (default: continue it if this config made it)")}),
+    Stage("model-saliency", "model_saliency:run", "saliency maps from a trained backbone (input gradients)",
+          ("backbone",),
+          params=lambda cfg, w: ["saliency.size", "eval.knn.bank_size", "eval.batch_size", "report.pictures", "device"],
+          inputs=model_inputs, jobs=lambda cfg: [{"backbone": cfg["saliency"]["model"]}] if cfg["saliency"]["model"]
+          else [], output="model-saliency", gpu=True),
     Stage("evaluate", "evaluate:run", "top-1 and kNN of one backbone x prior x budget", ("backbone", "prior", "budget"),
           params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "seed", "device"],
-          inputs=lambda cfg, w: {"backbone": ("backbone", {"backbone": w["backbone"]}),
-                                 "decoded": decoded(cfg, w["backbone"])},
+          inputs=lambda cfg, w: model_inputs(cfg, w) | model_maps(cfg, w["prior"] == "model_salient"),
           jobs=lambda cfg: product(backbone=list(cfg["backbones"]), prior=cfg["eval"]["priors"],
                                    budget=cfg["eval"]["budgets"]),
           output="eval", gpu=True),
@@ -222,10 +257,30 @@ STAGES = [
           output="transfer", gpu=True),
     Stage("analyze", "analyze:run", "saliency under the oracle positions, trajectory pictures", ("backbone", "budget"),
           params=lambda cfg, w: ["report.pictures"],
-          inputs=lambda cfg, w: {"oracle": ("oracle", w), "backbone": ("backbone", {"backbone": w["backbone"]}),
-                                 "decoded": decoded(cfg, w["backbone"])},
+          inputs=lambda cfg, w: {"oracle": ("oracle", w)} | model_inputs(cfg, w) | model_maps(cfg, True),
           jobs=lambda cfg: product(backbone=list(cfg["backbones"]), budget=cfg["oracle"]["budgets"]),
           output="analysis"),
+    Stage("learned", "learned:run", "fit N positions shared by all images (label-free at inference)",
+          ("backbone", "budget"),
+          params=lambda cfg, w: ["placement.batch_size", "placement.learned", "eval.batch_size", "eval.knn", "seed",
+                                 "device"],
+          inputs=model_inputs, jobs=placement_jobs("learned"), output="learned", gpu=True),
+    Stage("placer", "placer:run", "train a network that places N tokens per image, evaluate it", ("backbone", "budget"),
+          params=lambda cfg, w: ["placement.batch_size", "placement.placer", "eval.batch_size", "eval.knn", "seed",
+                                 "device"],
+          inputs=lambda cfg, w: model_inputs(cfg, w) | ({"learned": ("learned", w)}
+                                                        if cfg["placement"]["placer"]["init"] == "learned" else {}),
+          jobs=placement_jobs("placer"), output="placer", gpu=True),
+    Stage("placer-transfer", "placer_transfer:run", "the placer of --src placing the tokens of --dst",
+          ("src", "dst", "budget"),
+          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "device"],
+          inputs=lambda cfg, w: {"placer": ("placer", {"backbone": w["src"], "budget": w["budget"]}),
+                                 "own": ("placer", {"backbone": w["dst"], "budget": w["budget"]}),
+                                 **model_inputs(cfg, {"backbone": w["dst"]})},
+          jobs=placer_transfers, output="placer-transfer", gpu=True),
+    Stage("entropy", "entropy:run", "label-free test-time search: lower the prediction's entropy", ("backbone", "budget"),
+          params=lambda cfg, w: ["placement.entropy", "oracle.prior", "eval.batch_size", "eval.knn", "seed", "device"],
+          inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True),
     Stage("report", "report:run", "the paper's tables, plots, pictures and findings", (),
           params=lambda cfg, w: ["report", "eval.priors"], inputs=report_inputs, jobs=lambda cfg: [{}],
           output="report", metrics=("metrics",), plots=("plots/accuracy_vs_budget.png", "plots/oracle_steps.png"),

@@ -1,7 +1,9 @@
 """Saliency maps per image, written as shards parallel to the image shards (same keys, same order)."""
 from __future__ import annotations
 
+import contextlib
 import io
+import multiprocessing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,14 +63,26 @@ def to_png(m: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def small_images(job: tuple[Path, int]) -> tuple[list[str], np.ndarray]:
+    """Keys and (n, size, size, 3) uint8 pixels of one image shard, resized for the maps."""
+    shard, size = job
+    keys, pixels = [], []
+    for rec in read_shard(shard):
+        keys.append(rec["__key__"])
+        pixels.append(np.asarray(decode_image(rec).resize((size, size), Image.BILINEAR)))
+    return keys, np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+
+
 def write_saliency(shards_dir: str | Path, out_dir: str | Path, method: str = "spectral_residual",
-                   size: int = 64, batch_size: int = 256, preview: int = 8) -> dict:
+                   size: int = 64, batch_size: int = 256, preview: int = 8, workers: int = 1,
+                   device: str | torch.device = "cpu") -> dict:
     """One 8-bit PNG map (size x size) per image of every shard in `shards_dir` (listed in its
     manifest, which the folder must match), into `out_dir/<same shard name>` with the same keys in
     the same order; plus `preview.png` (images beside their maps) and `manifest.json`: per shard
     its name, count, size (bytes), sha256 and the sha256 of the image shard it was made from
-    (`spot.data.loading.saliency_paths` checks it). Holds `out_dir`'s lock; manifest.json and
-    run.json are removed first and written last. Returns the manifest."""
+    (`spot.data.loading.saliency_paths` checks it). `workers` processes decode and resize the
+    images, shard by shard; the maps are computed in batches on `device`. Holds `out_dir`'s lock;
+    manifest.json and run.json are removed first and written last. Returns the manifest."""
     if method not in METHODS:
         raise ValueError(f"unknown saliency method {method!r} (saliency.method); choose one of {', '.join(METHODS)}")
     if size < 8:
@@ -76,17 +90,19 @@ def write_saliency(shards_dir: str | Path, out_dir: str | Path, method: str = "s
     images = manifest_shards(verify_shards(shards_dir, hash=False))
     manifest = dict(method=method, size=size, shards=[])
     shown = []
-    with writing(out_dir) as out:
-        for image in tqdm(images, desc="saliency", unit="shard"):
-            records = []
-            recs = list(read_shard(Path(shards_dir) / image["name"]))
-            for i in range(0, len(recs), batch_size):
-                chunk = recs[i:i + batch_size]
-                imgs = [decode_image(r).resize((size, size), Image.BILINEAR) for r in chunk]
-                x = torch.from_numpy(np.stack([np.asarray(im) for im in imgs])).permute(0, 3, 1, 2).float() / 255
-                maps = saliency_maps(x, method, size)
-                records += [{"__key__": r["__key__"], "png": to_png(m)} for r, m in zip(chunk, maps, strict=True)]
-                shown += [(im, m) for im, m in zip(imgs, maps, strict=True)][:max(0, preview - len(shown))]
+    jobs = [(Path(shards_dir) / image["name"], size) for image in images]
+    with writing(out_dir) as out, contextlib.ExitStack() as stack:
+        if workers > 1 and len(jobs) > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(min(workers, len(jobs))))
+            decoded = pool.imap(small_images, jobs)
+        else:
+            decoded = map(small_images, jobs)
+        for image, (keys, pixels) in tqdm(zip(images, decoded), total=len(images), desc="saliency", unit="shard"):
+            x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+            maps = torch.cat([saliency_maps(x[i:i + batch_size].to(device).float() / 255, method, size).cpu()
+                              for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, size, size)
+            records = [{"__key__": key, "png": to_png(m)} for key, m in zip(keys, maps, strict=True)]
+            shown += list(zip(pixels, maps))[:max(0, preview - len(shown))]
             manifest["shards"].append(dict(name=image["name"], count=len(records), image_sha256=image["sha256"],
                                            **write_shard(out / image["name"], records)))
         save_preview(shown, out / "preview.png")

@@ -389,6 +389,13 @@ def test_saliency_one_map_per_key_in_order(tmp_path):
     assert b.saliency.shape == (4, 28, 28) and 0 <= b.saliency.min() and b.saliency.max() <= 1
 
 
+def test_saliency_does_not_depend_on_workers_or_batch(tmp_path):
+    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "s", max_per_class={"train": 6, "val": 6}, shard_count=25)
+    one = write_saliency(tmp_path / "s", tmp_path / "one", size=16, workers=1)
+    many = write_saliency(tmp_path / "s", tmp_path / "many", size=16, workers=3, batch_size=7)
+    assert len(one["shards"]) > 2 and one == many                   # same bytes (sha256) in every shard
+
+
 def test_saliency_folders_are_complete_and_of_these_image_shards(tmp_path, monkeypatch):
     """A saliency run that dies half-way leaves a folder the loader refuses, as it refuses maps of
     other image shards and image shards that are not complete."""
@@ -440,3 +447,24 @@ def test_bad_parameters_give_one_line_errors(tmp_path, call, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
         call(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_prefetched_keeps_order_raises_the_producers_error_and_stops_early():
+    from spot.data.decoded import prefetched
+    assert list(prefetched(iter(range(50)), 3)) == list(range(50)) == list(prefetched(iter(range(50)), 0))
+
+    def fails():
+        yield 1
+        raise ValueError("shard x is unreadable")
+    with pytest.raises(ValueError, match="shard x is unreadable"):
+        list(prefetched(fails(), 2))
+    made = []
+
+    def counted():
+        for i in range(1000):
+            made.append(i)
+            yield i
+    it = prefetched(counted(), 2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()                                                      # the consumer stops: so does the thread
+    assert len(made) < 10

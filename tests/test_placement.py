@@ -250,3 +250,17 @@ def test_inference_cost_against_the_backbone(trained):
     assert flops["learned"]["extra"] == 0
     assert 0 < flops["placer"]["extra"]
     assert flops["entropy-5"]["extra"] > 5        # 5 forward + backward passes more at least
+
+
+def test_the_searches_run_inside_no_grad():
+    """Evaluation loops run under torch.no_grad(); the searches still take their gradient steps."""
+    from spot.entropy_search import entropy_search
+    from spot.oracle import oracle_search
+    torch.manual_seed(0)
+    model = SPoTViT(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, embed_dim=32,
+                                      depth=1, num_heads=2, num_classes=10))
+    x, pos = torch.randn(4, 3, 28, 28), sample_positions("uniform", 4, 6, 28, 28, k=4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        e = entropy_search(model, x, pos, steps=2, lr=0.05)
+        o = oracle_search(model, x, torch.arange(4), pos, steps=2, lr=0.05)
+    assert not torch.equal(e.positions, pos) and not torch.equal(o.positions, pos)

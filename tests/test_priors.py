@@ -119,3 +119,45 @@ def test_bad_requests_name_the_prior(call, match):
     kw = dict(batch=3, n=16, height=H, width=W, k=K) | call
     with pytest.raises(ValueError, match=match):
         sample_positions(**kw)
+
+
+def _mix32_reference(x: int) -> int:
+    x ^= x >> 16
+    x = x * 0x7FEB352D & 0xFFFFFFFF
+    x ^= x >> 15
+    x = x * 0x846CA68B & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_the_integer_hash_is_exact_on_all_32_bit_values():
+    from spot.priors import _mix32
+    xs = torch.cat([torch.randint(0, 2**32, (2000,), generator=torch.Generator().manual_seed(0)),
+                    torch.tensor([0, 1, 2**16 - 1, 2**31, 2**32 - 1])])
+    assert [int(v) for v in _mix32(xs)] == [_mix32_reference(int(v)) for v in xs]
+
+
+def test_keyed_uniforms_are_uniform_and_independent_of_neighbours():
+    from spot.priors import keyed_uniforms
+    u = keyed_uniforms([f"val_{i:05d}" for i in range(2000)], seed=0, count=64).double()
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
+    hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
+    assert (hist - 0.1).abs().max() < 0.005
+    for a, b in ((u[:, :-1], u[:, 1:]), (u[:-1], u[1:])):         # counters, then keys next to each other
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < 0.01
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+def test_positions_for_an_image_do_not_depend_on_its_batch(prior):
+    from spot.priors import positions_for
+    keys = [f"train_{i}" for i in range(12)]
+    m = maps(12)
+    whole = positions_for(prior, 9, keys, 3, H, W, K, **m)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    shuffled = positions_for(prior, 9, [keys[i] for i in order], 3, H, W, K,
+                             saliency=m["saliency"][order], images=m["images"][order])
+    assert torch.equal(shuffled, whole[order])
+    assert torch.equal(positions_for(prior, 9, keys[4:7], 3, H, W, K, saliency=m["saliency"][4:7],
+                                     images=m["images"][4:7]), whole[4:7])
+    if prior in RANDOM:
+        assert not torch.equal(positions_for(prior, 9, keys, 4, H, W, K, **m), whole)   # the seed matters

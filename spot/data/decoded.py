@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,22 +158,71 @@ class Decoded:
                 if shards is None or e["name"] in shards]
 
     def batches(self, split: str, batch_size: int, limit: int | None = None, saliency: bool = False,
-                shards: list[str] | None = None, device=None) -> Iterator[Batch]:
+                shards: list[str] | None = None, device=None, prefetch: int = 3) -> Iterator[Batch]:
         """`Batch`es (images normalised as timm does, labels, keys, saliency in [0, 1] or None) of the
         split's first `limit` rows (all if None); with `shards`, only theirs, each shard batched on its
-        own. On a CUDA `device` the uint8 pixels go there from page-locked memory without blocking and
-        are normalised there (the same arithmetic); otherwise batches stay on the CPU."""
+        own. A background thread reads up to `prefetch` batches ahead off the memory map (into
+        page-locked memory for a CUDA `device`); on CUDA the uint8 pixels are copied without
+        blocking and normalised there (the same arithmetic), otherwise batches stay on the CPU."""
         images, labels, keys = self.array(split, "images"), self.array(split, "labels"), self.array(split, "keys")
         maps = self.array(split, "saliency") if saliency else None
         cuda = device is not None and torch.device(device).type == "cuda"
         mean, std = (self.mean.to(device), self.std.to(device)) if cuda else (self.mean, self.std)
         spans = self.rows(split, shards) if shards is not None else [range(len(labels) if limit is None
                                                                            else min(limit, len(labels)))]
-        for span in spans:
-            for a in range(span.start, span.stop, batch_size):
-                b = min(a + batch_size, span.stop)
-                x = torch.from_numpy(np.array(images[a:b]))                  # a copy off the read-only map
-                x = x.pin_memory().to(device, non_blocking=True) if cuda else x
-                s = None if maps is None else torch.from_numpy(np.array(maps[a:b])).float() / 255.0
-                yield Batch(x.float().div_(255).sub_(mean).div_(std), torch.from_numpy(np.array(labels[a:b])),
-                            [str(k) for k in keys[a:b]], s)
+
+        def host(rows: np.ndarray) -> torch.Tensor:
+            out = torch.empty(rows.shape, dtype=torch.uint8, pin_memory=cuda)
+            out.numpy()[:] = rows                                            # one copy off the read-only map
+            return out
+
+        def read():
+            for span in spans:
+                for a in range(span.start, span.stop, batch_size):
+                    b = min(a + batch_size, span.stop)
+                    yield (host(images[a:b]), None if maps is None else host(maps[a:b]),
+                           torch.from_numpy(np.array(labels[a:b])), [str(k) for k in keys[a:b]])
+
+        for x, s, y, k in prefetched(read(), prefetch):
+            x = x.to(device, non_blocking=True) if cuda else x
+            s = None if s is None else (s.to(device, non_blocking=True) if cuda else s).float() / 255
+            yield Batch(x.float().div_(255).sub_(mean).div_(std), y, k, s)
+
+
+def prefetched(items: Iterator, depth: int) -> Iterator:
+    """The items of `items`, produced by a background thread up to `depth` ahead (numpy and torch
+    copies release the GIL); its exceptions are raised here. depth 0: no thread."""
+    if depth < 1:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(depth)
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from spot.backbones import read_meta
 from spot.data.decoded import Decoded
 from spot.figures import draw_trajectories, save_fig, to_display
+from spot.model_saliency import SaliencyMaps
 from spot.outputs import Record
 from spot.utils import read_json, write_json
 
@@ -25,26 +26,34 @@ def saliency_at(maps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
     """Writes saliency.json (mean saliency at the start and the end, the fraction of images whose
-    tokens moved to more salient pixels) and trajectories.png (`report.pictures` images)."""
+    tokens moved to more salient pixels; the same prefixed `model_` under the maps of stage
+    model-saliency, when the config makes them) and trajectories.png (`report.pictures` images)."""
     pictures = cfg["report"]["pictures"]
     found = pd.read_parquet(inputs["oracle"] / "results.parquet").set_index("key")
     prior = read_json(inputs["oracle"] / "run.json")["params"]["oracle.prior"]
     meta = read_meta(inputs["backbone"])
     dc = meta["data_config"]
-    init_s, final_s, shown = [], [], []
+    model_maps = SaliencyMaps(inputs["model_saliency"]) if "model_saliency" in inputs else None
+    sums: dict[str, list] = {}                            # "<prefix><init|final>" -> per-batch (B,) means
+    shown = []
     for b in Decoded(inputs["decoded"], dc).batches("val", 256, saliency=True):
         rows = found.loc[b.keys]
         init, final = (torch.from_numpy(np.stack(rows[c].to_numpy()).astype(np.float32)).view(len(b.keys), -1, 2)
                        for c in ("init", "final"))
-        init_s.append(saliency_at(b.saliency, init).mean(1))
-        final_s.append(saliency_at(b.saliency, final).mean(1))
+        maps = {"": b.saliency} | ({"model_": model_maps("val", b.keys)} if model_maps else {})
+        for prefix, m in maps.items():
+            sums.setdefault(prefix + "init", []).append(saliency_at(m, init).mean(1))
+            sums.setdefault(prefix + "final", []).append(saliency_at(m, final).mean(1))
         if len(shown) < pictures:
             imgs = to_display(b.images[:pictures - len(shown)], dc["mean"], dc["std"])
             shown += [(im, np.stack([i, f])) for im, i, f in zip(imgs, init.numpy(), final.numpy())]
-    init_s, final_s = torch.cat(init_s), torch.cat(final_s)
-    metrics = dict(saliency_init=init_s.mean().item(), saliency_final=final_s.mean().item(),
-                   saliency_delta=(final_s - init_s).mean().item(),
-                   frac_images_more_salient=(final_s > init_s).float().mean().item(), n=len(init_s))
+    metrics = {}
+    for prefix in ("", "model_") if model_maps else ("",):
+        init_s, final_s = torch.cat(sums[prefix + "init"]), torch.cat(sums[prefix + "final"])
+        metrics |= {f"{prefix}saliency_init": init_s.mean().item(), f"{prefix}saliency_final": final_s.mean().item(),
+                    f"{prefix}saliency_delta": (final_s - init_s).mean().item(),
+                    f"{prefix}frac_images_more_salient": (final_s > init_s).float().mean().item()}
+    metrics["n"] = len(init_s)
     fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(2 * max(1, len(shown)), 2.3), squeeze=False)
     for ax, (im, traj) in zip(axes[0], shown):
         draw_trajectories(ax, im, traj, meta["patch_size"])

@@ -39,7 +39,7 @@ def search(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part:
                                device=device)
         for b in tqdm(batches, desc=f"oracle {backbone}/{budget} {shard}", unit="batch"):
             init = positions_for(o["prior"], budget, b.keys, cfg["seed"] + 1, *model.img_size, model.k, b.saliency,
-                                 b.images).to(device)
+                                 b.images, device)
             r = oracle_search(model, b.images.to(device), b.labels.to(device), init, steps=o["steps"], lr=o["lr"],
                               optimizer=o["optimizer"])
             found["keys"] += b.keys

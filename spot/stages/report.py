@@ -17,9 +17,10 @@ from spot.figures import draw_tokens, save_fig, to_display
 from spot.outputs import Record
 from spot.utils import atomic_path, read_json, write_json
 
-OBJECT_CENTRIC = ("center", "gaussian", "salient")
+OBJECT_CENTRIC = ("center", "gaussian", "salient", "model_salient")
 COVERAGE = ("isotropic", "sobol", "uniform")
-PAPER_ORDER = ("grid", "uniform", "gaussian", "sobol", "isotropic", "center", "salient")
+PAPER_ORDER = ("grid", "uniform", "gaussian", "sobol", "isotropic", "center", "salient", "model_salient")
+LABEL_FREE = ("learned", "placer", "entropy")     # label-free placement stages: rows whose `prior` is the method
 
 
 def records(folders: list[Path]) -> list[tuple[dict, Path]]:
@@ -28,21 +29,27 @@ def records(folders: list[Path]) -> list[tuple[dict, Path]]:
 
 
 def collect(inputs: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(results, transfer, saliency) tables from the input folders of eval, oracle, transfer, analysis."""
+    """(results, transfer, saliency) tables from the input folders of eval, oracle, transfer, analysis
+    and the label-free placements (rows whose prior is the method's name, with their extra_flops)."""
     rows = []
     for p, f in records(inputs["eval"]):
         m = read_json(f / "metrics.json")
         rows.append(dict(backbone=p["backbone"], prior=p["prior"], oracle=False, budget=p["budget"], top1=m["top1"],
                          knn=m["knn"]))
+    for method in LABEL_FREE:
+        for p, f in records(inputs.get(method, [])):
+            m = read_json(f / "metrics.json")
+            rows.append(dict(backbone=p["backbone"], prior=method, oracle=False, budget=p["budget"], top1=m["top1"],
+                             knn=m["knn"], extra_flops=m["extra_flops"]))
     oracle_prior = {}
     for p, f in records(inputs["oracle"]):
         m = read_json(f / "metrics.json")
         oracle_prior[p["backbone"], p["budget"]] = p["oracle.prior"]
         rows.append(dict(backbone=p["backbone"], prior=p["oracle.prior"], oracle=True, budget=p["budget"],
                          top1=m["top1"], knn=m["knn"], top1_init=m["top1_init"], top1_snapped=m["top1_snapped"]))
-    results = pd.DataFrame(rows, columns=["backbone", "prior", "oracle", "budget", "top1", "knn", "top1_init",
-                                          "top1_snapped"]).sort_values(["backbone", "oracle", "prior", "budget"],
-                                                                       ignore_index=True)
+    columns = ["backbone", "prior", "oracle", "budget", "top1", "knn", "top1_init", "top1_snapped", "extra_flops"]
+    results = pd.DataFrame(rows, columns=columns).sort_values(["backbone", "oracle", "prior", "budget"],
+                                                              ignore_index=True)
     trans = [dict(src=p["src"], dst=p["dst"], budget=p["budget"], **read_json(f / "metrics.json"))
              for p, f in records(inputs["transfer"])]
     sal = [dict(backbone=p["backbone"], prior=oracle_prior[p["backbone"], p["budget"]], budget=p["budget"],
@@ -52,8 +59,24 @@ def collect(inputs: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     return results, pd.DataFrame(trans), pd.DataFrame(sal)
 
 
+def placer_transfers(inputs: dict) -> pd.DataFrame:
+    """src, dst, budget, top1, top1_own (dst's own placer), gain of each placer-transfer job."""
+    rows = [dict(src=p["src"], dst=p["dst"], budget=p["budget"], **{k: read_json(f / "metrics.json")[k]
+                                                                       for k in ("top1", "top1_own", "gain")})
+            for p, f in records(inputs.get("placer_transfer", []))]
+    return pd.DataFrame(rows, columns=["src", "dst", "budget", "top1", "top1_own", "gain"]).sort_values(
+        ["dst", "budget", "src"], ignore_index=True)
+
+
 def model_name(prior: str, oracle: bool) -> str:
+    if prior in LABEL_FREE:
+        return f"SPoT-{prior}"
     return "SPoT-ON" if oracle else ("ViT" if prior == "grid" else "SPoT")
+
+
+def fixed_priors(results: pd.DataFrame) -> pd.DataFrame:
+    """The rows of fixed priors (neither SPoT-ON nor a label-free placement)."""
+    return results[~results.oracle & ~results.prior.isin(LABEL_FREE)]
 
 
 def paper_table(df: pd.DataFrame) -> str:
@@ -62,12 +85,12 @@ def paper_table(df: pd.DataFrame) -> str:
     budgets = sorted(df.budget.unique())
     rank = {p: i for i, p in enumerate(PAPER_ORDER)}
     keys = sorted(df[["prior", "oracle"]].drop_duplicates().itertuples(index=False),
-                  key=lambda r: (r.oracle, rank.get(r.prior, len(rank)), r.prior))
+                  key=lambda r: (r.oracle, r.prior in LABEL_FREE, rank.get(r.prior, len(rank)), r.prior))
     best = {(n, c): df[(df.budget == n) & ~df.oracle][c].max() for n in budgets for c in ("top1", "knn")}
     head = ["Model", "Prior", "Oracle"] + [f"{n} T {c}" for n in budgets for c in ("Acc@1", "kNN")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for prior, oracle in keys:
-        cells = [model_name(prior, oracle), prior, "✓" if oracle else ""]
+        cells = [model_name(prior, oracle), "" if prior in LABEL_FREE else prior, "✓" if oracle else ""]
         for n in budgets:
             for c in ("top1", "knn"):
                 v = df[(df.prior == prior) & (df.oracle == oracle) & (df.budget == n)][c]
@@ -80,9 +103,10 @@ def paper_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame) -> str:
-    """One computed paragraph per case study of the paper."""
-    ev = results[~results.oracle]
+def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
+             ptrans: pd.DataFrame | None = None) -> str:
+    """One computed paragraph per case study of the paper, and a fifth: the label-free placements."""
+    ev = fixed_priors(results)
     out = ["# Findings (computed from results.csv)", ""]
     out.append("## 1. Are grids an inherent limitation of ViTs?")
     for b, g in ev.groupby("backbone"):
@@ -112,6 +136,15 @@ def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame) -> s
         out.append(f"- {r.backbone} {r.prior} N={r.budget}: mean saliency {r.saliency_init:.4f} at the start -> "
                    f"{r.saliency_final:.4f} after the search ({r.saliency_delta:+.4f}; "
                    f"{100 * r.frac_images_more_salient:.1f}% of images moved to more salient pixels).")
+        if not np.isnan(getattr(r, "model_saliency_init", np.nan)):
+            out[-1] = out[-1][:-1] + (f"; under the model's input-gradient maps {r.model_saliency_init:.4f} -> "
+                                      f"{r.model_saliency_final:.4f} ({r.model_saliency_delta:+.4f}; "
+                                      f"{100 * r.model_frac_images_more_salient:.1f}% more salient).")
+    for (b, n), g in ev[ev.prior.isin(("salient", "model_salient"))].groupby(["backbone", "budget"]):
+        top = dict(zip(g.prior, g.top1))
+        if len(top) == 2:
+            out.append(f"- salient prior {b} N={n}: spectral residual maps {100 * top['salient']:.2f} vs the model's "
+                       f"input-gradient maps (model_salient) {100 * top['model_salient']:.2f} top-1.")
     orc = results[results.oracle]
     for r in orc.itertuples():
         out.append(f"- SPoT-ON {r.backbone} {r.prior} N={r.budget}: top-1 {100 * r.top1_init:.2f} -> {100 * r.top1:.2f} "
@@ -122,7 +155,55 @@ def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame) -> s
                    f"placements vs {100 * r.top1_prior:.2f} on its own prior ({100 * r.gain:+.2f} points).")
     if trans.empty:
         out.append("- no transfer results in this run.")
+    out += ["", "## 5. How much of the oracle gap can be closed without labels?",
+            "Gap closed = (top-1 − best fixed prior) / (SPoT-ON − best fixed prior), same backbone and budget; "
+            "extra compute = the method's inference FLOPs over one backbone forward at that budget, minus 1."]
+    gaps = gap_closed(results)
+    for r in gaps.itertuples():
+        closed = "no SPoT-ON at this budget" if np.isnan(r.gap_closed) else f"{100 * r.gap_closed:.0f}% of the gap"
+        out.append(f"- {model_name(r.method, False)} {r.backbone} N={r.budget}: top-1 {100 * r.top1:.2f} vs best fixed "
+                   f"prior {r.best_prior} {100 * r.best_fixed:.2f} and SPoT-ON {100 * r.oracle_top1:.2f}: {closed}, "
+                   f"{100 * r.extra_flops:+.1f}% FLOPs.")
+    if gaps.empty:
+        out.append("- no label-free placement in this run (placement.methods).")
+    else:
+        sparse = gaps[gaps.budget == gaps.budget.min()]
+        met = sparse[(sparse.gap_closed >= 0.3) & (sparse.extra_flops <= 0.25)]
+        valid = sparse.dropna(subset=["gap_closed"])
+        best = valid.loc[valid.groupby("backbone").gap_closed.idxmax()] if not valid.empty else valid
+        out.append(f"- At {sparse.budget.min()} tokens a method closes >= 30% of the gap at <= 25% extra FLOPs on "
+                   f"{met.backbone.nunique()} of {sparse.backbone.nunique()} backbones; best per backbone: " +
+                   ", ".join(f"{r.backbone} {model_name(r.method, False)} {100 * r.gap_closed:.0f}%"
+                             for r in best.itertuples()) + ".")
+    fixed = fixed_priors(results)
+    for r in ptrans.itertuples() if ptrans is not None else ():
+        same = fixed[(fixed.backbone == r.dst) & (fixed.budget == r.budget)].top1
+        out.append(f"- placer transfer {r.src} -> {r.dst}, N={r.budget}: {100 * r.top1:.2f} with {r.src}'s placer vs "
+                   f"{100 * r.top1_own:.2f} with {r.dst}'s own ({100 * r.gain:+.2f} points)" +
+                   (f" and {100 * same.max():.2f} with its best fixed prior." if not same.empty else "."))
     return "\n".join(out) + "\n"
+
+
+def gap_closed(results: pd.DataFrame) -> pd.DataFrame:
+    """Per label-free method, backbone and budget: top1, the best fixed prior (name, top1), SPoT-ON's
+    top1 (NaN without a search at that budget), gap_closed and extra_flops."""
+    fixed, orc = fixed_priors(results), results[results.oracle]
+    rows = []
+    for r in results[results.prior.isin(LABEL_FREE)].itertuples():
+        same = fixed[(fixed.backbone == r.backbone) & (fixed.budget == r.budget)]
+        on = orc[(orc.backbone == r.backbone) & (orc.budget == r.budget)].top1
+        if same.empty:
+            continue
+        best = same.loc[same.top1.idxmax()]
+        top = on.max() if not on.empty else np.nan
+        rows.append(dict(method=r.prior, backbone=r.backbone, budget=r.budget, top1=r.top1, best_prior=best.prior,
+                         best_fixed=best.top1, oracle_top1=top, gap_closed=(r.top1 - best.top1) / (top - best.top1)
+                         if top > best.top1 else np.nan, extra_flops=r.extra_flops))
+    columns = ["method", "backbone", "budget", "top1", "best_prior", "best_fixed", "oracle_top1", "gap_closed",
+               "extra_flops"]
+    rank = {m: i for i, m in enumerate(LABEL_FREE)}
+    return pd.DataFrame(rows, columns=columns).sort_values(["backbone", "budget", "method"], key=lambda c: c.map(
+        rank) if c.name == "method" else c, ignore_index=True)
 
 
 def plot_budgets(results: pd.DataFrame, path: Path) -> None:
@@ -144,21 +225,50 @@ def plot_budgets(results: pd.DataFrame, path: Path) -> None:
 
 def prior_sheet(inputs: dict, path: Path, priors: list[str], budget: int, pictures: int) -> None:
     """The first val images with the tokens each prior placed in the evaluation of the first
-    backbone (by name) at `budget`, drawn as k x k boxes."""
+    backbone (by name) at `budget`, then those of each label-free placement and SPoT-ON's final
+    positions where they ran at `budget`, drawn as k x k boxes."""
     backbone = inputs["backbone"]
     meta = read_meta(backbone)
     dc = meta["data_config"]
     b = next(Decoded(inputs["decoded"], dc).batches("val", pictures))
-    placed = {p["prior"]: pd.read_parquet(f / "predictions.parquet").set_index("key")
-              for p, f in records(inputs["eval"]) if p["backbone"] == backbone.name and p["budget"] == budget}
-    priors = [p for p in priors if p in placed]
+    mine = lambda p: p["backbone"] == backbone.name and p["budget"] == budget
+    placed = {p["prior"]: pd.read_parquet(f / "predictions.parquet").set_index("key").positions
+              for p, f in records(inputs["eval"]) if mine(p)}
+    placed |= {model_name(m, False): pd.read_parquet(f / "predictions.parquet").set_index("key").positions
+               for m in LABEL_FREE for p, f in records(inputs.get(m, [])) if mine(p)}
+    for p, f in records(inputs["oracle"]):
+        if mine(p):
+            placed["SPoT-ON"] = pd.read_parquet(f / "results.parquet").set_index("key").final
+    rows = [p for p in priors if p in placed] + [r for r in placed if r not in priors]
     imgs = to_display(b.images, dc["mean"], dc["std"])
-    fig, axes = plt.subplots(len(priors), len(imgs), figsize=(1.5 * len(imgs), 1.55 * len(priors)), squeeze=False)
-    for row, prior in zip(axes, priors):
+    fig, axes = plt.subplots(len(rows), len(imgs), figsize=(1.5 * len(imgs), 1.55 * len(rows)), squeeze=False)
+    for row, name in zip(axes, rows):
         for ax, im, key in zip(row, imgs, b.keys):
-            draw_tokens(ax, im, np.asarray(placed[prior].loc[key, "positions"]).reshape(-1, 2), meta["patch_size"])
-        row[0].set_ylabel(prior, fontsize=8)
-    fig.suptitle(f"{budget} tokens per prior ({backbone.name})")
+            draw_tokens(ax, im, np.asarray(placed[name].loc[key]).reshape(-1, 2), meta["patch_size"])
+        row[0].set_ylabel(name, fontsize=8)
+    fig.suptitle(f"{budget} tokens per prior and placement ({backbone.name})")
+    save_fig(fig, path)
+
+
+def learned_sheet(inputs: dict, path: Path, pictures: int) -> None:
+    """The learned global prior's positions, one panel per backbone (rows) and budget (columns),
+    drawn on the mean of the first val images."""
+    found = sorted(((p["backbone"], p["budget"]), f) for p, f in records(inputs.get("learned", [])))
+    if not found:
+        return
+    meta = read_meta(inputs["backbone"])
+    dc = meta["data_config"]
+    mean = to_display(next(Decoded(inputs["decoded"], dc).batches("val", pictures)).images, dc["mean"], dc["std"]).mean(0)
+    backbones, budgets = sorted({b for (b, _), _ in found}), sorted({n for (_, n), _ in found})
+    fig, axes = plt.subplots(len(backbones), len(budgets), figsize=(2 * len(budgets), 2.1 * len(backbones)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for (b, n), f in found:
+        ax = axes[backbones.index(b), budgets.index(n)]
+        draw_tokens(ax, mean, np.asarray(read_json(f / "positions.json")["positions"]), meta["patch_size"])
+        ax.set_title(f"{b}, {n} tokens", fontsize=8)
+    fig.suptitle("learned global prior: the same positions for every image")
     save_fig(fig, path)
 
 
@@ -207,13 +317,16 @@ def plot_oracle_steps(curves: pd.DataFrame, path: Path) -> None:
     save_fig(fig, path)
 
 
-def metric_rows(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame) -> dict[str, dict]:
+def metric_rows(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
+                ptrans: pd.DataFrame | None = None) -> dict[str, dict]:
     """The DVC metrics: one small file per backbone and way of placing tokens, keyed by budget
     (zero-padded, so `dvc metrics show` sorts its columns by budget) then top1 / knn / saliency, so
     that `dvc metrics show` prints the paper's table, a row per file. Rows: each prior, `spot-on`
     (the oracle), `spot-on-snapped` (its positions snapped to the grid), `transfer-from-<src>`
-    (another backbone's oracle positions). `saliency`: mean saliency under the tokens, where the
-    analysis measured it (the oracle's start prior and `spot-on`)."""
+    (another backbone's oracle positions), `learned`, `placer`, `entropy` (label-free placements, with
+    extra_flops and gap_closed, see `gap_closed`), `placer-from-<src>` (another backbone's placer).
+    `saliency` (and `model_saliency`, under the model's maps): mean saliency under the tokens, where
+    the analysis measured it (the oracle's start prior and `spot-on`)."""
     budgets = list(results.budget) + (list(trans.budget) if not trans.empty else [])
     width = len(str(max(budgets)))
     rows: dict[str, dict] = {}
@@ -234,6 +347,14 @@ def metric_rows(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame) -
     for r in sal.itertuples() if not sal.empty else ():
         put(r.backbone, r.prior, r.budget, saliency=r.saliency_init)
         put(r.backbone, "spot-on", r.budget, saliency=r.saliency_final)
+        if not np.isnan(getattr(r, "model_saliency_init", np.nan)):
+            put(r.backbone, r.prior, r.budget, model_saliency=r.model_saliency_init)
+            put(r.backbone, "spot-on", r.budget, model_saliency=r.model_saliency_final)
+    for r in ptrans.itertuples() if ptrans is not None else ():
+        put(r.dst, f"placer-from-{r.src}", r.budget, top1=r.top1)
+    for r in gap_closed(results).itertuples():
+        put(r.backbone, r.method, r.budget, extra_flops=r.extra_flops,
+            **({} if np.isnan(r.gap_closed) else dict(gap_closed=r.gap_closed)))
     return {k: dict(sorted(v.items())) for k, v in sorted(rows.items())}
 
 
@@ -295,7 +416,8 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     """Gather every result into `out`: results.{parquet,csv}, tables.{md,html}, findings.{md,html},
     metrics.json (every number, flat), metrics/<backbone>/<row>.json (the DVC metrics: `metric_rows`),
     plots/accuracy_vs_budget.{png,csv}, plots/oracle_steps.png, pictures/priors.png (priors in
-    `eval.priors` order), pictures/trajectories.png."""
+    `eval.priors` order, then the label-free placements and SPoT-ON), pictures/trajectories.png,
+    pictures/learned.png (the learned global priors, when stage learned ran)."""
     results, trans, sal = collect(inputs)
     if results.empty:
         raise FileNotFoundError("no evaluation results: the report needs at least one evaluate job")
@@ -309,7 +431,14 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
         tables += [f"## Backbone: {b}", "", paper_table(g), ""]
     if not trans.empty:
         tables += ["## Transfer of oracle placements", "", trans.to_markdown(index=False, floatfmt=".4f"), ""]
-    found = findings(results, trans, sal)
+    gaps = gap_closed(results)
+    if not gaps.empty:
+        tables += ["## Label-free placement: the oracle gap closed and the extra compute", "",
+                   gaps.to_markdown(index=False, floatfmt=".4f"), ""]
+    ptrans = placer_transfers(inputs)
+    if not ptrans.empty:
+        tables += ["## Transfer of placers", "", ptrans.to_markdown(index=False, floatfmt=".4f"), ""]
+    found = findings(results, trans, sal, ptrans)
     for name, text, title in (("tables", "\n".join(tables), "SPoT results"), ("findings", found, "SPoT findings")):
         with atomic_path(out / f"{name}.md") as tmp:
             tmp.write_text(text)
@@ -326,10 +455,13 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     prior_sheet(inputs, out / "pictures" / "priors.png", cfg["eval"]["priors"], int(budgets[len(budgets) // 2]),
                 cfg["report"]["pictures"])
     trajectory_sheet(inputs, out / "pictures" / "trajectories.png")
+    learned_sheet(inputs, out / "pictures" / "learned.png", cfg["report"]["pictures"])
     metrics = {f"{r.backbone}/{r.prior}{'/oracle' if r.oracle else ''}/{r.budget}/{c}": round(float(getattr(r, c)), 6)
                for r in results.itertuples() for c in ("top1", "knn")}
     metrics.update({f"transfer/{r.src}__{r.dst}/{r.budget}/gain": round(float(r.gain), 6) for r in trans.itertuples()})
+    metrics.update({f"{r.backbone}/{r.method}/{r.budget}/{c}": round(float(getattr(r, c)), 6)
+                    for r in gaps.itertuples() for c in ("gap_closed", "extra_flops") if not np.isnan(getattr(r, c))})
     write_json(out / "metrics.json", metrics)
-    write_metrics(out / "metrics", metric_rows(results, trans, sal))
+    write_metrics(out / "metrics", metric_rows(results, trans, sal, ptrans))
     artifacts = [str(p.relative_to(out)) for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     return Record(dict(rows=len(results), transfers=len(trans)), artifacts)

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from spot.data.shards import default_workers
 from spot.outputs import Record
 from spot.saliency import write_saliency
+from spot.utils import resolve_device
 
 
-def run(cfg: dict, inputs: dict, out: Path) -> Record:
+def run(cfg: dict, inputs: dict, out: Path, workers: int | None = None) -> Record:
     s = cfg["saliency"]
-    manifest = write_saliency(inputs["shards"], out, s["method"], s["size"], preview=cfg["report"]["pictures"])
+    manifest = write_saliency(inputs["shards"], out, s["method"], s["size"], preview=cfg["report"]["pictures"],
+                              workers=workers or default_workers(), device=resolve_device(cfg["device"]))
     return Record(dict(maps=sum(sh["count"] for sh in manifest["shards"])), ["manifest.json", "preview.png"])

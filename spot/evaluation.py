@@ -1,0 +1,84 @@
+"""Evaluating one way of placing tokens: top-1 on val, kNN against a train bank, the files it writes.
+
+A placement is a function `place(batch, split) -> (B, N, 2)` positions (y, x) in [0, 1] for a
+`spot.data.decoded.Batch` of split "train" (the kNN bank) or "val": a fixed prior, a learned global
+prior, a placer network or a label-free search. Stage evaluate and the label-free placement stages
+all evaluate through `evaluate_placement`, so their metrics.json and predictions.parquet agree.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from spot.data.decoded import Decoded
+from spot.knn import knn_predict
+from spot.model import SPoTViT, autocast_for
+from spot.utils import atomic_path, write_json
+
+Place = Callable[[object, str], torch.Tensor]
+
+
+class SplitBatches:
+    """Re-iterable batches of one split (every iteration is a new pass in stored order), e.g. for
+    `spot.learned_prior.fit_global_prior` and `spot.placer.train_placer`."""
+
+    def __init__(self, data: Decoded, split: str, batch_size: int, device, saliency: bool = False):
+        self.data, self.split, self.batch_size, self.device, self.saliency = data, split, batch_size, device, saliency
+
+    def __iter__(self):
+        return self.data.batches(self.split, self.batch_size, saliency=self.saliency, device=self.device)
+
+
+@torch.no_grad()
+def run_split(model: SPoTViT, batches, place: Callable[[object], torch.Tensor], device, desc: str) -> dict:
+    """Features (n, D), logits (n, classes), labels (n,), keys and positions (n, N, 2) of the
+    batches' images, in order, with the tokens `place(batch)` puts. bf16 autocast on CUDA; the
+    results stay on the device until the pass ends (no synchronisation per batch)."""
+    feats, logits, labels, keys, positions = [], [], [], [], []
+    for b in tqdm(batches, desc=desc, unit="batch"):
+        x = b.images.to(device, non_blocking=True)
+        pos = place(b).to(device)
+        with autocast_for(device):
+            tok = model.forward_features(x, pos)
+            feats.append(model.vit.forward_head(tok, pre_logits=True).float())
+            logits.append(model.vit.forward_head(tok).float())
+        labels.append(b.labels)
+        keys += b.keys
+        positions.append(pos.float())
+    return dict(features=torch.cat(feats).cpu(), logits=torch.cat(logits).cpu(), labels=torch.cat(labels), keys=keys,
+                positions=torch.cat(positions).cpu())
+
+
+def evaluate_placement(model: SPoTViT, data: Decoded, place: Place, out: Path, *, batch_size: int, knn: dict,
+                       device, job: str, saliency: bool = False) -> dict:
+    """Top-1 on val and kNN accuracy (bank: the first `knn["bank_size"]` train images, all if None,
+    placed by the same `place`) of `model` with the tokens `place` puts. `saliency`: batches carry
+    their maps. Writes metrics.json, predictions.parquet (key, label, pred, correct, knn_pred,
+    knn_correct, positions as 2N floats (y, x) in [0, 1]) and bank.npz (train features float16,
+    labels); returns the metrics."""
+    def batches(split, limit=None):
+        return data.batches(split, batch_size, limit=limit, saliency=saliency, device=device)
+
+    bank = run_split(model, batches("train", knn["bank_size"]), lambda b: place(b, "train"), device, f"bank {job}")
+    val = run_split(model, batches("val"), lambda b: place(b, "val"), device, f"val {job}")
+    labels, pred = val["labels"], val["logits"].argmax(1)
+    knn_pred = knn_predict(bank["features"], bank["labels"], val["features"], k=knn["k"],
+                           temperature=knn["temperature"], num_classes=val["logits"].shape[1])
+    metrics = dict(top1=(pred == labels).sum().item() / len(labels),
+                   knn=(knn_pred == labels).sum().item() / len(labels), n_val=len(labels), n_bank=len(bank["labels"]),
+                   k=knn["k"], temperature=knn["temperature"])
+    table = pd.DataFrame(dict(key=val["keys"], label=labels.numpy(), pred=pred.numpy(),
+                              correct=(pred == labels).numpy(), knn_pred=knn_pred.numpy(),
+                              knn_correct=(knn_pred == labels).numpy(),
+                              positions=list(val["positions"].flatten(1).numpy())))
+    with atomic_path(out / "predictions.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    with atomic_path(out / "bank.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, features=bank["features"].half().numpy(), labels=bank["labels"].numpy())
+    write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,36 @@
+"""Stage placer-transfer: the placer trained with backbone `src` placing the tokens of backbone `dst`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from spot.backbones import load_backbone
+from spot.data.decoded import Decoded
+from spot.evaluation import evaluate_placement
+from spot.outputs import Record
+from spot.placer import load_placer
+from spot.utils import read_json, resolve_device, write_json
+
+
+def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> Record:
+    """Evaluate `dst` with `budget` tokens placed by `src`'s placer (`spot.evaluation.evaluate_placement`),
+    beside `dst`'s own placer. Writes metrics.json (top1, knn, top1_own: dst's own placer,
+    gain = top1 - top1_own), predictions.parquet, bank.npz."""
+    device = resolve_device(cfg["device"])
+    model, placer = load_backbone(inputs["backbone"], device), load_placer(inputs["placer"], device)
+    if placer.n != budget:
+        raise ValueError(f"the placer in {inputs['placer']} places {placer.n} tokens, not {budget}")
+
+    @torch.no_grad()
+    def place(b, split):
+        return placer(b.images.to(device))
+
+    metrics = evaluate_placement(model, Decoded(inputs["decoded"], model.data_config), place, out,
+                                 batch_size=cfg["eval"]["batch_size"], knn=cfg["eval"]["knn"], device=device,
+                                 job=f"placer {src} -> {dst}/{budget}")
+    metrics["top1_own"] = read_json(inputs["own"] / "metrics.json")["top1"]
+    metrics["gain"] = metrics["top1"] - metrics["top1_own"]
+    write_json(out / "metrics.json", metrics)
+    return Record(dict(top1=metrics["top1"], knn=metrics["knn"], gain=metrics["gain"]),
+                  ["metrics.json", "predictions.parquet"])
