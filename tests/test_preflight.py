@@ -182,7 +182,9 @@ def test_init_backbone_has_the_architecture_of_its_init(tmp_path):
         cfg["backbones"] = {"base": {"make": "fetch", "model": "vit_tiny_patch16_224"},
                             "tuned": {"make": "train", "init": "base", "tokens": "spot"}}
         cfg["eval"]["budgets"] = cfg["oracle"]["budgets"] = [4, 196]
-        cfg["transfer"]["budgets"] = [4]
+        cfg["transfer"]["budgets"] = cfg["placement"]["budgets"] = cfg["placement"]["transfer"] = [4]
+        cfg["saliency"]["model"] = None
+        cfg["eval"]["priors"].remove("model_salient")
     path = params(tmp_path, bigger)
     check(load_config(path), str(path))
 

@@ -175,6 +175,7 @@ def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
                    f"{met.backbone.nunique()} of {sparse.backbone.nunique()} backbones; best per backbone: " +
                    ", ".join(f"{r.backbone} {model_name(r.method, False)} {100 * r.gap_closed:.0f}%"
                              for r in best.itertuples()) + ".")
+        out += why_label_free(gaps, ev, results[results.oracle].prior.unique())
     fixed = fixed_priors(results)
     for r in ptrans.itertuples() if ptrans is not None else ():
         same = fixed[(fixed.backbone == r.dst) & (fixed.budget == r.budget)].top1
@@ -182,6 +183,23 @@ def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
                    f"{100 * r.top1_own:.2f} with {r.dst}'s own ({100 * r.gain:+.2f} points)" +
                    (f" and {100 * same.max():.2f} with its best fixed prior." if not same.empty else "."))
     return "\n".join(out) + "\n"
+
+
+def why_label_free(gaps: pd.DataFrame, fixed: pd.DataFrame, starts) -> list[str]:
+    """Lines that read the gap numbers: what seeing the image adds (placer over the learned prior),
+    and what the entropy search does to its start prior (the search's start, `oracle.prior`)."""
+    top = gaps.pivot_table(index=["backbone", "budget"], columns="method", values="top1")
+    lines = []
+    for (b, n), row in top.iterrows():
+        if {"learned", "placer"} <= set(row.dropna().index):
+            lines.append(f"- Why per image: on {b} N={n} the placer, which sees the image, adds "
+                         f"{100 * (row.placer - row.learned):+.2f} points to the learned prior (one layout for all images).")
+        start = fixed[(fixed.backbone == b) & (fixed.budget == n) & fixed.prior.isin(starts)]
+        if "entropy" in row.dropna().index and not start.empty:
+            lines.append(f"- Why not entropy: on {b} N={n} lowering the prediction's entropy takes top-1 from "
+                         f"{100 * start.top1.iloc[0]:.2f} ({start.prior.iloc[0]}, its start) to {100 * row.entropy:.2f}; "
+                         "a confident wrong prediction is a minimum of its objective, so confidence is not correctness.")
+    return lines
 
 
 def gap_closed(results: pd.DataFrame) -> pd.DataFrame:
