@@ -259,7 +259,8 @@ def test_the_searches_run_inside_no_grad():
     torch.manual_seed(0)
     model = SPoTViT(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, embed_dim=32,
                                       depth=1, num_heads=2, num_classes=10))
-    x, pos = torch.randn(4, 3, 28, 28), sample_positions("uniform", 4, 6, 28, 28, k=4, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 3, 28, 28)
+    pos = sample_positions("uniform", 4, 6, 28, 28, k=4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         e = entropy_search(model, x, pos, steps=2, lr=0.05)
         o = oracle_search(model, x, torch.arange(4), pos, steps=2, lr=0.05)
