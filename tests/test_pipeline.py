@@ -36,11 +36,14 @@ def expected_jobs(cfg: dict) -> Counter:
     from spot.config import validate
     from spot.pipeline import geometries
     cfg = validate(copy.deepcopy(cfg))
-    b, oracle = len(cfg["backbones"]), len(cfg["oracle"]["budgets"])
+    b, oracle, place = len(cfg["backbones"]), len(cfg["oracle"]["budgets"]), cfg["placement"]
     return Counter(all=1, shard=1, saliency=1, decode=len(geometries(cfg)), backbone=b, report=1,
                    evaluate=b * len(cfg["eval"]["priors"]) * len(cfg["eval"]["budgets"]),
                    oracle=b * oracle * cfg["oracle"]["parts"], oracle_gather=b * oracle, analyze=b * oracle,
-                   transfer=b * b * len(cfg["transfer"]["budgets"]))
+                   transfer=b * b * len(cfg["transfer"]["budgets"]),
+                   **{m: b * len(place["budgets"]) for m in place["methods"]},
+                   **({"placer_transfer": b * (b - 1) * len(place["transfer"])} if "placer" in place["methods"] else {}),
+                   **({"model_saliency": 1} if cfg["saliency"].get("model") else {}))
 
 
 def mlflow_runs(cwd: Path, name: str):

@@ -341,8 +341,9 @@ def metric_rows(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
     (zero-padded, so `dvc metrics show` sorts its columns by budget) then top1 / knn / saliency, so
     that `dvc metrics show` prints the paper's table, a row per file. Rows: each prior, `spot-on`
     (the oracle), `spot-on-snapped` (its positions snapped to the grid), `transfer-from-<src>`
-    (another backbone's oracle positions), `learned`, `placer`, `entropy` (label-free placements, with
-    extra_flops and gap_closed, see `gap_closed`), `placer-from-<src>` (another backbone's placer).
+    (another backbone's oracle positions), `learned`, `placer`, `entropy` (label-free placements; their
+    gap closed and extra FLOPs are in results.csv and tables.md, not here: a column each would widen
+    every row of `dvc metrics show`), `placer-from-<src>` (another backbone's placer).
     `saliency` (and `model_saliency`, under the model's maps): mean saliency under the tokens, where
     the analysis measured it (the oracle's start prior and `spot-on`)."""
     budgets = list(results.budget) + (list(trans.budget) if not trans.empty else [])
@@ -370,9 +371,6 @@ def metric_rows(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
             put(r.backbone, "spot-on", r.budget, model_saliency=r.model_saliency_final)
     for r in ptrans.itertuples() if ptrans is not None else ():
         put(r.dst, f"placer-from-{r.src}", r.budget, top1=r.top1)
-    for r in gap_closed(results).itertuples():
-        put(r.backbone, r.method, r.budget, extra_flops=r.extra_flops,
-            **({} if np.isnan(r.gap_closed) else dict(gap_closed=r.gap_closed)))
     return {k: dict(sorted(v.items())) for k, v in sorted(rows.items())}
 
 
