@@ -3,9 +3,12 @@
 1. subpixel tokenizer + linear embedding vs timm's conv patch embedding (same tokens, 196 at ViT-B/16);
 2. SPoTViT on the full grid vs the wrapped timm ViT-B/16 (forward);
 3. SPoTViT throughput at 25 / 49 / 100 / 196 tokens;
-4. SPoT-ON oracle speed (image-steps per second).
+4. SPoT-ON oracle speed (image-steps per second);
+5. with --compile: the bf16 forward (as evaluation runs it) and SPoT-ON, eager and through
+   `torch.compile` (as `eval.compile` / `oracle.compile` run them), after a warm-up call that compiles.
 
     python benchmarks/bench_core.py [--batch 16] [--model vit_base_patch16_224] [--device auto]
+        [--budgets 25 49 100 196] [--compile inductor]
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import torch
 
 from benchmarks.common import report, timeit
 from spot import SPoTViT, extract_windows, oracle_search, sample_positions
-from spot.utils import resolve_device
+from spot.model import compile_features
+from spot.utils import autocast_for, resolve_device
 
 
 def main() -> None:
@@ -25,6 +29,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[25, 49, 100, 196])
+    ap.add_argument("--compile", help="torch.compile backend for the compiled rows (e.g. inductor)")
     a = ap.parse_args()
     dev = resolve_device(a.device)
     torch.manual_seed(0)
@@ -61,7 +67,7 @@ def main() -> None:
     rows.append(dict(bench="model forward (full grid)", tokens=model.num_tokens, spot_ms=1e3 * t_spot,
                      timm_ms=1e3 * t_timm, ratio=t_spot / t_timm))
 
-    for n in (25, 49, 100, 196):
+    for n in a.budgets:
         pos = sample_positions("isotropic", a.batch, n, *model.img_size, k=model.k).to(dev)
         with torch.no_grad():
             t = timeit(lambda: model(x, pos), a.reps)
@@ -70,10 +76,23 @@ def main() -> None:
 
     labels = torch.randint(0, vit.num_classes, (a.batch,), device=dev)
     steps = 3
-    for n in (25, 49, 100, 196):
+    for n in a.budgets:
         pos = sample_positions("isotropic", a.batch, n, *model.img_size, k=model.k).to(dev)
         t = timeit(lambda: oracle_search(model, x, labels, pos, steps=steps), max(1, a.reps - 1))
         rows.append(dict(bench=f"oracle ({steps} steps)", tokens=n, spot_ms=1e3 * t, img_per_s=a.batch * steps / t))
+
+    if a.compile:
+        compiled = compile_features(SPoTViT(vit).eval(), a.compile)
+        for n in a.budgets:
+            pos = sample_positions("isotropic", a.batch, n, *model.img_size, k=model.k).to(dev)
+            for what, fn in (("eval forward (bf16 on CUDA)", lambda m: m(x, pos)),
+                             (f"oracle ({steps} steps)", lambda m: oracle_search(m, x, labels, pos, steps=steps))):
+                with torch.set_grad_enabled(what.startswith("oracle")), autocast_for(dev):
+                    t_eager, t_comp = timeit(lambda: fn(model), a.reps), timeit(lambda: fn(compiled), a.reps)
+                per = a.batch * (steps if what.startswith("oracle") else 1)
+                rows.append(dict(bench=f"{what}, compiled ({a.compile}) vs eager", tokens=n, spot_ms=1e3 * t_comp,
+                                 img_per_s=per / t_comp, ratio=t_comp / t_eager))
+                print(rows[-1], flush=True)
     report("core", rows)
 
 

@@ -3,13 +3,15 @@ real ImageNet JPEGs (the shared sample, or tests/data, copied into train/ and va
 
 1. the data path from the decoded arrays with a no-op model (images per second), next to decoding
    the JPEG shards on the fly (the loader the stages used before);
-2. `spot evaluate` (kNN bank + val, as a job) against the model alone (forward on tensors already
-   in memory, same prior, budget and batch): the stage's images per second over the model's;
+2. `spot evaluate` (kNN bank + val at every budget in one pass, as a job) against the model alone
+   (forward on tensors already in memory, same prior, budgets and batch): the model's seconds over
+   the job's (the evaluate time per budget for `--estimate` splits the job's time as the model's);
 3. `spot oracle` (one part: all val shards) against `oracle_search` alone on the same batches:
    image-steps per second, stage over core.
 
     python -m benchmarks.bench_pipeline [--copies 20] [--model vit_tiny_patch16_224] [--img-size 64]
         [--patch 8] [--budgets 16 64] [--batch 64] [--device auto] [--sample DIR] [--estimate config/imagenet.yaml]
+        [--compile inductor]
 
 A ratio near 1 means the stage keeps the model busy; the rest is data, Python and job overhead. On
 CUDA (with nvidia-ml-py) each job's GPU busy fraction is sampled every 20 ms. `--estimate` turns the
@@ -39,9 +41,8 @@ from spot.config import load_config
 from spot.data.decoded import Decoded, geometry_name
 from spot.data.loading import make_loader
 from spot.layout import Layout
-from spot.model import autocast_for
 from spot.priors import positions_for
-from spot.utils import resolve_device, write_run_record
+from spot.utils import autocast_for, resolve_device, write_run_record
 
 PRIOR = "isotropic"
 
@@ -107,6 +108,7 @@ class GpuBusy:
 def job(argv: list[str]) -> tuple[float, float | None]:
     """Seconds and GPU busy fraction of one `spot` command run in this process (exits if it fails)."""
     codes = []
+    torch._dynamo.reset()                   # compiled forwards start cold, as in a job's own process
     with GpuBusy() as gpu:
         t = timed(lambda: codes.append(spot(argv)))
     if codes[-1] != 0:
@@ -151,6 +153,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sample", type=Path, default=SAMPLE, help="folder of <wnid>_<name>.JPEG files to copy")
     ap.add_argument("--estimate", help="a params file whose GPU time to estimate from the measured rates")
+    ap.add_argument("--compile", help="also run the evaluate and oracle jobs with eval/oracle.compile: COMPILE")
     a = ap.parse_args()
     device = resolve_device(a.device)
     rows = []
@@ -180,7 +183,8 @@ def main() -> None:
             make_loader(layout("shards"), "val", dc, a.batch), -(-jpeg // a.batch))])
         rows.append(dict(bench="data path: JPEG shards decoded on the fly", images=jpeg, seconds=t, per_s=jpeg / t))
         batches = list(data.batches("val", a.batch, device=device))
-        per_image = {}
+        labels = [b.labels.to(device) for b in batches]
+        core = {}                                                  # budget -> seconds of the model alone
         for n in a.budgets:
             def model_only():
                 with torch.no_grad(), autocast_for(device):
@@ -189,25 +193,38 @@ def main() -> None:
                             pos = positions_for(PRIOR, n, b.keys, 0, *model.img_size, model.k, device=device)
                             tok = model.forward_features(b.images, pos)
                             model.vit.forward_head(tok, pre_logits=True), model.vit.forward_head(tok)
-            core = n_val * 2 / timed(model_only)
-            t, busy = job(["evaluate", "--params", str(params), "--backbone", "b", "--prior", PRIOR, "--budget", str(n)])
-            rows.append(dict(bench=f"evaluate job, {n} tokens", images=n_all, seconds=t, per_s=n_all / t,
-                             core_per_s=core, stage_over_core=n_all / t / core, gpu_busy=busy))
-            per_image.setdefault("evaluate", []).extend([n, t / n_all])
-            labels = [b.labels.to(device) for b in batches]
-            core = n_val * a.steps / timed(lambda: [oracle_search(
-                model, b.images, y, positions_for(PRIOR, n, b.keys, 1, *model.img_size, model.k, device=device),
-                steps=a.steps, lr=2.4e-2) for b, y in zip(batches, labels)])
-            t, busy = job(["oracle", "--params", str(params), "--backbone", "b", "--budget", str(n), "--part", "0"])
-            rows.append(dict(bench=f"oracle job ({a.steps} steps), {n} tokens", images=n_val, seconds=t,
-                             per_s=n_val * a.steps / t, core_per_s=core, stage_over_core=n_val * a.steps / t / core,
-                             gpu_busy=busy))
-            per_image.setdefault("oracle", []).extend([n, t / (n_val * a.steps)])
+            core[n] = timed(model_only) * n_all / (2 * n_val)
+        core_oracle = {n: timed(lambda: [oracle_search(
+            model, b.images, y, positions_for(PRIOR, n, b.keys, 1, *model.img_size, model.k, device=device),
+            steps=a.steps, lr=2.4e-2) for b, y in zip(batches, labels)]) for n in a.budgets}
+        variants, per_image = [(params, "")], {}
+        if a.compile:                                              # the same jobs with compiled forwards
+            cfg = yaml.safe_load(params.read_text())
+            cfg["eval"]["compile"] = cfg["oracle"]["compile"] = a.compile
+            compiled = tmp / "compiled.yaml"
+            compiled.write_text(yaml.safe_dump(cfg))
+            variants.append((compiled, f", compiled ({a.compile})"))
+        for path, how in variants:
+            first = len(rows)
+            t, busy = job(["evaluate", "--params", str(path), "--backbone", "b", "--prior", PRIOR])
+            images = n_all * len(a.budgets)
+            rows.append(dict(bench=f"evaluate job{how}, {'+'.join(map(str, a.budgets))} tokens in one pass",
+                             images=images, seconds=t, per_s=images / t, core_per_s=images / sum(core.values()),
+                             stage_over_core=sum(core.values()) / t, gpu_busy=busy))
+            per_image[how] = {"evaluate": [x for n in a.budgets for x in (n, t * core[n] / sum(core.values()) / n_all)]}
+            for n in a.budgets:
+                t, busy = job(["oracle", "--params", str(path), "--backbone", "b", "--budget", str(n), "--part", "0"])
+                rows.append(dict(bench=f"oracle job{how} ({a.steps} steps), {n} tokens", images=n_val, seconds=t,
+                                 per_s=n_val * a.steps / t, core_per_s=n_val * a.steps / core_oracle[n],
+                                 stage_over_core=core_oracle[n] / t, gpu_busy=busy))
+                per_image[how].setdefault("oracle", []).extend([n, t / (n_val * a.steps)])
+            if a.estimate and len(a.budgets) > 1:
+                rows += [dict(r, bench=r["bench"] + how) for r in
+                         estimate(a.estimate, {k: tuple(v[:2] + v[-2:]) for k, v in per_image[how].items()})]
+            print(*rows[first:], sep="\n", flush=True)                  # (in case a later job runs out of time)
     t = timed(lambda: subprocess.run([sys.executable, "-m", "spot.cli", "evaluate", "--help"], check=True,
                                      capture_output=True))
     rows.append(dict(bench="job start-up: `spot evaluate --help` in a new process", images=0, seconds=t))
-    if a.estimate and len(a.budgets) > 1:
-        rows += estimate(a.estimate, {k: tuple(v[:2] + v[-2:]) for k, v in per_image.items()})
     report("pipeline", rows)
 
 

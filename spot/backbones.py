@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm
-import torch
-from safetensors.torch import load_file, save_file
-
-from spot.checkpoint import load_state, read_errors
-from spot.model import SPoTViT
 from spot.utils import atomic_path, read_json, resolve_device, write_json
+
+# torch, timm and the model load in the functions that use them: stages that only read
+# backbone.json (analyze, report) never import them
+if TYPE_CHECKING:
+    import torch
+
+    from spot.model import SPoTViT
 
 DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
@@ -24,6 +26,7 @@ def describe(model: SPoTViT, name: str, timm_name: str, model_kwargs: dict, sour
 
 def save_backbone(model: SPoTViT, out_dir: str | Path, meta: dict) -> None:
     """Write the timm state dict (safetensors) and `backbone.json` (`meta`, from `describe`) atomically."""
+    from safetensors.torch import save_file
     out = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.vit.state_dict().items()}
     with atomic_path(out / "model.safetensors") as tmp:
@@ -33,6 +36,7 @@ def save_backbone(model: SPoTViT, out_dir: str | Path, meta: dict) -> None:
 
 def build(timm_name: str, model_kwargs: dict, **create_kwargs) -> torch.nn.Module:
     """timm.create_model with a one-line error naming an unknown model."""
+    import timm
     if not timm.is_model(timm_name.split(".")[0]):
         raise ValueError(f"unknown timm model {timm_name!r}")
     return timm.create_model(timm_name, **model_kwargs, **create_kwargs)
@@ -50,6 +54,10 @@ def read_meta(backbone_dir: str | Path) -> dict:
 
 def load_backbone(backbone_dir: str | Path, device: str | torch.device = "cpu") -> SPoTViT:
     """The SPoTViT saved in `backbone_dir`, in eval mode on `device`, `.data_config` as saved."""
+    from safetensors.torch import load_file
+
+    from spot.checkpoint import load_state, read_errors
+    from spot.model import SPoTViT
     meta = read_meta(backbone_dir)
     vit = build(meta["timm_name"], meta["model_kwargs"], pretrained=False)
     weights = Path(backbone_dir) / "model.safetensors"
@@ -65,6 +73,9 @@ def load_backbone(backbone_dir: str | Path, device: str | torch.device = "cpu") 
 def _load_timm_checkpoint(vit: torch.nn.Module, path: str | Path) -> None:
     """Load `path` into `vit` as timm.create_model(checkpoint_path=path) does (weights-only, EMA weights,
     DDP prefixes; .npz by the model's own loader), strictly, with one-line errors naming `path`."""
+    import timm
+
+    from spot.checkpoint import load_state, read_errors
     with read_errors(path):
         if Path(path).suffix.lower() in (".npz", ".npy"):
             timm.models.load_checkpoint(vit, str(path))
@@ -79,6 +90,7 @@ def fetch(name: str, out_dir: str | Path, model: str, checkpoint: str | None = N
     `checkpoint` file, loaded strictly as timm's `checkpoint_path` would) and save it as backbone `name`."""
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint file {checkpoint} does not exist (backbones.{name}.checkpoint)")
+    from spot.model import SPoTViT
     vit = build(model, model_kwargs, pretrained=pretrained and not checkpoint)
     if checkpoint:
         _load_timm_checkpoint(vit, checkpoint)

@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -32,17 +33,39 @@ def run_stage(stage: Stage, cfg: dict, a: argparse.Namespace) -> None:
     options = {o.replace("-", "_"): getattr(a, o.replace("-", "_")) for o in stage.options}
     if stage.state:
         options["state"] = layout(stage.state, **wildcards)
-    out = stage.output_folder(layout, wildcards)
+    folders = chosen_folders(stage, cfg, wildcards, a)
+    outs = {f.get(stage.each): layout(stage.output, **f) for f in folders}
+    fn, cfg_job = stage.function(), declared(cfg, stage.params(cfg, wildcards))
+    call = (lambda: fn(cfg_job, inputs, outs, **wildcards, **options)) if stage.each else \
+        (lambda: {None: fn(cfg_job, inputs, outs[None], **wildcards, **options)})
     if int(os.environ.get("RANK", "0")) > 0:           # a torchrun rank other than 0 only trains along
-        stage.function()(declared(cfg, stage.params(cfg, wildcards)), inputs, out, **wildcards, **options)
+        call()
         return
-    job, params = stage.job_id(wildcards), wildcards | stage.param_values(cfg, wildcards)
-    with writing(out), tracking.JobRun(out, experiment=cfg["name"], uri=tracking.tracking_uri(cfg), stage=stage.name,
-                                       job=job, params=params, inputs=inputs, started=started) as live:
-        record = stage.function()(declared(cfg, stage.params(cfg, wildcards)), inputs, out, **wildcards, **options)
-        write_run_record(out, stage=stage.name, job=job, params=params, metrics=record.metrics,
-                         artifacts=record.artifacts, inputs=inputs, **live.record_fields())
-        track(cfg, out, live)
+    params = stage.param_values(cfg, wildcards)
+    with contextlib.ExitStack() as stack:              # every folder: locked, markers gone, a live MLflow run
+        live = {}
+        for f in folders:
+            out = stack.enter_context(writing(outs[f.get(stage.each)]))
+            live[f.get(stage.each)] = stack.enter_context(tracking.JobRun(
+                out, experiment=cfg["name"], uri=tracking.tracking_uri(cfg), stage=stage.name,
+                job=stage.job_id(f), params=f | params, inputs=inputs, started=started))
+        for value, record in call().items():
+            run = live[value]
+            write_run_record(run.out, stage=stage.name, job=run.job, params=run.params, metrics=record.metrics,
+                             artifacts=record.artifacts, inputs=inputs, **run.record_fields())
+            track(cfg, run.out, run)
+
+
+def chosen_folders(stage: Stage, cfg: dict, wildcards: dict, a: argparse.Namespace) -> list[dict]:
+    """The job's output folders, or with `each` those of the values named on the command line."""
+    folders = stage.folders(cfg, wildcards)
+    chosen = getattr(a, stage.each) if stage.each else None
+    if chosen:
+        values = [f[stage.each] for f in folders]
+        if bad := [v for v in chosen if v not in values]:
+            raise ValueError(f"--{stage.each} {bad[0]!r} is not one of {a.params}'s {', '.join(map(str, values))}")
+        folders = [f for f in folders if f[stage.each] in chosen]
+    return folders
 
 
 def check_job(stage: Stage, cfg: dict, wildcards: dict, params: str) -> None:
@@ -114,12 +137,20 @@ TOOLS = {
 }
 
 
+def stage_options(stage: Stage) -> dict:
+    """A stage command's flags: its wildcards (required), `each` (optional: some of its values), options."""
+    def kind(w):
+        return int if w in INT_WILDCARDS else str
+    each = {stage.each: dict(nargs="+", type=kind(stage.each), help="only these (default: all the config's)")
+            } if stage.each else {}
+    return {w: dict(required=True, type=kind(w)) for w in stage.wildcards} | each | stage.options
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="spot", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    commands = [(s.name, (lambda cfg, a, s=s: run_stage(s, cfg, a)), s.help,
-                 {w: dict(required=True, type=int if w in INT_WILDCARDS else str) for w in s.wildcards} | s.options)
-                for s in STAGES] + [(name, fn, h, opts) for name, (fn, h, opts) in TOOLS.items()]
+    commands = [(s.name, (lambda cfg, a, s=s: run_stage(s, cfg, a)), s.help, stage_options(s)) for s in STAGES] + \
+        [(name, fn, h, opts) for name, (fn, h, opts) in TOOLS.items()]
     for name, fn, helptext, options in commands:
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--params", default="params.yaml", help="configuration file (default params.yaml)")

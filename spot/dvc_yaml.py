@@ -50,16 +50,16 @@ def dvc_stage(stage: Stage, wildcards: dict, cfg: dict, raw: dict, params_file: 
     inputs = stage.input_folders(cfg, layout, wildcards)
     folders = [str(f) for v in inputs.values() for f in (v if isinstance(v, list) else [v])]
     keys = sorted({present(raw, k) for k in stage.params(cfg, wildcards)})
-    out = stage.output_folder(layout, wildcards)
+    outs = [layout(stage.output, **f) for f in stage.folders(cfg, wildcards)]
     entry = dict(cmd=stage.command(params_file, wildcards), deps=folders + code)
     if keys:                              # (an empty key list would make DVC watch the whole file)
         entry["params"] = keys if params_file == "params.yaml" else [{params_file: keys}]
     if stage.metrics or stage.plots:
-        entry["outs"] = [str(out / f) for f in stage.files]
-        entry["metrics"] = [str(out / f) for f in stage.metrics]
-        entry["plots"] = [str(out / f) for f in stage.plots]
+        entry["outs"] = [str(out / f) for out in outs for f in stage.files]
+        entry["metrics"] = [str(out / f) for out in outs for f in stage.metrics]
+        entry["plots"] = [str(out / f) for out in outs for f in stage.plots]
     else:
-        entry["outs"] = [str(out)]
+        entry["outs"] = [str(out) for out in outs]
     return entry
 
 
@@ -110,7 +110,10 @@ def commit_after_snakemake(params_file: str, jobs: list[tuple[str, dict]]) -> st
     names = [n for n in names if n in declared]
     if not names:
         return "dvc commit: no DVC stage among this run's jobs"
-    r = subprocess.run(["dvc", "commit", "--force", *names], capture_output=True, text=True)
+    # every stage: one `dvc commit` writes dvc.lock once (with targets DVC rewrites it per target);
+    # no relink: the workspace files are the ones just hashed
+    targets = [] if set(names) == declared else names
+    r = subprocess.run(["dvc", "commit", "--force", "--no-relink", *targets], capture_output=True, text=True)
     if r.returncode != 0:
         last = ((r.stderr or r.stdout).strip().splitlines() or ["no output"])[-1]
         return f"dvc commit failed ({last}); run `dvc commit --force` after fixing it"

@@ -3,7 +3,8 @@
 A placement is a function `place(batch, split) -> (B, N, 2)` positions (y, x) in [0, 1] for a
 `spot.data.decoded.Batch` of split "train" (the kNN bank) or "val": a fixed prior, a learned global
 prior, a placer network or a label-free search. Stage evaluate and the label-free placement stages
-all evaluate through `evaluate_placement`, so their metrics.json and predictions.parquet agree.
+all evaluate through `evaluate_placements`, so their metrics.json and predictions.parquet agree;
+several placements share one pass over the images (evaluate: every budget of a prior).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from tqdm import tqdm
 
 from spot.data.decoded import Decoded
 from spot.knn import knn_predict
-from spot.model import SPoTViT, autocast_for
-from spot.utils import atomic_path, write_json
+from spot.model import SPoTViT
+from spot.utils import atomic_path, autocast_for, write_json
 
 Place = Callable[[object, str], torch.Tensor]
 
@@ -35,37 +36,53 @@ class SplitBatches:
 
 
 @torch.no_grad()
-def run_split(model: SPoTViT, batches, place: Callable[[object], torch.Tensor], device, desc: str) -> dict:
-    """Features (n, D), logits (n, classes), labels (n,), keys and positions (n, N, 2) of the
-    batches' images, in order, with the tokens `place(batch)` puts. bf16 autocast on CUDA; the
-    results stay on the device until the pass ends (no synchronisation per batch)."""
-    feats, logits, labels, keys, positions = [], [], [], [], []
+def run_split(model: SPoTViT, batches, places: dict, device, desc: str) -> dict:
+    """For each placement `places[name](batch) -> (B, N, 2)`: features (n, D), logits (n, classes),
+    labels (n,), keys and positions (n, N, 2) of the batches' images, in order, all placements in
+    one pass over the images. bf16 autocast on CUDA; results stay on the device until the pass ends
+    (no synchronisation per batch)."""
+    out = {name: dict(features=[], logits=[], positions=[]) for name in places}
+    labels, keys = [], []
     for b in tqdm(batches, desc=desc, unit="batch"):
         x = b.images.to(device, non_blocking=True)
-        pos = place(b).to(device)
-        with autocast_for(device):
-            tok = model.forward_features(x, pos)
-            feats.append(model.vit.forward_head(tok, pre_logits=True).float())
-            logits.append(model.vit.forward_head(tok).float())
+        for name, place in places.items():
+            pos = place(b).to(device)
+            with autocast_for(device):
+                tok = model.forward_features(x, pos)
+                out[name]["features"].append(model.vit.forward_head(tok, pre_logits=True).float())
+                out[name]["logits"].append(model.vit.forward_head(tok).float())
+            out[name]["positions"].append(pos.float())
         labels.append(b.labels)
         keys += b.keys
-        positions.append(pos.float())
-    return dict(features=torch.cat(feats).cpu(), logits=torch.cat(logits).cpu(), labels=torch.cat(labels), keys=keys,
-                positions=torch.cat(positions).cpu())
+    labels = torch.cat(labels)
+    return {name: {k: torch.cat(v).cpu() for k, v in r.items()} | dict(labels=labels, keys=keys)
+            for name, r in out.items()}
 
 
-def evaluate_placement(model: SPoTViT, data: Decoded, place: Place, out: Path, *, batch_size: int, knn: dict,
-                       device, job: str, saliency: bool = False) -> dict:
+def evaluate_placements(model: SPoTViT, data: Decoded, places: dict, outs: dict, *, batch_size: int, knn: dict,
+                        device, job: str, saliency: bool = False) -> dict:
     """Top-1 on val and kNN accuracy (bank: the first `knn["bank_size"]` train images, all if None,
-    placed by the same `place`) of `model` with the tokens `place` puts. `saliency`: batches carry
-    their maps. Writes metrics.json, predictions.parquet (key, label, pred, correct, knn_pred,
-    knn_correct, positions as 2N floats (y, x) in [0, 1]) and bank.npz (train features float16,
-    labels); returns the metrics."""
-    def batches(split, limit=None):
-        return data.batches(split, batch_size, limit=limit, saliency=saliency, device=device)
+    placed the same way) of `model` with the tokens each placement `places[name](batch, split)`
+    puts, in one pass over each split. `saliency`: batches carry their maps. Writes into `outs[name]`
+    metrics.json, predictions.parquet (key, label, pred, correct, knn_pred, knn_correct, positions as
+    2N floats (y, x) in [0, 1]) and bank.npz (train features float16, labels); returns {name: metrics}."""
+    def split(name, limit=None):
+        batches = data.batches(name, batch_size, limit=limit, saliency=saliency, device=device)
+        return run_split(model, batches, {k: lambda b, p=p: p(b, name) for k, p in places.items()}, device,
+                         f"{name} {job}")
 
-    bank = run_split(model, batches("train", knn["bank_size"]), lambda b: place(b, "train"), device, f"bank {job}")
-    val = run_split(model, batches("val"), lambda b: place(b, "val"), device, f"val {job}")
+    banks, vals = split("train", knn["bank_size"]), split("val")
+    return {name: write_results(banks[name], vals[name], outs[name], knn) for name in places}
+
+
+def evaluate_placement(model: SPoTViT, data: Decoded, place: Place, out: Path, **kw) -> dict:
+    """`evaluate_placements` of one placement into `out`; returns its metrics."""
+    return evaluate_placements(model, data, {None: place}, {None: out}, **kw)[None]
+
+
+def write_results(bank: dict, val: dict, out: Path, knn: dict) -> dict:
+    """kNN of `val`'s features against `bank`'s (results of `run_split`), the metrics and files of
+    `evaluate_placements` in `out`."""
     labels, pred = val["labels"], val["logits"].argmax(1)
     knn_pred = knn_predict(bank["features"], bank["labels"], val["features"], k=knn["k"],
                            temperature=knn["temperature"], num_classes=val["logits"].shape[1])

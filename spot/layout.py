@@ -5,6 +5,7 @@ Each kind of output is a folder named by a pattern of wildcards; a folder is com
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 FOLDERS = {
@@ -38,8 +39,10 @@ class Layout:
     def __call__(self, kind: str, **wildcards) -> Path:
         return self.root / FOLDERS[kind].format(**wildcards)
 
-    def pattern(self, kind: str) -> str:
-        return str(self.root / FOLDERS[kind])
+    def pattern(self, kind: str, **fixed) -> str:
+        """The folder pattern of `kind`, the wildcards in `fixed` filled in."""
+        names = re.findall(r"{(\w+)}", FOLDERS[kind])
+        return str(self.root / FOLDERS[kind].format(**{w: fixed.get(w, f"{{{w}}}") for w in names}))
 
     def log(self, stage: str, **wildcards) -> Path:
         """`<root>/logs/<stage>/<w1>/<w2>....log`, or `<root>/logs/<stage>.log` without wildcards."""

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from spot.model import autocast_for
 from spot.oracle import OPTIMIZERS, frozen
 from spot.priors import NEEDS_SALIENCY, sample_positions
+from spot.utils import autocast_for
 
 
 def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

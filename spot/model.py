@@ -104,11 +104,6 @@ class SPoTViT(nn.Module):
         return self.vit.forward_head(self.forward_features(images, positions))
 
 
-def autocast_for(device: torch.device | str):
-    """bf16 autocast on CUDA (as SPoT-ON runs), a no-op elsewhere; the tokenizer samples in float32."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-
-
 def compile_features(model: SPoTViT, backend: str | None) -> SPoTViT:
     """`model` with `forward_features` run through `torch.compile(backend=backend)` ('inductor' for
     speed, 'cudagraphs', or 'eager' to check the graph capture); None leaves it eager."""

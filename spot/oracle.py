@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spot.model import autocast_for
+from spot.utils import autocast_for
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -46,56 +46,70 @@ def snap_to_grid(positions: torch.Tensor, img_size: tuple[int, int], k: int) -> 
     return (cells * k + k / 2) / size
 
 
-def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
-                  steps: int = 5, lr: float = 3e-3, optimizer: str = "adamw") -> OracleResult:
-    """Minimise cross-entropy(model(images, S), labels) over the token positions S only.
+def search_positions(model, images: torch.Tensor, positions: torch.Tensor, objective, steps: int, lr: float,
+                     optimizer: str, what: str = "oracle"):
+    """Gradient steps on the token positions only: minimise objective(logits) for a frozen `model`.
 
     model: a `SPoTViT` (frozen and in eval mode for the search, restored after: no parameter receives
-    a gradient). images (B, C, H, W), labels (B,), positions (B, N, 2) initial (y, x) in [0, 1].
-    Each image's loss is summed, so images do not interact (Adam/AdamW are per coordinate, without
-    weight decay); positions are clamped to [0, 1] after every step; `lr` is in normalised units.
-    steps + 1 forward passes and `steps` backward passes (to the positions only), plus one forward
-    at the snapped positions. bf16 autocast on CUDA (the tokenizer samples in float32).
-    Deterministic for a fixed input. Returns tensors on the images' device, loss/accuracy on the CPU.
+    a gradient). images (B, C, H, W), positions (B, N, 2) initial (y, x) in [0, 1]; `objective` maps
+    logits (B, classes) float32 to a scalar, a sum over the images of a per-image value, so images do
+    not interact (Adam/AdamW are per coordinate, without weight decay): an image's result does not
+    depend on its batch. Positions are clamped to [0, 1] after every step; `lr` is in normalised units. steps + 1
+    forward and `steps` backward passes (to the positions only), bf16 autocast on CUDA (the tokenizer
+    samples in float32). `what` names the search in errors. Returns the trajectory (B, steps + 1, N, 2)
+    (index 0: the start), the logits of every step [(B, classes)] and the pooled features (B, D) at
+    the final positions.
     """
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown oracle optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if steps < 0:
-        raise ValueError(f"oracle steps must be >= 0, got {steps}")
-    if lr <= 0:
-        raise ValueError(f"oracle lr must be > 0, got {lr}")
-    if positions.ndim != 3 or positions.shape[-1] != 2 or not len(images) == len(labels) == len(positions):
-        raise ValueError(f"oracle_search: need images (B, C, H, W), labels (B,), positions (B, N, 2), got "
-                         f"{tuple(images.shape)}, {tuple(labels.shape)}, {tuple(positions.shape)}")
+        raise ValueError(f"unknown {what} optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if steps < 0 or lr <= 0:
+        raise ValueError(f"{what}: need steps >= 0 and lr > 0, got steps={steps}, lr={lr}")
+    if positions.ndim != 3 or positions.shape[-1] != 2 or len(images) != len(positions):
+        raise ValueError(f"{what}: need images (B, C, H, W) and positions (B, N, 2), got "
+                         f"{tuple(images.shape)}, {tuple(positions.shape)}")
     images = images.detach()
     pos = positions.detach().clone().float().requires_grad_(True)
-    kw = {"weight_decay": 0.0} if optimizer != "sgd" else {}
-    opt = OPTIMIZERS[optimizer]([pos], lr=lr, **kw)
-    autocast = autocast_for(images.device)
-    traj, losses, correct = [], [], []
+    opt = OPTIMIZERS[optimizer]([pos], lr=lr, **({"weight_decay": 0.0} if optimizer != "sgd" else {}))
+    traj, logits_per_step = [], []
     with frozen(model):
         for step in range(steps + 1):
             last = step == steps
-            with torch.set_grad_enabled(not last), autocast:
+            with torch.set_grad_enabled(not last), autocast_for(images.device):
                 tokens = model.forward_features(images, pos)
                 logits = model.vit.forward_head(tokens).float()
-                loss = F.cross_entropy(logits, labels, reduction="sum")
+                total = objective(logits)
             traj.append(pos.detach().clone())
-            losses.append(loss.detach() / len(labels))
-            correct.append(logits.argmax(1) == labels)
+            logits_per_step.append(logits.detach())
             if last:
                 break
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             opt.step()
             with torch.no_grad():
                 pos.clamp_(0, 1)
-        final = pos.detach()
-        snapped = snap_to_grid(final, model.img_size, model.k)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast_for(images.device):
             features = model.vit.forward_head(tokens, pre_logits=True).float()
-            snapped_correct = model(images, snapped).argmax(1) == labels
-    correct = torch.stack(correct, 1)
-    return OracleResult(positions=final, trajectory=torch.stack(traj, 1), loss=torch.stack(losses).cpu(),
-                        accuracy=correct.float().mean(0).cpu(), correct=correct, snapped=snapped,
-                        snapped_correct=snapped_correct, features=features)
+    return torch.stack(traj, 1), logits_per_step, features
+
+
+def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
+                  steps: int = 5, lr: float = 3e-3, optimizer: str = "adamw") -> OracleResult:
+    """Minimise cross-entropy(model(images, S), labels) over the token positions S only
+    (`search_positions`), then one forward at the snapped positions.
+
+    images (B, C, H, W), labels (B,), positions (B, N, 2) initial (y, x) in [0, 1]. Deterministic
+    for a fixed input. Returns tensors on the images' device, loss/accuracy on the CPU.
+    """
+    if len(labels) != len(images):
+        raise ValueError(f"oracle_search: need images (B, C, H, W) and labels (B,), got {tuple(images.shape)}, "
+                         f"{tuple(labels.shape)}")
+    traj, logits, features = search_positions(
+        model, images, positions, lambda z: F.cross_entropy(z, labels, reduction="sum"), steps, lr, optimizer)
+    final = traj[:, -1]
+    snapped = snap_to_grid(final, model.img_size, model.k)
+    with frozen(model), torch.no_grad(), autocast_for(images.device):
+        snapped_correct = model(images.detach(), snapped).argmax(1) == labels
+    correct = torch.stack([z.argmax(1) == labels for z in logits], 1)
+    loss = torch.stack([F.cross_entropy(z, labels) for z in logits]).cpu()
+    return OracleResult(positions=final, trajectory=traj, loss=loss, accuracy=correct.float().mean(0).cpu(),
+                        correct=correct, snapped=snapped, snapped_correct=snapped_correct, features=features)

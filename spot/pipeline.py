@@ -25,11 +25,13 @@ INT_WILDCARDS = ("budget", "part")
 class Stage:
     """One stage. `params(cfg, wildcards)` lists the dotted config keys the job reads (its rerun
     triggers); `inputs(cfg, wildcards)` maps input names to `(layout kind, wildcards)` folders or
-    lists of them; `jobs(cfg)` lists every job's wildcards for a config."""
+    lists of them; `jobs(cfg)` lists every job's wildcards for a config. A job writes one folder of
+    kind `output`, or with `each` one per value of that wildcard (evaluate: every budget in one pass
+    over the images), each folder its own run.json and MLflow run."""
     name: str
     run: str                                         # "module:function" under spot.stages
     help: str
-    wildcards: tuple[str, ...]
+    wildcards: tuple[str, ...]                       # the job's
     params: Callable[[dict, dict], list[str]]
     inputs: Callable[[dict, dict], dict]
     jobs: Callable[[dict], list[dict]]
@@ -41,6 +43,8 @@ class Stage:
     threads: int = 1
     gpu: bool = False
     options: dict = field(default_factory=dict)      # extra CLI flags: name -> argparse kwargs
+    each: str | None = None                          # a wildcard whose every value one job covers,
+    values: Callable[[dict], list] = lambda cfg: []  # `values(cfg)`: one output folder per value
 
     @property
     def rule(self) -> str:
@@ -52,7 +56,8 @@ class Stage:
         return "spot.stages." + self.run.split(":")[0]
 
     def function(self) -> Callable:
-        """The stage's entry point, imported on demand: `fn(cfg, inputs, out, **wildcards) -> Record`."""
+        """The stage's entry point, imported on demand: `fn(cfg, inputs, out, **wildcards) -> Record`, or
+        with `each`: `fn(cfg, inputs, outs, **wildcards) -> {value: Record}`, `outs` {value: folder}."""
         module, fn = self.run.split(":")
         return getattr(importlib.import_module(f"spot.stages.{module}"), fn)
 
@@ -61,11 +66,18 @@ class Stage:
         return {w: int(wildcards[w]) if w in INT_WILDCARDS else str(wildcards[w]) for w in self.wildcards}
 
     def job_id(self, wildcards: dict) -> str:
-        """'evaluate/spot/grid/4': the job's identity (MLflow run name, run.json `job`)."""
-        return "/".join([self.name, *(str(wildcards[w]) for w in self.wildcards)])
+        """'oracle/spot/4/0': a job's or output folder's identity (MLflow run name, run.json `job`):
+        the stage and the values of the wildcards given, `each` last ('evaluate/spot/grid/4')."""
+        names = (*self.wildcards, self.each) if self.each else self.wildcards
+        return "/".join([self.name, *(str(wildcards[w]) for w in names if w in wildcards)])
 
-    def output_folder(self, layout: Layout, wildcards: dict) -> Path:
-        return layout(self.output, **wildcards)
+    def folders(self, cfg: dict, wildcards: dict) -> list[dict]:
+        """The wildcards of a job's output folders: the job's own, or one per value of `each`."""
+        return [wildcards | {self.each: v} for v in self.values(cfg)] if self.each else [wildcards]
+
+    def outputs(self, cfg: dict) -> list[dict]:
+        """The wildcards of every output folder of a config's jobs."""
+        return [f for w in self.jobs(cfg) for f in self.folders(cfg, w)]
 
     def input_folders(self, cfg: dict, layout: Layout, wildcards: dict) -> dict[str, Path | list[Path]]:
         """Input name -> folder (or list of folders) for one job."""
@@ -162,7 +174,7 @@ def eval_of(cfg, backbone, budget):
 
 
 def report_inputs(cfg, w):
-    jobs = {name: [(STAGE[name].output, j) for j in STAGE[name].jobs(cfg)]
+    jobs = {name: [(STAGE[name].output, f) for f in STAGE[name].outputs(cfg)]
             for name in ("evaluate", "oracle-gather", "transfer", "analyze", "placer-transfer", *PLACEMENT)}
     first = sorted(cfg["backbones"])[0]                  # its evaluations make the prior picture sheet
     return dict(backbone=("backbone", {"backbone": first}), decoded=decoded(cfg, first), eval=jobs["evaluate"],
@@ -228,12 +240,12 @@ STAGES = [
           params=lambda cfg, w: ["saliency.size", "eval.knn.bank_size", "eval.batch_size", "report.pictures", "device"],
           inputs=model_inputs, jobs=lambda cfg: [{"backbone": cfg["saliency"]["model"]}] if cfg["saliency"]["model"]
           else [], output="model-saliency", gpu=True),
-    Stage("evaluate", "evaluate:run", "top-1 and kNN of one backbone x prior x budget", ("backbone", "prior", "budget"),
+    Stage("evaluate", "evaluate:run", "top-1 and kNN of one backbone x prior at every budget (one pass)",
+          ("backbone", "prior"),
           params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "seed", "device"],
           inputs=lambda cfg, w: model_inputs(cfg, w) | model_maps(cfg, w["prior"] == "model_salient"),
-          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), prior=cfg["eval"]["priors"],
-                                   budget=cfg["eval"]["budgets"]),
-          output="eval", gpu=True),
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), prior=cfg["eval"]["priors"]),
+          output="eval", gpu=True, each="budget", values=lambda cfg: cfg["eval"]["budgets"]),
     Stage("oracle", "oracle:search", "SPoT-ON search on one part of the val shards", ("backbone", "budget", "part"),
           params=lambda cfg, w: ORACLE,
           inputs=lambda cfg, w: {"backbone": ("backbone", {"backbone": w["backbone"]}),
@@ -241,7 +253,7 @@ STAGES = [
           jobs=lambda cfg: product(backbone=list(cfg["backbones"]), budget=cfg["oracle"]["budgets"],
                                    part=list(range(cfg["oracle"]["parts"]))),
           output="oracle-part", gpu=True),
-    Stage("oracle-gather", "oracle:gather", "join the oracle parts, kNN of the found features", ("backbone", "budget"),
+    Stage("oracle-gather", "oracle_gather:run", "join the oracle parts, kNN of the found features", ("backbone", "budget"),
           params=lambda cfg, w: ["oracle.prior", "eval.knn"],
           inputs=lambda cfg, w: {"parts": [("oracle-part", dict(w, part=p)) for p in range(cfg["oracle"]["parts"])],
                                  "eval": eval_of(cfg, w["backbone"], w["budget"])},

@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from spot.learned_prior import batches_forever, unpack_batch
-from spot.model import autocast_for
 from spot.oracle import frozen
 from spot.priors import lattice
-from spot.utils import atomic_path, read_json, write_json
+from spot.utils import atomic_path, autocast_for, read_json, write_json
 
 
 class Placer(nn.Module):

@@ -1,4 +1,4 @@
-"""MLflow: one run per job, logged live while the job runs, replayed from its record; never fatal.
+"""MLflow: one run per job folder, logged live while the job runs, replayed from its record; never fatal.
 
 A job's run (`JobRun`, opened by `spot.cli.run_stage` around the stage) starts with the job: tags
 (`spot.job`, `spot.stage`, git commit, source, user, the pipeline's parent run), params, the input
@@ -9,9 +9,10 @@ epoch) goes to MLflow every few seconds and to `<job>/series.csv`. After run.jso
 backbone's weights), and ends it. `sync` logs records later the same way (the server was down): start and end
 times from run.json, the series from series.csv.
 
-One run per job: a job's new run replaces its earlier ones (tag `spot.job`); a record already
-logged complete (tag `spot.record_hash`) is left alone. MLflow metric names say their stage
-(`evaluate/top1`, `oracle/accuracy`, `train/loss`); run.json keeps the stages' own keys.
+One run per job folder (an evaluate job has one per budget): a new run replaces the folder's
+earlier ones (tag `spot.job`); a record already logged complete (tag `spot.record_hash`) is left
+alone. MLflow metric names say their stage (`evaluate/top1`, `oracle/accuracy`, `train/loss`);
+run.json keeps the stages' own keys.
 A pipeline invocation may open a parent run (`start_pipeline`, from Snakemake's `onstart`) whose id
 the jobs inherit in SPOT_MLFLOW_PARENT_RUN; runs without one (by hand, DVC) are top-level.
 """
@@ -43,6 +44,7 @@ PREFIX = {"oracle": "oracle-part", "oracle-gather": "oracle", "analyze": "analys
 RENAME = {"backbone": {"train_loss": "train/epoch_loss", "train_acc": "train/epoch_acc", "step": None,
                        "epoch": None}}
 MAX_NOTE = 8000                              # MLflow's longest tag value
+DOWN: set[str] = set()                       # tracking URIs a run of this process could not reach
 
 
 # --- names, times, small helpers -----------------------------------------------------------------
@@ -330,7 +332,8 @@ class JobRun:
     metrics); `log` sends step series; `record_fields()` gives run.json its start time and series
     file; `finish()` logs run.json into the run and ends it; leaving on an exception ends it FAILED
     (KILLED on Ctrl-C). Any MLflow failure is one warning line: the job goes on, its series stays in
-    series.csv and `spot mlflow-sync` logs it later.
+    series.csv and `spot mlflow-sync` logs it later. A store one run of the process found down is not
+    tried again by the others (a job writing several folders warns once).
     """
 
     def __init__(self, out: str | Path, *, experiment: str, uri: str, stage: str, job: str, params: dict,
@@ -348,6 +351,7 @@ class JobRun:
         self.series_file = None
         self.series_started = False
         self.monitor = None
+        self.quiet = False                       # offline from the start, without a warning of its own
 
     # context
     def __enter__(self) -> JobRun:
@@ -374,6 +378,9 @@ class JobRun:
 
     def start(self) -> None:
         from spot.utils import code_version
+        if self.uri in DOWN:                     # another run of this job found it down: no second try, no warning
+            self.warned = self.quiet = True
+            raise ConnectionError(f"{self.uri} unreachable")
         c = self.c = client(self.uri)
         exp = retry(lambda: experiment_id(c, self.experiment), attempts=3)
         # the folder's earlier results are gone (spot.outputs.writing): so are their runs
@@ -396,6 +403,7 @@ class JobRun:
         self.run_id = None
         if not self.warned:
             self.warned = True
+            DOWN.add(self.uri)
             warn(f"MLflow logging of {self.job} to {self.uri} failed ({describe_error(e)}); the job goes on, "
                  "run `spot mlflow-sync` later")
 
@@ -476,8 +484,12 @@ class JobRun:
                              attempts=4)
             except Exception as e:  # noqa: BLE001
                 self.offline(e)
+        if self.quiet and self.uri in DOWN:
+            return None
         try:
-            return retry(lambda: log_record(self.out, self.experiment, self.uri), attempts=2 if self.warned else 4)
+            run_id = retry(lambda: log_record(self.out, self.experiment, self.uri), attempts=2 if self.warned else 4)
+            DOWN.discard(self.uri)
+            return run_id
         except Exception as e:  # noqa: BLE001
             self.offline(e)
             return None

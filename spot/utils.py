@@ -86,3 +86,9 @@ def resolve_device(device: str | None = "auto"):
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA (evaluation and the searches), a no-op elsewhere; the tokenizer samples in float32."""
+    import torch
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")

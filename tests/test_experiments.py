@@ -62,15 +62,18 @@ def test_grid_prior_reads_patch_cells(done):
 
 
 def test_evaluate_is_deterministic(done, tmp_path):
+    """One budget alone gives the numbers of the job that evaluated every budget in one pass."""
     params, cfg, root, _ = done
+    assert len(cfg["eval"]["budgets"]) > 1
     again = linked_root(tmp_path, root, "shards", "saliency", "decoded", "backbones")
     spot(again, "evaluate", "--backbone", "spot-a", "--prior", "salient", "--budget", "4")
     run = tmp_path / "out" / "eval" / "spot-a" / "salient" / "4"
     assert metrics(run) == metrics(root / "eval" / "spot-a" / "salient" / "4")
     a = pd.read_parquet(run / "predictions.parquet")
     b = pd.read_parquet(root / "eval" / "spot-a" / "salient" / "4" / "predictions.parquet")
-    assert a["key"].tolist() == b["key"].tolist()
+    assert a["key"].tolist() == b["key"].tolist() and a["pred"].tolist() == b["pred"].tolist()
     np.testing.assert_array_equal(np.stack(a["positions"]), np.stack(b["positions"]))
+    assert not (tmp_path / "out" / "eval" / "spot-a" / "salient" / "16").exists()
 
 
 def test_oracle_starts_from_the_evaluated_prior_and_does_not_lose(done):

@@ -12,7 +12,7 @@ import yaml
 from spot.cli import parser
 from spot.config import load_config
 from spot.dvc_yaml import commit_after_snakemake, dvc_yaml, generated_for, present
-from spot.layout import FOLDERS
+from spot.layout import FOLDERS, Layout
 from spot.pipeline import STAGE, STAGES, all_jobs, code_deps, declared
 from tests.conftest import REPO, snakemake
 
@@ -37,7 +37,10 @@ def test_dvc_stages_are_the_jobs_with_their_params_and_commands(path, monkeypatc
         keys = params if path == "params.yaml" else [k for p in params for k in p[path]]
         assert sorted(keys) == sorted({present(yaml.safe_load(open(path)), k) for k in stage.params(cfg, w)}), name
         assert entry["cmd"] == stage.command(path, w)
+        if not (stage.metrics or stage.plots):           # one out per folder of the job, every folder once
+            assert entry["outs"] == [str(Layout(cfg["root"])(stage.output, **f)) for f in stage.folders(cfg, w)]
         assert set(code_deps(stage)) <= set(entry["deps"])
+    assert len({o for e in stages.values() for o in e["outs"]}) == sum(len(e["outs"]) for e in stages.values())
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -76,8 +79,8 @@ def test_stage_functions_take_the_wildcards_and_options_the_table_names():
     for s in STAGES:
         args = set(inspect.signature(s.function()).parameters)
         extra = {o.replace("-", "_") for o in s.options} | ({"state"} if s.state else set())
-        assert args == {"cfg", "inputs", "out", *s.wildcards} | extra, s.name
-        assert set(re.findall(r"{(\w+)}", FOLDERS[s.output])) == set(s.wildcards), s.name
+        assert args == {"cfg", "inputs", "outs" if s.each else "out", *s.wildcards} | extra, s.name
+        assert set(re.findall(r"{(\w+)}", FOLDERS[s.output])) == {*s.wildcards, *[s.each] * bool(s.each)}, s.name
 
 
 def test_cli_has_one_command_per_stage_with_its_wildcards():

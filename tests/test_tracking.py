@@ -1,5 +1,6 @@
 """MLflow logging against a real SQLite store: live job runs with step series, idempotent per job,
 never fatal, synced later with the same series and times; parent runs; the report's table."""
+import contextlib
 import json
 import socket
 import time
@@ -174,6 +175,21 @@ def test_unreachable_server_one_warning_then_sync_replays_series_and_times(tmp_p
     assert r.info.start_time == tracking.ms(rec["started"]) and r.info.end_time == tracking.ms(rec["ended"])
     assert r.info.end_time - r.info.start_time >= 500
     assert tracking.sync(tmp_path / "out", "sync", uri) == ids       # a second sync adds nothing
+
+
+def test_runs_of_one_job_warn_once_when_the_server_is_down(tmp_path, capsys):
+    """A job writing several folders (evaluate: one per budget) has one run each: with the server
+    down the first warns and the others go offline without trying again."""
+    down = closed_port()
+    with contextlib.ExitStack() as stack:
+        runs = [stack.enter_context(tracking.JobRun(tmp_path / str(n), experiment="x", uri=down, stage="evaluate",
+                                                    job=f"evaluate/b/uniform/{n}", params={})) for n in (4, 16)]
+    for r in runs:
+        write_run_record(r.out, stage="evaluate", job=r.job, params={}, metrics={"top1": 0.5}, artifacts=[],
+                         **r.record_fields())
+        assert r.finish() is None
+    assert [r.quiet for r in runs] == [False, True]
+    assert capsys.readouterr().err.count("spot: warning:") == 1
 
 
 def test_parent_run_nests_the_jobs_and_an_empty_one_is_deleted(tmp_path, uri):

@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import timm.data
 import torch
 import webdataset as wds
 from PIL import Image
-from torchvision import transforms as T
 
 from spot.data.shards import SHARD_NAME
 
@@ -154,6 +152,8 @@ class Preprocess:
     same geometry."""
 
     def __init__(self, data_config: dict):
+        import timm.data  # (imported here: stages that decode nothing never load them)
+        from torchvision import transforms as T
         cfg = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
                if k in data_config}
         steps = timm.data.create_transform(**cfg, is_training=False).transforms

@@ -34,7 +34,7 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
 
     def start(b, split):
         return positions_for(prior, budget, b.keys, seed[split], *model.img_size, model.k, b.saliency,
-                             b.images).to(device)
+                             b.images, device)
 
     def place(b, split):
         r = entropy_search(model, b.images.to(device), start(b, split), steps=e["steps"], lr=e["lr"])

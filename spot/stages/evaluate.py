@@ -1,11 +1,11 @@
-"""Stage evaluate: top-1 and kNN accuracy of one backbone x prior x token budget."""
+"""Stage evaluate: top-1 and kNN accuracy of one backbone x prior at every token budget."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from spot.backbones import load_backbone
 from spot.data.decoded import Decoded
-from spot.evaluation import evaluate_placement
+from spot.evaluation import evaluate_placements
 from spot.model import compile_features
 from spot.model_saliency import SaliencyMaps
 from spot.outputs import Record
@@ -13,25 +13,32 @@ from spot.priors import NEEDS_SALIENCY, check_budget, positions_for
 from spot.utils import resolve_device
 
 
-def run(cfg: dict, inputs: dict, out: Path, backbone: str, prior: str, budget: int) -> Record:
+def run(cfg: dict, inputs: dict, outs: dict[int, Path], backbone: str, prior: str) -> dict[int, Record]:
     """Top-1 on val and kNN accuracy (bank: the first `eval.knn.bank_size` train images, all if null,
-    under the same prior and budget) with `budget` tokens placed by `prior`; 'grid' is the plain ViT
-    on `budget` random patches; 'model_salient' draws from the maps of stage model-saliency. Val
-    positions are drawn with seed + 1, the bank's with seed.
+    under the same prior and budget) with `budget` tokens placed by `prior`, for every budget of
+    `outs` ({budget: folder}) in one pass over the images; 'grid' is the plain ViT on `budget` random
+    patches; 'model_salient' draws from the maps of stage model-saliency. Val positions are drawn
+    with seed + 1, the bank's with seed: an image's positions do not depend on the other budgets.
 
-    Writes metrics.json, predictions.parquet and bank.npz (`spot.evaluation.evaluate_placement`).
+    Writes metrics.json, predictions.parquet and bank.npz per budget (`spot.evaluation`).
     """
     device = resolve_device(cfg["device"])
     model = compile_features(load_backbone(inputs["backbone"], device), cfg["eval"]["compile"])
-    check_budget(prior, budget, *model.img_size, model.k)
+    for budget in outs:
+        check_budget(prior, budget, *model.img_size, model.k)
     seed = {"train": cfg["seed"], "val": cfg["seed"] + 1}
     maps = SaliencyMaps(inputs["model_saliency"]) if prior == "model_salient" else None
 
-    def place(b, split):
-        saliency = maps(split, b.keys).to(device) if maps else b.saliency
-        return positions_for(prior, budget, b.keys, seed[split], *model.img_size, model.k, saliency, b.images, device)
+    def placement(budget):
+        def place(b, split):
+            saliency = maps(split, b.keys).to(device) if maps else b.saliency
+            return positions_for(prior, budget, b.keys, seed[split], *model.img_size, model.k, saliency, b.images,
+                                 device)
+        return place
 
-    metrics = evaluate_placement(model, Decoded(inputs["decoded"], model.data_config), place, out,
-                                 batch_size=cfg["eval"]["batch_size"], knn=cfg["eval"]["knn"], device=device,
-                                 job=f"{backbone}/{prior}/{budget}", saliency=prior in NEEDS_SALIENCY and not maps)
-    return Record(dict(top1=metrics["top1"], knn=metrics["knn"]), ["metrics.json", "predictions.parquet"])
+    metrics = evaluate_placements(model, Decoded(inputs["decoded"], model.data_config),
+                                  {n: placement(n) for n in outs}, outs, batch_size=cfg["eval"]["batch_size"],
+                                  knn=cfg["eval"]["knn"], device=device, job=f"{backbone}/{prior}",
+                                  saliency=prior in NEEDS_SALIENCY and not maps)
+    return {n: Record(dict(top1=m["top1"], knn=m["knn"]), ["metrics.json", "predictions.parquet"])
+            for n, m in metrics.items()}

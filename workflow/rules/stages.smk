@@ -1,7 +1,8 @@
 import os
 
 # One rule per stage of spot.pipeline.STAGES: its output is the job folder's run.json (written
-# last), its inputs the run.json of its input folders, its params the config values it reads.
+# last; a stage with `each` writes one folder per value), its inputs the run.json of its input
+# folders, its params the config values it reads.
 # Files of its folder listed in workflow/report/items.yaml are outputs too, shown by
 # `snakemake --report report.html` with their category, label and caption.
 REPORT_ITEMS = yaml.safe_load(open(os.path.join(workflow.basedir, "workflow", "report", "items.yaml")))
@@ -24,7 +25,7 @@ for stage in STAGES:
         input:
             partial(stage_inputs, stage),
         output:
-            f"{LAYOUT.pattern(stage.output)}/run.json",
+            *[f"{LAYOUT.pattern(stage.output, **f)}/run.json" for f in stage_folders(stage)],
             *[report_output(stage, n, i) for n, i in REPORT_ITEMS.get(stage.name, {}).items()],
         params:
             values=partial(stage_params, stage),
