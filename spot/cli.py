@@ -20,40 +20,58 @@ from spot.pipeline import INT_WILDCARDS, STAGES, Stage, declared
 
 def run_stage(stage: Stage, cfg: dict, a: argparse.Namespace) -> None:
     from spot import tracking
-    from spot.outputs import require_complete, writing
-    from spot.utils import write_run_record
-    started = tracking.job_start()
+    from spot.outputs import require_complete
     layout = Layout(cfg["root"])
     wildcards = {w: getattr(a, w) for w in stage.wildcards}
     check_job(stage, cfg, wildcards, a.params)
-    inputs = stage.input_folders(cfg, layout, wildcards)
-    for name, folders in inputs.items():
+    for name, folders in stage.job_inputs(cfg, layout, wildcards).items():
         for f in folders if isinstance(folders, list) else [folders]:
             require_complete(f, f"input {name}")
     options = {o.replace("-", "_"): getattr(a, o.replace("-", "_")) for o in stage.options}
     if stage.state:
         options["state"] = layout(stage.state, **wildcards)
-    folders = chosen_folders(stage, cfg, wildcards, a)
-    outs = {f.get(stage.each): layout(stage.output, **f) for f in folders}
     fn, cfg_job = stage.function(), declared(cfg, stage.params(cfg, wildcards))
-    call = (lambda: fn(cfg_job, inputs, outs, **wildcards, **options)) if stage.each else \
-        (lambda: {None: fn(cfg_job, inputs, outs[None], **wildcards, **options)})
+    folders = chosen_folders(stage, cfg, wildcards, a)
     if int(os.environ.get("RANK", "0")) > 0:           # a torchrun rank other than 0 only trains along
-        call()
+        fn(cfg_job, stage.input_folders(cfg, layout, wildcards), layout(stage.output, **wildcards), **wildcards,
+           **options)
         return
-    params = stage.param_values(cfg, wildcards)
-    with contextlib.ExitStack() as stack:              # every folder: locked, markers gone, a live MLflow run
-        live = {}
-        for f in folders:
-            out = stack.enter_context(writing(outs[f.get(stage.each)]))
-            live[f.get(stage.each)] = stack.enter_context(tracking.JobRun(
-                out, experiment=cfg["name"], uri=tracking.tracking_uri(cfg), stage=stage.name,
-                job=stage.job_id(f), params=f | params, inputs=inputs, started=started))
-        for value, record in call().items():
-            run = live[value]
-            write_run_record(run.out, stage=stage.name, job=run.job, params=run.params, metrics=record.metrics,
-                             artifacts=record.artifacts, inputs=inputs, **run.record_fields())
-            track(cfg, run.out, run)
+    if stage.one_pass:                                 # every folder at once, one pass over the data
+        outs = {f[stage.each]: layout(stage.output, **f) for f in folders}
+        inputs = stage.job_inputs(cfg, layout, wildcards)
+        with contextlib.ExitStack() as stack:
+            started = tracking.job_start()
+            runs = {f[stage.each]: stack.enter_context(job_run(stage, cfg, f, outs[f[stage.each]], inputs, started))
+                    for f in folders}
+            for value, record in fn(cfg_job, inputs, outs, **wildcards, **options).items():
+                finish(cfg, stage, runs[value], record, inputs)
+        return
+    for f in folders:                                  # one folder after another, in this process
+        out, inputs = layout(stage.output, **f), stage.input_folders(cfg, layout, f)
+        with job_run(stage, cfg, f, out, inputs) as run:
+            finish(cfg, stage, run, fn(cfg_job, inputs, out, **f, **options), inputs)
+
+
+@contextlib.contextmanager
+def job_run(stage: Stage, cfg: dict, folder: dict, out, inputs: dict, started: str | None = None):
+    """Write folder `out` (wildcards `folder`): locked, markers removed (`spot.outputs.writing`),
+    inside its live MLflow run (`spot.tracking.JobRun`, started at `started`, default now or, for
+    the process's first, at its start), which the block yields."""
+    from spot import tracking
+    from spot.outputs import writing
+    started = started or tracking.job_start()
+    params = folder | stage.param_values(cfg, folder)
+    with writing(out), tracking.JobRun(out, experiment=cfg["name"], uri=tracking.tracking_uri(cfg), stage=stage.name,
+                                       job=stage.job_id(folder), params=params, inputs=inputs, started=started) as run:
+        yield run
+
+
+def finish(cfg: dict, stage: Stage, run, record, inputs: dict) -> None:
+    """The folder's run.json (last), then its MLflow run."""
+    from spot.utils import write_run_record
+    write_run_record(run.out, stage=stage.name, job=run.job, params=run.params, metrics=record.metrics,
+                     artifacts=record.artifacts, inputs=inputs, **run.record_fields())
+    track(cfg, run.out, run)
 
 
 def chosen_folders(stage: Stage, cfg: dict, wildcards: dict, a: argparse.Namespace) -> list[dict]:

@@ -47,7 +47,7 @@ def stage_name(stage: Stage, wildcards: dict) -> str:
 
 def dvc_stage(stage: Stage, wildcards: dict, cfg: dict, raw: dict, params_file: str, code: list[str]) -> dict:
     layout = Layout(cfg["root"])
-    inputs = stage.input_folders(cfg, layout, wildcards)
+    inputs = stage.job_inputs(cfg, layout, wildcards)
     folders = [str(f) for v in inputs.values() for f in (v if isinstance(v, list) else [v])]
     keys = sorted({present(raw, k) for k in stage.params(cfg, wildcards)})
     outs = [layout(stage.output, **f) for f in stage.folders(cfg, wildcards)]

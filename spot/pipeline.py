@@ -11,11 +11,12 @@ import argparse
 import ast
 import importlib
 import itertools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spot.layout import Layout
+from spot.layout import FOLDERS, Layout
 
 PACKAGE = Path(__file__).resolve().parent
 INT_WILDCARDS = ("budget", "part")
@@ -25,9 +26,11 @@ INT_WILDCARDS = ("budget", "part")
 class Stage:
     """One stage. `params(cfg, wildcards)` lists the dotted config keys the job reads (its rerun
     triggers); `inputs(cfg, wildcards)` maps input names to `(layout kind, wildcards)` folders or
-    lists of them; `jobs(cfg)` lists every job's wildcards for a config. A job writes one folder of
-    kind `output`, or with `each` one per value of that wildcard (evaluate: every budget in one pass
-    over the images), each folder its own run.json and MLflow run."""
+    lists of them, per output folder; `jobs(cfg)` lists every job's wildcards for a config. A job
+    writes one folder of kind `output`, or with `each` one per value of that wildcard (every budget),
+    each folder with its own run.json and MLflow run: the function runs once per folder in the
+    job's process (one start-up), or with `one_pass` once for all folders (evaluate: one pass over
+    the images for every budget)."""
     name: str
     run: str                                         # "module:function" under spot.stages
     help: str
@@ -45,6 +48,7 @@ class Stage:
     options: dict = field(default_factory=dict)      # extra CLI flags: name -> argparse kwargs
     each: str | None = None                          # a wildcard whose every value one job covers,
     values: Callable[[dict], list] = lambda cfg: []  # `values(cfg)`: one output folder per value
+    one_pass: bool = False                           # the function takes every folder at once
 
     @property
     def rule(self) -> str:
@@ -56,8 +60,9 @@ class Stage:
         return "spot.stages." + self.run.split(":")[0]
 
     def function(self) -> Callable:
-        """The stage's entry point, imported on demand: `fn(cfg, inputs, out, **wildcards) -> Record`, or
-        with `each`: `fn(cfg, inputs, outs, **wildcards) -> {value: Record}`, `outs` {value: folder}."""
+        """The stage's entry point, imported on demand: `fn(cfg, inputs, out, **wildcards) -> Record` per
+        folder (the folder's wildcards), or with `one_pass`: `fn(cfg, inputs, outs, **wildcards) ->
+        {value: Record}`, `outs` {value of `each`: folder}."""
         module, fn = self.run.split(":")
         return getattr(importlib.import_module(f"spot.stages.{module}"), fn)
 
@@ -66,10 +71,11 @@ class Stage:
         return {w: int(wildcards[w]) if w in INT_WILDCARDS else str(wildcards[w]) for w in self.wildcards}
 
     def job_id(self, wildcards: dict) -> str:
-        """'oracle/spot/4/0': a job's or output folder's identity (MLflow run name, run.json `job`):
-        the stage and the values of the wildcards given, `each` last ('evaluate/spot/grid/4')."""
-        names = (*self.wildcards, self.each) if self.each else self.wildcards
-        return "/".join([self.name, *(str(wildcards[w]) for w in names if w in wildcards)])
+        """'evaluate/spot/grid/4': an output folder's identity (MLflow run name, run.json `job`), the
+        stage and its wildcards in the folder's order; with the job's wildcards only, the job's
+        ('evaluate/spot/grid')."""
+        names = re.findall(r"{(\w+)}", FOLDERS[self.output]) if self.each in wildcards else self.wildcards
+        return "/".join([self.name, *(str(wildcards[w]) for w in names)])
 
     def folders(self, cfg: dict, wildcards: dict) -> list[dict]:
         """The wildcards of a job's output folders: the job's own, or one per value of `each`."""
@@ -80,12 +86,25 @@ class Stage:
         return [f for w in self.jobs(cfg) for f in self.folders(cfg, w)]
 
     def input_folders(self, cfg: dict, layout: Layout, wildcards: dict) -> dict[str, Path | list[Path]]:
-        """Input name -> folder (or list of folders) for one job."""
+        """Input name -> folder (or list of folders) for one output folder's wildcards."""
         def folder(ref):
             kind, wc = ref
             return layout(kind, **wc)
         return {k: [folder(r) for r in v] if isinstance(v, list) else folder(v)
                 for k, v in self.inputs(cfg, wildcards).items()}
+
+    def job_inputs(self, cfg: dict, layout: Layout, wildcards: dict) -> dict[str, Path | list[Path]]:
+        """Input name -> folder(s) of a whole job, over its output folders: a name that is one folder
+        in each stays one folder if it is the same in all, else becomes the list of them."""
+        merged: dict[str, list[Path]] = {}
+        single = set()
+        for f in self.folders(cfg, wildcards):
+            for name, v in self.input_folders(cfg, layout, f).items():
+                if not isinstance(v, list):
+                    single.add(name)
+                paths = merged.setdefault(name, [])
+                paths += [p for p in (v if isinstance(v, list) else [v]) if p not in paths]
+        return {k: v[0] if k in single and len(v) == 1 else v for k, v in merged.items()}
 
     def param_values(self, cfg: dict, wildcards: dict) -> dict:
         """Dotted key -> value of every config value the job reads, down to the leaves."""
@@ -186,17 +205,15 @@ PLACEMENT = ("learned", "placer", "entropy")             # label-free placement 
 
 
 def placement_jobs(method):
-    """The jobs of a label-free placement stage: every backbone x `placement.budgets`, if the method is on."""
-    return lambda cfg: (product(backbone=list(cfg["backbones"]), budget=cfg["placement"]["budgets"])
-                        if method in cfg["placement"]["methods"] else [])
+    """The jobs of a label-free placement stage: every backbone (each at `placement.budgets`), if the method is on."""
+    return lambda cfg: product(backbone=list(cfg["backbones"])) if method in cfg["placement"]["methods"] else []
 
 
 def placer_transfers(cfg) -> list[dict]:
-    """Every ordered pair of different backbones x `placement.transfer` (budgets), if placers run."""
-    if "placer" not in cfg["placement"]["methods"]:
+    """Every ordered pair of different backbones (each at `placement.transfer`), if placers run."""
+    if "placer" not in cfg["placement"]["methods"] or not cfg["placement"]["transfer"]:
         return []
-    return [j for j in product(src=list(cfg["backbones"]), dst=list(cfg["backbones"]),
-                               budget=cfg["placement"]["transfer"]) if j["src"] != j["dst"]]
+    return [j for j in product(src=list(cfg["backbones"]), dst=list(cfg["backbones"])) if j["src"] != j["dst"]]
 
 
 def model_inputs(cfg, w):
@@ -210,6 +227,7 @@ def model_maps(cfg, wanted: bool) -> dict:
     return {"model_saliency": ("model-saliency", {"backbone": model})} if wanted and model else {}
 
 
+PER_BUDGET = dict(each="budget", values=lambda cfg: cfg["placement"]["budgets"])   # label-free placement jobs
 ORACLE = ["oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size", "oracle.parts",
           "oracle.save_every", "oracle.compile", "seed", "device"]
 
@@ -245,54 +263,54 @@ STAGES = [
           params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "seed", "device"],
           inputs=lambda cfg, w: model_inputs(cfg, w) | model_maps(cfg, w["prior"] == "model_salient"),
           jobs=lambda cfg: product(backbone=list(cfg["backbones"]), prior=cfg["eval"]["priors"]),
-          output="eval", gpu=True, each="budget", values=lambda cfg: cfg["eval"]["budgets"]),
-    Stage("oracle", "oracle:search", "SPoT-ON search on one part of the val shards", ("backbone", "budget", "part"),
-          params=lambda cfg, w: ORACLE,
+          output="eval", gpu=True, each="budget", values=lambda cfg: cfg["eval"]["budgets"], one_pass=True),
+    Stage("oracle", "oracle:search", "SPoT-ON search on one part of the val shards at every budget",
+          ("backbone", "part"), params=lambda cfg, w: ORACLE,
           inputs=lambda cfg, w: {"backbone": ("backbone", {"backbone": w["backbone"]}),
                                  "decoded": decoded(cfg, w["backbone"])},
-          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), budget=cfg["oracle"]["budgets"],
-                                   part=list(range(cfg["oracle"]["parts"]))),
-          output="oracle-part", gpu=True),
-    Stage("oracle-gather", "oracle_gather:run", "join the oracle parts, kNN of the found features", ("backbone", "budget"),
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), part=list(range(cfg["oracle"]["parts"]))),
+          output="oracle-part", gpu=True, each="budget", values=lambda cfg: cfg["oracle"]["budgets"]),
+    Stage("oracle-gather", "oracle_gather:run", "join the oracle parts, kNN of the found features", ("backbone",),
           params=lambda cfg, w: ["oracle.prior", "eval.knn"],
           inputs=lambda cfg, w: {"parts": [("oracle-part", dict(w, part=p)) for p in range(cfg["oracle"]["parts"])],
                                  "eval": eval_of(cfg, w["backbone"], w["budget"])},
-          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), budget=cfg["oracle"]["budgets"]),
-          output="oracle"),
-    Stage("transfer", "transfer:run", "oracle placements of --src evaluated on --dst", ("src", "dst", "budget"),
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
+          output="oracle", each="budget", values=lambda cfg: cfg["oracle"]["budgets"]),
+    Stage("transfer", "transfer:run", "oracle placements of --src evaluated on --dst", ("src", "dst"),
           params=lambda cfg, w: ["oracle.prior", "eval.batch_size", "device"],
           inputs=lambda cfg, w: {"oracle": ("oracle", {"backbone": w["src"], "budget": w["budget"]}),
                                  "eval": eval_of(cfg, w["dst"], w["budget"]),
                                  "backbone": ("backbone", {"backbone": w["dst"]}), "decoded": decoded(cfg, w["dst"])},
-          jobs=lambda cfg: product(src=list(cfg["backbones"]), dst=list(cfg["backbones"]),
-                                   budget=cfg["transfer"]["budgets"]),
-          output="transfer", gpu=True),
-    Stage("analyze", "analyze:run", "saliency under the oracle positions, trajectory pictures", ("backbone", "budget"),
+          jobs=lambda cfg: product(src=list(cfg["backbones"]), dst=list(cfg["backbones"]))
+          if cfg["transfer"]["budgets"] else [],
+          output="transfer", gpu=True, each="budget", values=lambda cfg: cfg["transfer"]["budgets"]),
+    Stage("analyze", "analyze:run", "saliency under the oracle positions, trajectory pictures", ("backbone",),
           params=lambda cfg, w: ["report.pictures"],
           inputs=lambda cfg, w: {"oracle": ("oracle", w)} | model_inputs(cfg, w) | model_maps(cfg, True),
-          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), budget=cfg["oracle"]["budgets"]),
-          output="analysis"),
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
+          output="analysis", each="budget", values=lambda cfg: cfg["oracle"]["budgets"]),
     Stage("learned", "learned:run", "fit N positions shared by all images (label-free at inference)",
-          ("backbone", "budget"),
+          ("backbone",),
           params=lambda cfg, w: ["placement.batch_size", "placement.learned", "eval.batch_size", "eval.knn", "seed",
                                  "device"],
-          inputs=model_inputs, jobs=placement_jobs("learned"), output="learned", gpu=True),
-    Stage("placer", "placer:run", "train a network that places N tokens per image, evaluate it", ("backbone", "budget"),
+          inputs=model_inputs, jobs=placement_jobs("learned"), output="learned", gpu=True, **PER_BUDGET),
+    Stage("placer", "placer:run", "train a network that places N tokens per image, evaluate it", ("backbone",),
           params=lambda cfg, w: ["placement.batch_size", "placement.placer", "eval.batch_size", "eval.knn", "seed",
                                  "device"],
           inputs=lambda cfg, w: model_inputs(cfg, w) | ({"learned": ("learned", w)}
                                                         if cfg["placement"]["placer"]["init"] == "learned" else {}),
-          jobs=placement_jobs("placer"), output="placer", gpu=True),
+          jobs=placement_jobs("placer"), output="placer", gpu=True, **PER_BUDGET),
     Stage("placer-transfer", "placer_transfer:run", "the placer of --src placing the tokens of --dst",
-          ("src", "dst", "budget"),
+          ("src", "dst"),
           params=lambda cfg, w: ["eval.batch_size", "eval.knn", "device"],
           inputs=lambda cfg, w: {"placer": ("placer", {"backbone": w["src"], "budget": w["budget"]}),
                                  "own": ("placer", {"backbone": w["dst"], "budget": w["budget"]}),
                                  **model_inputs(cfg, {"backbone": w["dst"]})},
-          jobs=placer_transfers, output="placer-transfer", gpu=True),
-    Stage("entropy", "entropy:run", "label-free test-time search: lower the prediction's entropy", ("backbone", "budget"),
+          jobs=placer_transfers, output="placer-transfer", gpu=True, each="budget",
+          values=lambda cfg: cfg["placement"]["transfer"]),
+    Stage("entropy", "entropy:run", "label-free test-time search: lower the prediction's entropy", ("backbone",),
           params=lambda cfg, w: ["placement.entropy", "oracle.prior", "eval.batch_size", "eval.knn", "seed", "device"],
-          inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True),
+          inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True, **PER_BUDGET),
     Stage("report", "report:run", "the paper's tables, plots, pictures and findings", (),
           params=lambda cfg, w: ["report", "eval.priors"], inputs=report_inputs, jobs=lambda cfg: [{}],
           output="report", metrics=("metrics",), plots=("plots/accuracy_vs_budget.png", "plots/oracle_steps.png"),

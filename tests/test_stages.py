@@ -79,7 +79,8 @@ def test_stage_functions_take_the_wildcards_and_options_the_table_names():
     for s in STAGES:
         args = set(inspect.signature(s.function()).parameters)
         extra = {o.replace("-", "_") for o in s.options} | ({"state"} if s.state else set())
-        assert args == {"cfg", "inputs", "outs" if s.each else "out", *s.wildcards} | extra, s.name
+        per_folder = {"out", *[s.each] * bool(s.each)}               # with one_pass: every folder at once
+        assert args == {"cfg", "inputs", *({"outs"} if s.one_pass else per_folder), *s.wildcards} | extra, s.name
         assert set(re.findall(r"{(\w+)}", FOLDERS[s.output])) == {*s.wildcards, *[s.each] * bool(s.each)}, s.name
 
 

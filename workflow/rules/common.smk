@@ -57,7 +57,7 @@ onsuccess:
 
 def stage_inputs(stage, wildcards):
     """The run.json files of a job's input folders."""
-    folders = stage.input_folders(config, LAYOUT, stage.typed(wildcards))
+    folders = stage.job_inputs(config, LAYOUT, stage.typed(wildcards))
     return [f"{f}/run.json" for v in folders.values() for f in (v if isinstance(v, list) else [v])]
 
 
