@@ -205,8 +205,10 @@ PLACEMENT = ("learned", "placer", "entropy")             # label-free placement 
 
 
 def placement_jobs(method):
-    """The jobs of a label-free placement stage: every backbone (each at `placement.budgets`), if the method is on."""
-    return lambda cfg: product(backbone=list(cfg["backbones"])) if method in cfg["placement"]["methods"] else []
+    """The jobs of a label-free placement stage: every backbone (each at `placement.budgets`), if the
+    method is on and has budgets."""
+    return lambda cfg: (product(backbone=list(cfg["backbones"]))
+                        if method in cfg["placement"]["methods"] and cfg["placement"]["budgets"] else [])
 
 
 def placer_transfers(cfg) -> list[dict]:
@@ -276,14 +278,13 @@ STAGES = [
                                  "eval": eval_of(cfg, w["backbone"], w["budget"])},
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
           output="oracle", each="budget", values=lambda cfg: cfg["oracle"]["budgets"]),
-    Stage("transfer", "transfer:run", "oracle placements of --src evaluated on --dst", ("src", "dst"),
+    Stage("transfer", "transfer:run", "every backbone's oracle placements evaluated on --dst", ("dst", "budget"),
           params=lambda cfg, w: ["oracle.prior", "eval.batch_size", "device"],
           inputs=lambda cfg, w: {"oracle": ("oracle", {"backbone": w["src"], "budget": w["budget"]}),
                                  "eval": eval_of(cfg, w["dst"], w["budget"]),
                                  "backbone": ("backbone", {"backbone": w["dst"]}), "decoded": decoded(cfg, w["dst"])},
-          jobs=lambda cfg: product(src=list(cfg["backbones"]), dst=list(cfg["backbones"]))
-          if cfg["transfer"]["budgets"] else [],
-          output="transfer", gpu=True, each="budget", values=lambda cfg: cfg["transfer"]["budgets"]),
+          jobs=lambda cfg: product(dst=list(cfg["backbones"]), budget=cfg["transfer"]["budgets"]),
+          output="transfer", gpu=True, each="src", values=lambda cfg: list(cfg["backbones"])),
     Stage("analyze", "analyze:run", "saliency under the oracle positions, trajectory pictures", ("backbone",),
           params=lambda cfg, w: ["report.pictures"],
           inputs=lambda cfg, w: {"oracle": ("oracle", w)} | model_inputs(cfg, w) | model_maps(cfg, True),

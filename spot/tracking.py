@@ -9,7 +9,7 @@ epoch) goes to MLflow every few seconds and to `<job>/series.csv`. After run.jso
 backbone's weights), and ends it. `sync` logs records later the same way (the server was down): start and end
 times from run.json, the series from series.csv.
 
-One run per job folder (an evaluate job has one per budget): a new run replaces the folder's
+One run per job folder (a per-budget stage's job has one per budget): a new run replaces the folder's
 earlier ones (tag `spot.job`); a record already logged complete (tag `spot.record_hash`) is left
 alone. MLflow metric names say their stage (`evaluate/top1`, `oracle/accuracy`, `train/loss`);
 run.json keeps the stages' own keys.

@@ -3,8 +3,12 @@ the Snakemake report shows the report stage's files with their captions."""
 import ast
 import base64
 import inspect
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -180,3 +184,34 @@ def test_report_metric_rows_are_the_paper_table_keyed_by_padded_budget():
     page = markdown_html("# T\n\nSome **bold** <text>.\n\n| a | b |\n|---|---|\n| x | **1.00** |\n\n- item\n", "t")
     assert "<h1>T</h1>" in page and "<b>bold</b> &lt;text&gt;" in page and "<li>item</li>" in page
     assert "<th>a</th><th>b</th>" in page and "<td class=num><b>1.00</b></td>" in page
+
+
+def test_jobs_that_load_no_model_plan_their_inputs_without_timm(tmp_path):
+    """Planning a job's input folders needs timm's pretrained configs: the first process reads timm
+    and caches them (per timm version, in XDG_CACHE_HOME), later ones import neither timm nor
+    torchvision, and plan the same folders."""
+    probe = ("import sys; from spot.config import load_config; from spot.layout import Layout; "
+             "from spot.pipeline import STAGE; cfg = load_config('params.yaml'); "
+             "print(STAGE['report'].job_inputs(cfg, Layout('out'), {})['decoded'], "
+             "'timm' in sys.modules or 'torchvision' in sys.modules)")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                           check=True).stdout.split() for _ in range(2)]
+    assert runs[0][1] == "True" and runs[1] == [runs[0][0], "False"]
+    (cache,) = (tmp_path / "spot").glob("timm-*-pretrained.json")
+    import timm
+    for model, g in json.loads(cache.read_text()).items():
+        pre = timm.models.get_pretrained_cfg(model)
+        assert g == dict(input_size=list(pre.input_size), interpolation=pre.interpolation, crop_pct=pre.crop_pct,
+                         crop_mode=pre.crop_mode)
+
+
+def test_a_job_covers_its_stages_budgets_and_no_job_has_none():
+    cfg = load_config(REPO / "params.yaml")
+    for s, w in all_jobs(cfg):
+        folders = s.folders(cfg, w)
+        assert folders and {tuple(f[k] for k in s.wildcards) for f in folders} == {tuple(w.values())}, s.name
+    assert len(STAGE["evaluate"].outputs(cfg)) == len(cfg["backbones"]) * len(cfg["eval"]["priors"]) * \
+        len(cfg["eval"]["budgets"])
+    cfg["placement"].update(budgets=[], transfer=[])                  # methods on, no budget: no job
+    assert not [s.name for s, _ in all_jobs(cfg) if s.name in ("learned", "placer", "entropy", "placer-transfer")]

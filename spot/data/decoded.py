@@ -9,8 +9,11 @@ the shards' order; the bytes are those of `spot.data.loading.Preprocess` (tested
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import io
 import multiprocessing
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -51,21 +54,41 @@ def planned_data_config(cfg: dict, backbone: str) -> dict:
     """The data config backbone `backbone` of `cfg` will have (what `spot.model.SPoTViT` and training
     give it), known before it exists: timm's pretrained config of its model at its image size, with
     `train.data_config` on top for trained backbones; a fine-tuned one starts from its `init`."""
-    import timm
     spec = cfg["backbones"][backbone]
     if spec["init"]:
         dc = planned_data_config(cfg, spec["init"])
     else:
-        pre = timm.models.get_pretrained_cfg(spec["model"])
+        pre = pretrained_geometry(spec["model"])
         if pre is None:
             raise ValueError(f"backbones.{backbone}.model: unknown timm model {spec['model']!r}")
-        size = spec["arch"].get("img_size", pre.input_size[1:])
+        size = spec["arch"].get("img_size", pre["input_size"][1:])
         size = (size, size) if isinstance(size, int) else tuple(size)
-        dc = dict(input_size=(3, *size), interpolation=pre.interpolation, crop_pct=pre.crop_pct,
-                  crop_mode=pre.crop_mode)
+        dc = dict(pre, input_size=(3, *size))
     if spec["make"] == "train":
         dc = dict(dc, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["train"]["data_config"].items()})
     return {k: dc[k] for k in GEOMETRY}
+
+
+def pretrained_geometry(model: str) -> dict | None:
+    """The geometry of timm model `model`'s pretrained config (None: no such model), kept per timm
+    version in `$XDG_CACHE_HOME/spot/` (default ~/.cache): every job plans its input folders with it,
+    and reading the cache spares the jobs that load no model the import of timm (2 s)."""
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spot" / \
+        f"timm-{importlib.metadata.version('timm')}-pretrained.json"
+    try:
+        cache = read_json(path)
+    except (OSError, ValueError):
+        cache = {}
+    if model not in cache:
+        import timm
+        pre = timm.models.get_pretrained_cfg(model)
+        if pre is None:
+            return None
+        cache[model] = dict(input_size=list(pre.input_size), interpolation=pre.interpolation,
+                            crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
+        with contextlib.suppress(OSError):                       # a read-only home: no cache, same answer
+            write_json(path, cache)
+    return cache[model]
 
 
 def decode_shard(job: tuple) -> int:
