@@ -29,6 +29,11 @@ FOLDERS = {
 }
 
 
+def wildcards(kind: str) -> list[str]:
+    """The wildcards of folder kind `kind`, in the folder's order."""
+    return re.findall(r"{(\w+)}", FOLDERS[kind])
+
+
 class Layout:
     """Paths under `root`: `layout("eval", backbone="spot", prior="grid", budget=4)` is
     `<root>/eval/spot/grid/4`; `layout.pattern("eval")` keeps the `{wildcards}`."""
@@ -41,8 +46,7 @@ class Layout:
 
     def pattern(self, kind: str, **fixed) -> str:
         """The folder pattern of `kind`, the wildcards in `fixed` filled in."""
-        names = re.findall(r"{(\w+)}", FOLDERS[kind])
-        return str(self.root / FOLDERS[kind].format(**{w: fixed.get(w, f"{{{w}}}") for w in names}))
+        return str(self.root / FOLDERS[kind].format(**{w: fixed.get(w, f"{{{w}}}") for w in wildcards(kind)}))
 
     def log(self, stage: str, **wildcards) -> Path:
         """`<root>/logs/<stage>/<w1>/<w2>....log`, or `<root>/logs/<stage>.log` without wildcards."""

@@ -54,11 +54,11 @@ def search_positions(model, images: torch.Tensor, positions: torch.Tensor, objec
     a gradient). images (B, C, H, W), positions (B, N, 2) initial (y, x) in [0, 1]; `objective` maps
     logits (B, classes) float32 to a scalar, a sum over the images of a per-image value, so images do
     not interact (Adam/AdamW are per coordinate, without weight decay): an image's result does not
-    depend on its batch. Positions are clamped to [0, 1] after every step; `lr` is in normalised units. steps + 1
-    forward and `steps` backward passes (to the positions only), bf16 autocast on CUDA (the tokenizer
-    samples in float32). `what` names the search in errors. Returns the trajectory (B, steps + 1, N, 2)
-    (index 0: the start), the logits of every step [(B, classes)] and the pooled features (B, D) at
-    the final positions.
+    depend on its batch. Positions are clamped to [0, 1] after every step; `lr` is in normalised
+    units. steps + 1 forward and `steps` backward passes (to the positions only), bf16 autocast on
+    CUDA (the tokenizer samples in float32). `what` names the search in errors. Returns the
+    trajectory (B, steps + 1, N, 2) (index 0: the start), the logits of every step [(B, classes)] and
+    the pooled features (B, D) at the final positions.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown {what} optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")

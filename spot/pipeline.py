@@ -11,12 +11,12 @@ import argparse
 import ast
 import importlib
 import itertools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spot.layout import FOLDERS, Layout
+from spot.layout import Layout
+from spot.layout import wildcards as folder_wildcards
 
 PACKAGE = Path(__file__).resolve().parent
 INT_WILDCARDS = ("budget", "part")
@@ -74,7 +74,7 @@ class Stage:
         """'evaluate/spot/grid/4': an output folder's identity (MLflow run name, run.json `job`), the
         stage and its wildcards in the folder's order; with the job's wildcards only, the job's
         ('evaluate/spot/grid')."""
-        names = re.findall(r"{(\w+)}", FOLDERS[self.output]) if self.each in wildcards else self.wildcards
+        names = folder_wildcards(self.output) if self.each in wildcards else self.wildcards
         return "/".join([self.name, *(str(wildcards[w]) for w in names)])
 
     def folders(self, cfg: dict, wildcards: dict) -> list[dict]:

@@ -16,7 +16,7 @@ import yaml
 from spot.cli import parser
 from spot.config import load_config
 from spot.dvc_yaml import commit_after_snakemake, dvc_yaml, generated_for, present
-from spot.layout import FOLDERS, Layout
+from spot.layout import Layout, wildcards
 from spot.pipeline import STAGE, STAGES, all_jobs, code_deps, declared
 from tests.conftest import REPO, snakemake
 
@@ -85,7 +85,7 @@ def test_stage_functions_take_the_wildcards_and_options_the_table_names():
         extra = {o.replace("-", "_") for o in s.options} | ({"state"} if s.state else set())
         per_folder = {"out", *[s.each] * bool(s.each)}               # with one_pass: every folder at once
         assert args == {"cfg", "inputs", *({"outs"} if s.one_pass else per_folder), *s.wildcards} | extra, s.name
-        assert set(re.findall(r"{(\w+)}", FOLDERS[s.output])) == {*s.wildcards, *[s.each] * bool(s.each)}, s.name
+        assert set(wildcards(s.output)) == {*s.wildcards, *[s.each] * bool(s.each)}, s.name
 
 
 def test_cli_has_one_command_per_stage_with_its_wildcards():

@@ -10,6 +10,7 @@ the shards' order; the bytes are those of `spot.data.loading.Preprocess` (tested
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import io
 import multiprocessing
@@ -69,10 +70,11 @@ def planned_data_config(cfg: dict, backbone: str) -> dict:
     return {k: dc[k] for k in GEOMETRY}
 
 
+@functools.cache
 def pretrained_geometry(model: str) -> dict | None:
     """The geometry of timm model `model`'s pretrained config (None: no such model), kept per timm
-    version in `$XDG_CACHE_HOME/spot/` (default ~/.cache): every job plans its input folders with it,
-    and reading the cache spares the jobs that load no model the import of timm (2 s)."""
+    version in `$XDG_CACHE_HOME/spot/` (default ~/.cache) and per process: every job plans its input
+    folders with it, and reading the cache spares the jobs that load no model the import of timm (2 s)."""
     path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spot" / \
         f"timm-{importlib.metadata.version('timm')}-pretrained.json"
     try:

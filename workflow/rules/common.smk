@@ -61,11 +61,6 @@ def stage_inputs(stage, wildcards):
     return [f"{f}/run.json" for v in folders.values() for f in (v if isinstance(v, list) else [v])]
 
 
-def stage_folders(stage):
-    """A job's output folders, as wildcards left open: one, or one per value of the stage's `each`."""
-    return [{stage.each: v} for v in stage.values(config)] if stage.each else [{}]
-
-
 def stage_params(stage, wildcards):
     """The config values a job reads (its rerun triggers)."""
     return stage.param_values(config, stage.typed(wildcards))

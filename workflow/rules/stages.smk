@@ -25,7 +25,7 @@ for stage in STAGES:
         input:
             partial(stage_inputs, stage),
         output:
-            *[f"{LAYOUT.pattern(stage.output, **f)}/run.json" for f in stage_folders(stage)],
+            *[f"{LAYOUT.pattern(stage.output, **f)}/run.json" for f in stage.folders(config, {})],
             *[report_output(stage, n, i) for n, i in REPORT_ITEMS.get(stage.name, {}).items()],
         params:
             values=partial(stage_params, stage),
