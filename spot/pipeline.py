@@ -171,7 +171,7 @@ def backbone_params(cfg, w):
 
 def backbone_inputs(cfg, w):
     spec = cfg["backbones"][w["backbone"]]
-    inputs = {"shards": ("shards", {})} if spec["make"] == "train" else {}
+    inputs = {"shards": ("shards", {}), "decoded": decoded(cfg, w["backbone"])} if spec["make"] == "train" else {}
     if spec.get("init"):
         inputs["init"] = ("backbone", {"backbone": spec["init"]})
     return inputs

@@ -5,6 +5,7 @@ import hashlib
 import math
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from spot import live
 from spot.backbones import build, describe, load_backbone, save_backbone
 from spot.checkpoint import digest, fingerprint, load_checkpoint, load_state, save_checkpoint
-from spot.data.loading import make_loader
+from spot.data.decoded import Decoded, rank_rows, train_rows
 from spot.model import SPoTViT
 from spot.priors import PRIORS, sample_positions
 from spot.utils import atomic_path, read_json, resolve_device, write_json
@@ -33,20 +34,19 @@ def batch_positions(step: int, seed: int, batch: int, model: SPoTViT, tokens: st
     return sample_positions(prior, batch, n, *model.img_size, k=model.k, generator=gen)
 
 
-def epoch_batches(loader, n: int):
-    """Exactly `n` batches of the loader's current epoch, starting it over if it runs out first: DDP
-    ranks hold different shards (so different sample counts) but must take the same number of steps."""
-    while n > 0:
-        empty = True
-        for b in loader:
-            empty = False
-            yield b
-            n -= 1
-            if n == 0:
-                return
-        if empty:
-            raise ValueError("a training rank got no train shards: write at least as many train shards as "
-                             "processes x loader workers (data.shard_count)")
+def epoch_batches(data: Decoded, order: np.ndarray, batch_size: int, n: int, start: int, device) -> Iterator:
+    """Batches `start` to `n` of an epoch whose rows are `order`, starting the rows over if they run
+    out first: DDP ranks hold different shards (so different row counts) but must take the same
+    number of steps."""
+    if len(order) == 0:
+        raise ValueError("a training rank got no train shards: write at least as many train shards as "
+                         "processes (data.shard_count)")
+    per_pass = -(-len(order) // batch_size)
+    while start < n:
+        first = start % per_pass
+        stop = min(per_pass, first + n - start)
+        yield from data.batches("train", batch_size, order=order[first * batch_size:stop * batch_size], device=device)
+        start += stop - first
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
@@ -57,11 +57,12 @@ def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
 
 
 @torch.no_grad()
-def validate(model: SPoTViT, loader, device, budget: int) -> dict:
-    """Val top-1 on the full grid and with `budget` isotropic tokens (over all ranks under DDP)."""
+def validate(model: SPoTViT, data: Decoded, rows: np.ndarray, device, budget: int) -> dict:
+    """Val top-1 on the full grid and with `budget` isotropic tokens over val `rows` (summed over all
+    ranks under DDP)."""
     model.eval()
     hits, hits_sparse, n = 0, 0, 0
-    for b in loader:
+    for b in data.batches("val", 256, order=rows, device=device):
         x, y = b.images.to(device), b.labels.to(device)
         hits += (model(x).argmax(1) == y).sum().item()
         pos = sample_positions("isotropic", len(y), budget, *model.img_size, k=model.k).to(device)
@@ -75,16 +76,18 @@ def validate(model: SPoTViT, loader, device, budget: int) -> dict:
     return {"val_top1": hits / max(n, 1), f"val_top1_{budget}tok": hits_sparse / max(n, 1)}
 
 
-def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, out_dir: Path, checkpoint_dir: Path, *,
-          init: Path | None = None, seed: int = 0, device: str = "auto", resume: bool | None = None,
-          max_steps: int | None = None) -> dict:
-    """Train backbone `name` and save it to `out_dir` (the `fetch` format, plus metrics.csv/json).
+def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path, out_dir: Path,
+          checkpoint_dir: Path, *, init: Path | None = None, seed: int = 0, device: str = "auto",
+          resume: bool | None = None, max_steps: int | None = None) -> dict:
+    """Train backbone `name` on the images of `decoded_dir` (the decode stage's arrays of the shards
+    in `shards_dir`, for the model's geometry) and save it to `out_dir` (the `fetch` format, plus
+    metrics.csv/json).
 
     spec: the backbone's config (`tokens`, and `model` + `arch` timm create_model kwargs, e.g.
     img_size, patch_size, embed_dim, depth, num_heads; num_classes defaults to the shards' class
     count), or fine-tuning from the backbone folder `init`. tcfg: the `train` section (epochs,
     batch_size, lr, weight_decay, warmup_epochs, label_smoothing, grad_clip, token_range, priors,
-    checkpoint_every, data_config, workers). Each step draws a prior from `priors` and a token count
+    checkpoint_every, data_config). Each step draws a prior from `priors` and a token count
     from `token_range` (tokens 'grid': the plain-ViT baseline on random patch subsets). AdamW,
     warm-up + cosine per step, label smoothing, gradient clipping, bf16 autocast on CUDA, DDP when
     launched by torchrun (WORLD_SIZE > 1). Checkpoints go atomically to `checkpoint_dir` every epoch
@@ -137,9 +140,8 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, out_dir: Path, ch
         step, history = state["step"], state["history"]
     live.start_series(step)               # MLflow step series: a resumed run keeps its points up to `step`
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
-    loader = make_loader(shards_dir, "train", model.data_config, batch_size, train=True,
-                         num_workers=tcfg["workers"], seed=seed)
-    val_loader = make_loader(shards_dir, "val", model.data_config, 256, num_workers=tcfg["workers"])
+    data = Decoded(decoded_dir, model.data_config)
+    train_spans, val_rows = data.rows("train"), rank_rows(data.rows("val"), rank, world)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def checkpoint():
@@ -150,11 +152,9 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, out_dir: Path, ch
     bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", disable=rank != 0)
     while step < total:
         epoch, done = divmod(step, steps_per_epoch)
-        loader.dataset.set_epoch(epoch)
         losses, hits, seen = [], 0, 0
-        for i, b in enumerate(epoch_batches(loader, steps_per_epoch)):
-            if i < done:
-                continue                      # resumed mid-epoch: these batches were already trained on
+        order = train_rows(train_spans, seed, epoch, rank, world)
+        for b in epoch_batches(data, order, batch_size, steps_per_epoch, done, device):   # from `done`: a resume
             if step >= total:
                 break
             x, y = b.images.to(device), b.labels.to(device)
@@ -180,7 +180,7 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, out_dir: Path, ch
                 checkpoint()
         if step % steps_per_epoch == 0 or step >= total:
             row = dict(epoch=epoch, step=step, train_loss=float(np.mean(losses)) if losses else float("nan"),
-                       train_acc=hits / max(seen, 1), **validate(model, val_loader, device, token_range[0]))
+                       train_acc=hits / max(seen, 1), **validate(model, data, val_rows, device, token_range[0]))
             history.append(row)
             live.log_metrics(row, step=step)   # per epoch: train/epoch_loss, train/epoch_acc, val/top1, ...
             checkpoint()

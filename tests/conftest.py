@@ -31,14 +31,17 @@ def smoke_config(root: Path, **changes) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_stages(tmp_path_factory):
-    """Shards, saliency maps and the two trained backbones of the smoke config, made through `spot`
-    in-process: (params path, config dict, output root)."""
+    """Shards, saliency maps, decoded images and the two trained backbones of the smoke config, made
+    through `spot` in-process: (params path, config dict, output root)."""
     from spot.cli import main
     from spot.config import load_config
+    from spot.pipeline import geometries
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     params = smoke_config(tmp_path_factory.mktemp("smoke"))
     cfg = load_config(params)
-    for argv in (["shard"], ["saliency"], ["backbone", "--backbone", "spot-a"], ["backbone", "--backbone", "grid-b"]):
+    decode = [["decode", "--geometry", g["geometry"]] for g in geometries(cfg)]
+    backbones = [["backbone", "--backbone", b] for b in ("spot-a", "grid-b")]
+    for argv in (["shard"], ["saliency"], *decode, *backbones):
         assert main([*argv, "--params", str(params)]) == 0, argv
     return params, cfg, Path(cfg["root"])
 

@@ -65,15 +65,19 @@ def test_unknown_timm_model_is_one_line(tmp_path):
 def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_path):
     """A short run on 1000 Fashion-MNIST images (the smoke shards' 200 are too few to beat chance
     reliably) lowers the loss and ends well above chance on held-out images."""
+    from spot.data.decoded import planned_data_config, write_decoded
     from spot.data.shards import write_shards
+    from spot.saliency import write_saliency
     from tests.conftest import FASHION_MNIST
     _, cfg, root = smoke_stages
     write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "shards", splits=["train", "val"], shard_count=1000,
                  max_per_class={"train": 100, "val": 20})
+    write_saliency(tmp_path / "shards", tmp_path / "saliency", "spectral_residual", 16)
+    write_decoded(tmp_path / "shards", tmp_path / "saliency", tmp_path / "decoded", planned_data_config(cfg, "spot-a"))
     arch = dict(cfg["backbones"]["spot-a"]["arch"], embed_dim=64, depth=2)
     spec = dict(cfg["backbones"]["spot-a"], arch=arch)
     tcfg = dict(cfg["train"], epochs=6, batch_size=50, lr=3e-3, warmup_epochs=0.25, token_range=[16, 49])
-    hist = train("t", spec, tcfg, tmp_path / "shards", tmp_path / "t", tmp_path / "ck")
+    hist = train("t", spec, tcfg, tmp_path / "shards", tmp_path / "decoded", tmp_path / "t", tmp_path / "ck")
     rows = pd.read_csv(tmp_path / "t" / "metrics.csv").to_dict("records")
     assert len(rows) == 6 and rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert hist["val_top1"] > 0.25                                   # 10 classes: chance is 0.1
@@ -92,7 +96,7 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(smoke_stages, tmp_
 
     def setup(d):
         d.mkdir()
-        params = linked_root(d, root, "shards", **changes)
+        params = linked_root(d, root, "shards", "decoded", **changes)
         return [sys.executable, "-m", "spot.cli", "backbone", "--backbone", "spot-a", "--params", str(params)]
 
     killed, clean = setup(tmp_path / "killed"), setup(tmp_path / "clean")
@@ -115,7 +119,7 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(smoke_stages, tmp_
 def test_torchrun_ddp_trains_on_two_processes(smoke_stages, tmp_path):
     """`torchrun --nproc_per_node 2 -m spot.cli backbone` (DDP, gloo on CPU): ranks share the shards."""
     _, cfg, root = smoke_stages
-    params = linked_root(tmp_path, root, "shards", train=dict(cfg["train"], epochs=2))
+    params = linked_root(tmp_path, root, "shards", "decoded", train=dict(cfg["train"], epochs=2))
     r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "spot.cli", "backbone",
                         "--backbone", "spot-a", "--params", str(params)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -129,7 +133,7 @@ def test_a_checkpoint_of_another_config_is_never_resumed(smoke_stages, tmp_path,
     """Train, change lr and seed: `--resume` stops in one line naming them; the default starts over
     and trains every step, so the weights are the new config's."""
     _, cfg, root = smoke_stages
-    params = linked_root(tmp_path, root, "shards", train=dict(cfg["train"], epochs=1))
+    params = linked_root(tmp_path, root, "shards", "decoded", train=dict(cfg["train"], epochs=1))
     argv = ["backbone", "--backbone", "spot-a", "--params", str(params)]
     assert main(argv) == 0
     first = load_backbone(tmp_path / "out" / "backbones" / "spot-a").state_dict()

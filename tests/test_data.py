@@ -235,11 +235,10 @@ def test_loader_preprocessing_equals_timm_transform(imagenet_root, imagenet_shar
     torch.testing.assert_close(b.images, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_loader_workers_read_every_sample_once(imagenet_shards, train):
+def test_loader_workers_read_every_sample_once(imagenet_shards):
     """Two loader workers split the shards between them: together they read each sample exactly once."""
     out, manifest = imagenet_shards
-    keys = [k for b in make_loader(out, "train", CFG, batch_size=8, num_workers=2, train=train) for k in b.keys]
+    keys = [k for b in make_loader(out, "train", CFG, batch_size=8, num_workers=2) for k in b.keys]
     assert len(shard_paths(out, "train")) >= 2
     assert len(keys) == len(set(keys)) == manifest["splits"]["train"]["count"]
 
@@ -447,6 +446,24 @@ def test_bad_parameters_give_one_line_errors(tmp_path, call, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match) as e:
         call(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_train_rows_shuffle_per_epoch_and_deal_shards_to_ranks():
+    """A training epoch's rows: every row once, the same for the same seed and epoch, another order
+    for another epoch or seed; DDP ranks get whole shards, disjoint, together every row once."""
+    from spot.data.decoded import rank_rows, train_rows
+    spans = [range(a, min(a + 700, 4000)) for a in range(0, 4000, 700)]          # 6 shards, the last short
+    rows = train_rows(spans, seed=3, epoch=0)
+    assert sorted(rows.tolist()) == list(range(4000)) and rows.dtype == np.int64
+    assert np.array_equal(rows, train_rows(spans, seed=3, epoch=0))
+    for other in (train_rows(spans, seed=3, epoch=1), train_rows(spans, seed=4, epoch=0)):
+        assert sorted(other.tolist()) == list(range(4000)) and not np.array_equal(rows, other)
+    assert not np.array_equal(rows, np.sort(rows))
+    ranks = [train_rows(spans, seed=3, epoch=2, rank=r, world=2) for r in (0, 1)]
+    assert sorted(np.concatenate(ranks).tolist()) == list(range(4000))
+    shard_of = {r: i for i, span in enumerate(spans) for r in span}
+    assert not {shard_of[r] for r in ranks[0].tolist()} & {shard_of[r] for r in ranks[1].tolist()}
+    assert rank_rows(spans, 1, 2).tolist() == [r for i in (1, 3, 5) for r in spans[i]]
 
 
 def test_prefetched_keeps_order_raises_the_producers_error_and_stops_early():

@@ -161,7 +161,7 @@ def test_every_job_logged_once_to_mlflow(done):
     assert len(steps["train/loss"]) > 1
     assert [m.step for m in c.get_metric_history(train.info.run_id, "val/top1")] == [steps["train/loss"][-1]]
     assert {"model.safetensors", "series.csv", "metrics.csv"} <= {a.path for a in c.list_artifacts(train.info.run_id)}
-    assert [d.dataset.name for d in train.inputs.dataset_inputs] == ["shards"]
+    assert [d.dataset.name for d in train.inputs.dataset_inputs] == ["shards", "decoded"]
     version = records["backbone/spot-a"]["code_version"].removesuffix("-dirty")
     if version.isalnum():                                                    # a git checkout
         assert train.data.tags["mlflow.source.git.commit"].startswith(version)
@@ -205,11 +205,18 @@ def test_decoded_batches_equal_the_shard_loaders(done):
     from spot.backbones import read_meta
     from spot.data.decoded import Decoded, geometry_name
     dc = read_meta(root / "backbones" / "spot-a")["data_config"]
-    fast = Decoded(root / "decoded" / geometry_name(dc), dc).batches("val", 16, saliency=True)
-    slow = loading.make_loader(root / "shards", "val", dc, 16, saliency_dir=root / "saliency")
-    for a, b in zip(fast, slow, strict=True):
+    data = Decoded(root / "decoded" / geometry_name(dc), dc)
+    slow = list(loading.make_loader(root / "shards", "val", dc, 16, saliency_dir=root / "saliency"))
+    for a, b in zip(data.batches("val", 16, saliency=True), slow, strict=True):
         assert a.keys == b.keys and torch.equal(a.labels, b.labels)
         assert torch.equal(a.images, b.images) and torch.equal(a.saliency, b.saliency)
+    order = np.random.default_rng(0).permutation(sum(len(b.keys) for b in slow))   # rows in a given order
+    x, y, keys = (torch.cat([b.images for b in slow]), torch.cat([b.labels for b in slow]),
+                  [k for b in slow for k in b.keys])
+    got = list(data.batches("val", 7, order=order))
+    assert [k for b in got for k in b.keys] == [keys[i] for i in order]
+    assert torch.equal(torch.cat([b.images for b in got]), x[order])
+    assert torch.equal(torch.cat([b.labels for b in got]), y[order])
 
 
 def test_compiled_forward_gives_the_same_results(done, tmp_path):

@@ -1,6 +1,7 @@
 """Decode once: every image resized and cropped for one geometry (input size, interpolation, crop),
-with its saliency map under the same geometry, stored as uint8 arrays. Evaluate, oracle, transfer,
-analyze and report read them as ready tensors: no JPEG decoding and no per-image Python after this.
+with its saliency map under the same geometry, stored as uint8 arrays. Training, evaluate, oracle,
+transfer, analyze and report read them as ready tensors: no JPEG decoding and no per-image Python
+after this.
 
 Folder `decoded/<geometry name>/`: `<split>-images.npy` (n, 3, H, W) uint8, `<split>-saliency.npy`
 (n, H, W) uint8 (the map's 0..255 levels), `<split>-labels.npy` (n,) int64, `<split>-keys.npy` (n,)
@@ -16,6 +17,7 @@ import io
 import multiprocessing
 import os
 import queue
+import random
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,18 +185,24 @@ class Decoded:
                 if shards is None or e["name"] in shards]
 
     def batches(self, split: str, batch_size: int, limit: int | None = None, saliency: bool = False,
-                shards: list[str] | None = None, device=None, prefetch: int = 3) -> Iterator[Batch]:
+                shards: list[str] | None = None, order: np.ndarray | None = None, device=None,
+                prefetch: int = 3) -> Iterator[Batch]:
         """`Batch`es (images normalised as timm does, labels, keys, saliency in [0, 1] or None) of the
         split's first `limit` rows (all if None); with `shards`, only theirs, each shard batched on its
-        own. A background thread reads up to `prefetch` batches ahead off the memory map (into
-        page-locked memory for a CUDA `device`); on CUDA the uint8 pixels are copied without
-        blocking and normalised there (the same arithmetic), otherwise batches stay on the CPU."""
+        own; with `order`, those rows in that order (`train_rows`). A background thread reads up to
+        `prefetch` batches ahead off the memory map (into page-locked memory for a CUDA `device`); on
+        CUDA the uint8 pixels are copied without blocking and normalised there (the same arithmetic),
+        otherwise batches stay on the CPU."""
         images, labels, keys = self.array(split, "images"), self.array(split, "labels"), self.array(split, "keys")
         maps = self.array(split, "saliency") if saliency else None
         cuda = device is not None and torch.device(device).type == "cuda"
         mean, std = (self.mean.to(device), self.std.to(device)) if cuda else (self.mean, self.std)
-        spans = self.rows(split, shards) if shards is not None else [range(len(labels) if limit is None
-                                                                           else min(limit, len(labels)))]
+        if order is not None:
+            chunks = [order[a:a + batch_size] for a in range(0, len(order), batch_size)]
+        else:
+            spans = self.rows(split, shards) if shards is not None else [range(len(labels) if limit is None
+                                                                               else min(limit, len(labels)))]
+            chunks = [slice(a, min(a + batch_size, s.stop)) for s in spans for a in range(s.start, s.stop, batch_size)]
 
         def host(rows: np.ndarray) -> torch.Tensor:
             out = torch.empty(rows.shape, dtype=torch.uint8, pin_memory=cuda)
@@ -202,16 +210,36 @@ class Decoded:
             return out
 
         def read():
-            for span in spans:
-                for a in range(span.start, span.stop, batch_size):
-                    b = min(a + batch_size, span.stop)
-                    yield (host(images[a:b]), None if maps is None else host(maps[a:b]),
-                           torch.from_numpy(np.array(labels[a:b])), [str(k) for k in keys[a:b]])
+            for ix in chunks:
+                yield (host(images[ix]), None if maps is None else host(maps[ix]),
+                       torch.from_numpy(np.array(labels[ix])), [str(k) for k in keys[ix]])
 
         for x, s, y, k in prefetched(read(), prefetch):
             x = x.to(device, non_blocking=True) if cuda else x
             s = None if s is None else (s.to(device, non_blocking=True) if cuda else s).float() / 255
             yield Batch(x.float().div_(255).sub_(mean).div_(std), y, k, s)
+
+
+def rank_rows(spans: list[range], rank: int = 0, world: int = 1) -> np.ndarray:
+    """The rows of DDP rank `rank` of `world`: its shards (`spans`, the rows of each), dealt in turn,
+    in stored order."""
+    return np.asarray([r for span in spans[rank::world] for r in span], dtype=np.int64)
+
+
+def train_rows(spans: list[range], seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """A training epoch's rows for DDP rank `rank` of `world`: the shards (`spans`) shuffled from
+    seed + epoch and dealt to the ranks, their rows streamed in stored order through a 1000-row
+    buffer that draws from (seed, epoch): a shuffle that keeps reads near each other, and the same
+    order for the same arguments whatever the device or a resume."""
+    shards = list(spans)
+    random.Random(seed + epoch).shuffle(shards)
+    rng, buf, order = random.Random(seed * 1000003 + epoch), [], []
+    for r in rank_rows(shards, rank, world).tolist():
+        buf.append(r)
+        if len(buf) >= 1000:
+            order.append(buf.pop(rng.randrange(len(buf))))
+    rng.shuffle(buf)
+    return np.asarray(order + buf, dtype=np.int64)
 
 
 def prefetched(items: Iterator, depth: int) -> Iterator:

@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -180,20 +179,11 @@ class Preprocess:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Samples of a split's shards, split across DDP ranks and loader workers by shard.
+    """Samples of a split's shards in stored order, split across DDP ranks and loader workers by shard."""
 
-    Evaluation (`train=False`): shards in order, samples in stored order. Training: shard order and
-    a 1000-sample buffer shuffled from `seed` and the epoch (call `set_epoch`).
-    """
-
-    def __init__(self, shards: list[Path], preprocess: Preprocess, saliency: list[Path] | None = None,
-                 train: bool = False, seed: int = 0):
+    def __init__(self, shards: list[Path], preprocess: Preprocess, saliency: list[Path] | None = None):
         super().__init__()
         self.shards, self.saliency, self.preprocess = shards, saliency, preprocess
-        self.train, self.seed, self.epoch = train, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def my_shards(self) -> list[int]:
         rank, world = 0, 1
@@ -201,10 +191,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        order = list(range(len(self.shards)))
-        if self.train:
-            random.Random(self.seed + self.epoch).shuffle(order)
-        return order[rank * nw + wid::world * nw]
+        return list(range(len(self.shards)))[rank * nw + wid::world * nw]
 
     def samples(self, i: int) -> Iterator[tuple]:
         sal = read_shard(self.saliency[i]) if self.saliency else None
@@ -220,34 +207,24 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield x, int(rec["cls"]), rec["__key__"], s
 
     def __iter__(self):
-        stream = (s for i in self.my_shards() for s in self.samples(i))
-        if not self.train:
-            yield from stream
-            return
-        rng, buf = random.Random(self.seed * 1000003 + self.epoch), []
-        for s in stream:
-            buf.append(s)
-            if len(buf) >= 1000:
-                yield buf.pop(rng.randrange(len(buf)))
-        rng.shuffle(buf)
-        yield from buf
+        return (s for i in self.my_shards() for s in self.samples(i))
 
 
-def make_loader(shards_dir: str | Path, split: str, data_config: dict, batch_size: int, train: bool = False,
-                num_workers: int = 0, seed: int = 0,
+def make_loader(shards_dir: str | Path, split: str, data_config: dict, batch_size: int, num_workers: int = 0,
                 saliency_dir: str | Path | None = None) -> torch.utils.data.DataLoader:
-    """Batches of a split: `Batch(images (B,3,H,W), labels (B,), keys, saliency (B,H,W) or None)`.
+    """Batches of a split, decoded on the fly: `Batch(images (B,3,H,W), labels (B,), keys, saliency
+    (B,H,W) or None)`, in stored order (the stages read `spot.data.decoded` arrays instead; this is
+    their reference, and the loader to benchmark against).
 
     Preprocessing from `data_config` (timm: input_size, mean, std, interpolation, crop_pct); the
     saliency map from the parallel shard in `saliency_dir` goes through the same resize and crop.
     Both folders are checked against their manifests first (`shard_entries`, `saliency_paths`).
-    Shards are split across workers (and DDP ranks); evaluation order is fixed. For training,
-    the loader's `.dataset.set_epoch(e)` reshuffles.
+    Shards are split across workers (and DDP ranks).
     """
     entries = shard_entries(shards_dir, split)
     shards = [Path(shards_dir) / e["name"] for e in entries]
     saliency = None if saliency_dir is None else saliency_paths(saliency_dir, entries)
     preprocess = Preprocess(data_config)
-    ds = ShardStream(shards, preprocess, saliency, train=train, seed=seed)
+    ds = ShardStream(shards, preprocess, saliency)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(shards)),
                                        collate_fn=preprocess.collate, persistent_workers=False)

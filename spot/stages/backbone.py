@@ -14,6 +14,6 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, state: Path, resume: 
     if spec["make"] == "fetch":
         meta = fetch(backbone, out, model=spec["model"], checkpoint=spec["checkpoint"], **spec["arch"])
         return Record(dict(num_params=meta["num_params"]), ["backbone.json"])
-    final = train(backbone, spec, cfg["train"], inputs["shards"], out, state, init=inputs.get("init"),
-                  seed=spec["seed"], device=cfg["device"], resume=resume)
+    final = train(backbone, spec, cfg["train"], inputs["shards"], inputs["decoded"], out, state,
+                  init=inputs.get("init"), seed=spec["seed"], device=cfg["device"], resume=resume)
     return Record({k: v for k, v in final.items() if k != "epoch"}, ["backbone.json", "metrics.csv", "metrics.json"])
