@@ -36,15 +36,17 @@ def run_stage(stage: Stage, cfg: dict, a: argparse.Namespace) -> None:
         fn(cfg_job, stage.input_folders(cfg, layout, wildcards), layout(stage.output, **wildcards), **wildcards,
            **options)
         return
-    if stage.one_pass:                                 # every folder at once, one pass over the data
-        outs = {f[stage.each]: layout(stage.output, **f) for f in folders}
-        inputs = stage.job_inputs(cfg, layout, wildcards)
-        with contextlib.ExitStack() as stack:
-            started = tracking.job_start()
-            runs = {f[stage.each]: stack.enter_context(job_run(stage, cfg, f, outs[f[stage.each]], inputs, started))
-                    for f in folders}
-            for value, record in fn(cfg_job, inputs, outs, **wildcards, **options).items():
-                finish(cfg, stage, runs[value], record, inputs)
+    if stage.one_pass:                                 # a group of folders at once, one pass over the data
+        for group in passes(stage, folders):
+            outs = {f[stage.one_pass]: layout(stage.output, **f) for f in group}
+            inputs = stage.job_inputs(cfg, layout, wildcards, group)
+            with contextlib.ExitStack() as stack:
+                started = tracking.job_start()
+                runs = {f[stage.one_pass]: stack.enter_context(job_run(stage, cfg, f, outs[f[stage.one_pass]], inputs,
+                                                                       started)) for f in group}
+                shared = {k: v for k, v in group[0].items() if k != stage.one_pass}
+                for value, record in fn(cfg_job, inputs, outs, **shared, **options).items():
+                    finish(cfg, stage, runs[value], record, inputs)
         return
     for f in folders:                                  # one folder after another, in this process
         out, inputs = layout(stage.output, **f), stage.input_folders(cfg, layout, f)
@@ -77,13 +79,21 @@ def finish(cfg: dict, stage: Stage, run, record, inputs: dict) -> None:
 def chosen_folders(stage: Stage, cfg: dict, wildcards: dict, a: argparse.Namespace) -> list[dict]:
     """The job's output folders, or with `each` those of the values named on the command line."""
     folders = stage.folders(cfg, wildcards)
-    chosen = getattr(a, stage.each) if stage.each else None
-    if chosen:
-        values = [f[stage.each] for f in folders]
-        if bad := [v for v in chosen if v not in values]:
-            raise ValueError(f"--{stage.each} {bad[0]!r} is not one of {a.params}'s {', '.join(map(str, values))}")
-        folders = [f for f in folders if f[stage.each] in chosen]
+    for w in stage.each:
+        if chosen := getattr(a, w):
+            values = list(dict.fromkeys(f[w] for f in folders))
+            if bad := [v for v in chosen if v not in values]:
+                raise ValueError(f"--{w} {bad[0]!r} is not one of {a.params}'s {', '.join(map(str, values))}")
+            folders = [f for f in folders if f[w] in chosen]
     return folders
+
+
+def passes(stage: Stage, folders: list[dict]) -> list[list[dict]]:
+    """`folders` in groups that differ only in the `one_pass` wildcard, in order."""
+    groups: dict[tuple, list[dict]] = {}
+    for f in folders:
+        groups.setdefault(tuple(v for k, v in f.items() if k != stage.one_pass), []).append(f)
+    return list(groups.values())
 
 
 def check_job(stage: Stage, cfg: dict, wildcards: dict, params: str) -> None:
@@ -159,8 +169,7 @@ def stage_options(stage: Stage) -> dict:
     """A stage command's flags: its wildcards (required), `each` (optional: some of its values), options."""
     def kind(w):
         return int if w in INT_WILDCARDS else str
-    each = {stage.each: dict(nargs="+", type=kind(stage.each), help="only these (default: all the config's)")
-            } if stage.each else {}
+    each = {w: dict(nargs="+", type=kind(w), help="only these (default: all the config's)") for w in stage.each}
     return {w: dict(required=True, type=kind(w)) for w in stage.wildcards} | each | stage.options
 
 

@@ -39,8 +39,8 @@ class SplitBatches:
 def run_split(model: SPoTViT, batches, places: dict, device, desc: str) -> dict:
     """For each placement `places[name](batch) -> (B, N, 2)`: features (n, D), logits (n, classes),
     labels (n,), keys and positions (n, N, 2) of the batches' images, in order, all placements in
-    one pass over the images. bf16 autocast on CUDA; results stay on the device until the pass ends
-    (no synchronisation per batch)."""
+    one pass over the images. bf16 autocast on CUDA; features, logits and positions stay on the
+    device (no synchronisation per batch; the kNN runs there too), labels and keys on the CPU."""
     out = {name: dict(features=[], logits=[], positions=[]) for name in places}
     labels, keys = [], []
     for b in tqdm(batches, desc=desc, unit="batch"):
@@ -55,7 +55,7 @@ def run_split(model: SPoTViT, batches, places: dict, device, desc: str) -> dict:
         labels.append(b.labels)
         keys += b.keys
     labels = torch.cat(labels)
-    return {name: {k: torch.cat(v).cpu() for k, v in r.items()} | dict(labels=labels, keys=keys)
+    return {name: {k: torch.cat(v) for k, v in r.items()} | dict(labels=labels, keys=keys)
             for name, r in out.items()}
 
 
@@ -81,9 +81,9 @@ def evaluate_placement(model: SPoTViT, data: Decoded, place: Place, out: Path, *
 
 
 def write_results(bank: dict, val: dict, out: Path, knn: dict) -> dict:
-    """kNN of `val`'s features against `bank`'s (results of `run_split`), the metrics and files of
-    `evaluate_placements` in `out`."""
-    labels, pred = val["labels"], val["logits"].argmax(1)
+    """kNN of `val`'s features against `bank`'s (results of `run_split`, on their device), the metrics
+    and files of `evaluate_placements` in `out`."""
+    labels, pred = val["labels"], val["logits"].argmax(1).cpu()
     knn_pred = knn_predict(bank["features"], bank["labels"], val["features"], k=knn["k"],
                            temperature=knn["temperature"], num_classes=val["logits"].shape[1])
     metrics = dict(top1=(pred == labels).sum().item() / len(labels),
@@ -92,10 +92,10 @@ def write_results(bank: dict, val: dict, out: Path, knn: dict) -> dict:
     table = pd.DataFrame(dict(key=val["keys"], label=labels.numpy(), pred=pred.numpy(),
                               correct=(pred == labels).numpy(), knn_pred=knn_pred.numpy(),
                               knn_correct=(knn_pred == labels).numpy(),
-                              positions=list(val["positions"].flatten(1).numpy())))
+                              positions=list(val["positions"].flatten(1).cpu().numpy())))
     with atomic_path(out / "predictions.parquet") as tmp:
         table.to_parquet(tmp, index=False)
     with atomic_path(out / "bank.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, features=bank["features"].half().numpy(), labels=bank["labels"].numpy())
+        np.savez(f, features=bank["features"].half().cpu().numpy(), labels=bank["labels"].numpy())
     write_json(out / "metrics.json", metrics)
     return metrics

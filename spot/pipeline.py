@@ -27,10 +27,11 @@ class Stage:
     """One stage. `params(cfg, wildcards)` lists the dotted config keys the job reads (its rerun
     triggers); `inputs(cfg, wildcards)` maps input names to `(layout kind, wildcards)` folders or
     lists of them, per output folder; `jobs(cfg)` lists every job's wildcards for a config. A job
-    writes one folder of kind `output`, or with `each` one per value of that wildcard (every budget),
-    each folder with its own run.json and MLflow run: the function runs once per folder in the
-    job's process (one start-up), or with `one_pass` once for all folders (evaluate: one pass over
-    the images for every budget)."""
+    writes one folder of kind `output`, or with `each` one per combination of those wildcards'
+    values (`values(cfg)`, e.g. every prior x budget), each folder with its own run.json and MLflow
+    run: the function runs once per folder in the job's process (one start-up), or with `one_pass`
+    once per group of folders that differ only in that wildcard (evaluate: one pass over the
+    images for every budget of a prior)."""
     name: str
     run: str                                         # "module:function" under spot.stages
     help: str
@@ -46,9 +47,9 @@ class Stage:
     threads: int = 1
     gpu: bool = False
     options: dict = field(default_factory=dict)      # extra CLI flags: name -> argparse kwargs
-    each: str | None = None                          # a wildcard whose every value one job covers,
-    values: Callable[[dict], list] = lambda cfg: []  # `values(cfg)`: one output folder per value
-    one_pass: bool = False                           # the function takes every folder at once
+    each: tuple[str, ...] = ()                       # wildcards whose every value one job covers:
+    values: Callable[[dict], list[dict]] = lambda cfg: []   # one output folder per dict of them
+    one_pass: str | None = None                      # the function takes the folders of its values at once
 
     @property
     def rule(self) -> str:
@@ -62,7 +63,7 @@ class Stage:
     def function(self) -> Callable:
         """The stage's entry point, imported on demand: `fn(cfg, inputs, out, **wildcards) -> Record` per
         folder (the folder's wildcards), or with `one_pass`: `fn(cfg, inputs, outs, **wildcards) ->
-        {value: Record}`, `outs` {value of `each`: folder}."""
+        {value: Record}`, `outs` {value of `one_pass`: folder}, `wildcards` the rest of the folders'."""
         module, fn = self.run.split(":")
         return getattr(importlib.import_module(f"spot.stages.{module}"), fn)
 
@@ -74,12 +75,12 @@ class Stage:
         """'evaluate/spot/grid/4': an output folder's identity (MLflow run name, run.json `job`), the
         stage and its wildcards in the folder's order; with the job's wildcards only, the job's
         ('evaluate/spot/grid')."""
-        names = folder_wildcards(self.output) if self.each in wildcards else self.wildcards
+        names = folder_wildcards(self.output) if set(self.each) & set(wildcards) else self.wildcards
         return "/".join([self.name, *(str(wildcards[w]) for w in names)])
 
     def folders(self, cfg: dict, wildcards: dict) -> list[dict]:
-        """The wildcards of a job's output folders: the job's own, or one per value of `each`."""
-        return [wildcards | {self.each: v} for v in self.values(cfg)] if self.each else [wildcards]
+        """The wildcards of a job's output folders: the job's own, or one per values of `each`."""
+        return [wildcards | v for v in self.values(cfg)] if self.each else [wildcards]
 
     def outputs(self, cfg: dict) -> list[dict]:
         """The wildcards of every output folder of a config's jobs."""
@@ -93,12 +94,14 @@ class Stage:
         return {k: [folder(r) for r in v] if isinstance(v, list) else folder(v)
                 for k, v in self.inputs(cfg, wildcards).items()}
 
-    def job_inputs(self, cfg: dict, layout: Layout, wildcards: dict) -> dict[str, Path | list[Path]]:
-        """Input name -> folder(s) of a whole job, over its output folders: a name that is one folder
-        in each stays one folder if it is the same in all, else becomes the list of them."""
+    def job_inputs(self, cfg: dict, layout: Layout, wildcards: dict,
+                   folders: list[dict] | None = None) -> dict[str, Path | list[Path]]:
+        """Input name -> folder(s) of a whole job (or of some of its `folders`), over its output
+        folders: a name that is one folder in each stays one folder if it is the same in all, else
+        becomes the list of them."""
         merged: dict[str, list[Path]] = {}
         single = set()
-        for f in self.folders(cfg, wildcards):
+        for f in folders or self.folders(cfg, wildcards):
             for name, v in self.input_folders(cfg, layout, f).items():
                 if not isinstance(v, list):
                     single.add(name)
@@ -229,7 +232,7 @@ def model_maps(cfg, wanted: bool) -> dict:
     return {"model_saliency": ("model-saliency", {"backbone": model})} if wanted and model else {}
 
 
-PER_BUDGET = dict(each="budget", values=lambda cfg: cfg["placement"]["budgets"])   # label-free placement jobs
+PER_BUDGET = dict(each=("budget",), values=lambda cfg: product(budget=cfg["placement"]["budgets"]))   # label-free
 ORACLE = ["oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size", "oracle.parts",
           "oracle.save_every", "oracle.compile", "seed", "device"]
 
@@ -260,36 +263,37 @@ STAGES = [
           params=lambda cfg, w: ["saliency.size", "eval.knn.bank_size", "eval.batch_size", "report.pictures", "device"],
           inputs=model_inputs, jobs=lambda cfg: [{"backbone": cfg["saliency"]["model"]}] if cfg["saliency"]["model"]
           else [], output="model-saliency", gpu=True),
-    Stage("evaluate", "evaluate:run", "top-1 and kNN of one backbone x prior at every budget (one pass)",
-          ("backbone", "prior"),
+    Stage("evaluate", "evaluate:run", "top-1 and kNN of one backbone, every prior x budget (a pass per prior)",
+          ("backbone",),
           params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "seed", "device"],
           inputs=lambda cfg, w: model_inputs(cfg, w) | model_maps(cfg, w["prior"] == "model_salient"),
-          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), prior=cfg["eval"]["priors"]),
-          output="eval", gpu=True, each="budget", values=lambda cfg: cfg["eval"]["budgets"], one_pass=True),
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"])), output="eval", gpu=True,
+          each=("prior", "budget"), values=lambda cfg: product(prior=cfg["eval"]["priors"], budget=cfg["eval"]["budgets"]),
+          one_pass="budget"),
     Stage("oracle", "oracle:search", "SPoT-ON search on one part of the val shards at every budget",
           ("backbone", "part"), params=lambda cfg, w: ORACLE,
           inputs=lambda cfg, w: {"backbone": ("backbone", {"backbone": w["backbone"]}),
                                  "decoded": decoded(cfg, w["backbone"])},
           jobs=lambda cfg: product(backbone=list(cfg["backbones"]), part=list(range(cfg["oracle"]["parts"]))),
-          output="oracle-part", gpu=True, each="budget", values=lambda cfg: cfg["oracle"]["budgets"]),
+          output="oracle-part", gpu=True, each=("budget",), values=lambda cfg: product(budget=cfg["oracle"]["budgets"])),
     Stage("oracle-gather", "oracle_gather:run", "join the oracle parts, kNN of the found features", ("backbone",),
           params=lambda cfg, w: ["oracle.prior", "eval.knn"],
           inputs=lambda cfg, w: {"parts": [("oracle-part", dict(w, part=p)) for p in range(cfg["oracle"]["parts"])],
                                  "eval": eval_of(cfg, w["backbone"], w["budget"])},
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
-          output="oracle", each="budget", values=lambda cfg: cfg["oracle"]["budgets"]),
-    Stage("transfer", "transfer:run", "every backbone's oracle placements evaluated on --dst", ("dst", "budget"),
+          output="oracle", each=("budget",), values=lambda cfg: product(budget=cfg["oracle"]["budgets"])),
+    Stage("transfer", "transfer:run", "every backbone's oracle placements evaluated on --dst", ("dst",),
           params=lambda cfg, w: ["oracle.prior", "eval.batch_size", "device"],
           inputs=lambda cfg, w: {"oracle": ("oracle", {"backbone": w["src"], "budget": w["budget"]}),
                                  "eval": eval_of(cfg, w["dst"], w["budget"]),
                                  "backbone": ("backbone", {"backbone": w["dst"]}), "decoded": decoded(cfg, w["dst"])},
-          jobs=lambda cfg: product(dst=list(cfg["backbones"]), budget=cfg["transfer"]["budgets"]),
-          output="transfer", gpu=True, each="src", values=lambda cfg: list(cfg["backbones"])),
+          jobs=lambda cfg: product(dst=list(cfg["backbones"])), output="transfer", gpu=True,
+          each=("src", "budget"), values=lambda cfg: product(src=list(cfg["backbones"]), budget=cfg["transfer"]["budgets"])),
     Stage("analyze", "analyze:run", "saliency under the oracle positions, trajectory pictures", ("backbone",),
           params=lambda cfg, w: ["report.pictures"],
           inputs=lambda cfg, w: {"oracle": ("oracle", w)} | model_inputs(cfg, w) | model_maps(cfg, True),
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
-          output="analysis", each="budget", values=lambda cfg: cfg["oracle"]["budgets"]),
+          output="analysis", each=("budget",), values=lambda cfg: product(budget=cfg["oracle"]["budgets"])),
     Stage("learned", "learned:run", "fit N positions shared by all images (label-free at inference)",
           ("backbone",),
           params=lambda cfg, w: ["placement.batch_size", "placement.learned", "eval.batch_size", "eval.knn", "seed",
@@ -307,8 +311,8 @@ STAGES = [
           inputs=lambda cfg, w: {"placer": ("placer", {"backbone": w["src"], "budget": w["budget"]}),
                                  "own": ("placer", {"backbone": w["dst"], "budget": w["budget"]}),
                                  **model_inputs(cfg, {"backbone": w["dst"]})},
-          jobs=placer_transfers, output="placer-transfer", gpu=True, each="budget",
-          values=lambda cfg: cfg["placement"]["transfer"]),
+          jobs=placer_transfers, output="placer-transfer", gpu=True, each=("budget",),
+          values=lambda cfg: product(budget=cfg["placement"]["transfer"])),
     Stage("entropy", "entropy:run", "label-free test-time search: lower the prediction's entropy", ("backbone",),
           params=lambda cfg, w: ["placement.entropy", "oracle.prior", "eval.batch_size", "eval.knn", "seed", "device"],
           inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True, **PER_BUDGET),

@@ -38,9 +38,8 @@ def expected_jobs(cfg: dict) -> Counter:
     cfg = validate(copy.deepcopy(cfg))
     b, place = len(cfg["backbones"]), cfg["placement"]
     return Counter(all=1, shard=1, saliency=1, decode=len(geometries(cfg)), backbone=b, report=1,
-                   evaluate=b * len(cfg["eval"]["priors"]),            # jobs cover every budget
-                   oracle=b * cfg["oracle"]["parts"], oracle_gather=b, analyze=b,
-                   transfer=b * len(cfg["transfer"]["budgets"]), **{m: b for m in place["methods"] if place["budgets"]},
+                   evaluate=b, oracle=b * cfg["oracle"]["parts"], oracle_gather=b, analyze=b, transfer=b,
+                   **{m: b for m in place["methods"] if place["budgets"]},             # jobs cover every budget
                    **({"placer_transfer": b * (b - 1)} if "placer" in place["methods"] and place["transfer"] else {}),
                    **({"model_saliency": 1} if cfg["saliency"].get("model") else {}))
 

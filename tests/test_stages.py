@@ -83,9 +83,10 @@ def test_stage_functions_take_the_wildcards_and_options_the_table_names():
     for s in STAGES:
         args = set(inspect.signature(s.function()).parameters)
         extra = {o.replace("-", "_") for o in s.options} | ({"state"} if s.state else set())
-        per_folder = {"out", *[s.each] * bool(s.each)}               # with one_pass: every folder at once
-        assert args == {"cfg", "inputs", *({"outs"} if s.one_pass else per_folder), *s.wildcards} | extra, s.name
-        assert set(wildcards(s.output)) == {*s.wildcards, *[s.each] * bool(s.each)}, s.name
+        per_folder = {"out", *s.each}               # with one_pass: the folders of every value of it at once
+        per_pass = {"outs", *(set(s.each) - {s.one_pass})}
+        assert args == {"cfg", "inputs", *(per_pass if s.one_pass else per_folder), *s.wildcards} | extra, s.name
+        assert set(wildcards(s.output)) == {*s.wildcards, *s.each} and s.one_pass in (None, *s.each), s.name
 
 
 def test_cli_has_one_command_per_stage_with_its_wildcards():

@@ -1,4 +1,4 @@
-"""Stage evaluate: top-1 and kNN accuracy of one backbone x prior at every token budget."""
+"""Stage evaluate: top-1 and kNN accuracy of one backbone, every prior x token budget (a pass per prior)."""
 from __future__ import annotations
 
 from pathlib import Path
