@@ -189,7 +189,7 @@ def test_unreachable_tracking_server_then_mlflow_sync(slow_training):
     target = "out/eval/spot-a/isotropic/4/run.json"
     snakemake(cwd, target, config="config/kill.yaml", MLFLOW_TRACKING_URI=closed)
     assert (cwd / target).exists()
-    log = (cwd / "out" / "logs" / "evaluate" / "spot-a" / "isotropic.log").read_text()   # every budget's job
+    log = (cwd / "out" / "logs" / "evaluate" / "spot-a.log").read_text()   # the job of every prior and budget
     assert log.count("spot: warning:") == 1 and "mlflow-sync" in log, log[-2000:]
     logged = {r.data.tags.get("spot.job") for r in mlflow_runs(cwd, "spot-kill")}
     assert not {"evaluate/spot-a/isotropic/4", "evaluate/spot-a/isotropic/16"} & logged
