@@ -74,12 +74,12 @@ class Stage:
     def job_id(self, wildcards: dict) -> str:
         """'evaluate/spot/grid/4': an output folder's identity (MLflow run name, run.json `job`), the
         stage and its wildcards in the folder's order; with the job's wildcards only, the job's
-        ('evaluate/spot/grid')."""
+        ('evaluate/spot')."""
         names = folder_wildcards(self.output) if set(self.each) & set(wildcards) else self.wildcards
         return "/".join([self.name, *(str(wildcards[w]) for w in names)])
 
     def folders(self, cfg: dict, wildcards: dict) -> list[dict]:
-        """The wildcards of a job's output folders: the job's own, or one per values of `each`."""
+        """The wildcards of a job's output folders: the job's own, or theirs with each of `values(cfg)`."""
         return [wildcards | v for v in self.values(cfg)] if self.each else [wildcards]
 
     def outputs(self, cfg: dict) -> list[dict]:
