@@ -101,7 +101,7 @@ class Stage:
         becomes the list of them."""
         merged: dict[str, list[Path]] = {}
         single = set()
-        for f in folders or self.folders(cfg, wildcards):
+        for f in self.folders(cfg, wildcards) if folders is None else folders:
             for name, v in self.input_folders(cfg, layout, f).items():
                 if not isinstance(v, list):
                     single.add(name)
@@ -232,7 +232,14 @@ def model_maps(cfg, wanted: bool) -> dict:
     return {"model_saliency": ("model-saliency", {"backbone": model})} if wanted and model else {}
 
 
-PER_BUDGET = dict(each=("budget",), values=lambda cfg: product(budget=cfg["placement"]["budgets"]))   # label-free
+def covering(**axes: str) -> dict:
+    """`each` and `values` of a stage whose jobs cover every combination of the wildcards `axes`,
+    each with its values at a dotted config key (a dict: its keys), e.g. budget="oracle.budgets"."""
+    return dict(each=tuple(axes), values=lambda cfg: product(**{w: list(lookup(cfg, k)) for w, k in axes.items()}))
+
+
+PER_BUDGET = covering(budget="placement.budgets")                # label-free placement jobs
+ORACLE_BUDGETS = covering(budget="oracle.budgets")
 ORACLE = ["oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size", "oracle.parts",
           "oracle.save_every", "oracle.compile", "seed", "device"]
 
@@ -268,32 +275,31 @@ STAGES = [
           params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "seed", "device"],
           inputs=lambda cfg, w: model_inputs(cfg, w) | model_maps(cfg, w["prior"] == "model_salient"),
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])), output="eval", gpu=True,
-          each=("prior", "budget"), values=lambda cfg: product(prior=cfg["eval"]["priors"], budget=cfg["eval"]["budgets"]),
-          one_pass="budget"),
+          **covering(prior="eval.priors", budget="eval.budgets"), one_pass="budget"),
     Stage("oracle", "oracle:search", "SPoT-ON search on one part of the val shards at every budget",
           ("backbone", "part"), params=lambda cfg, w: ORACLE,
           inputs=lambda cfg, w: {"backbone": ("backbone", {"backbone": w["backbone"]}),
                                  "decoded": decoded(cfg, w["backbone"])},
           jobs=lambda cfg: product(backbone=list(cfg["backbones"]), part=list(range(cfg["oracle"]["parts"]))),
-          output="oracle-part", gpu=True, each=("budget",), values=lambda cfg: product(budget=cfg["oracle"]["budgets"])),
+          output="oracle-part", gpu=True, **ORACLE_BUDGETS),
     Stage("oracle-gather", "oracle_gather:run", "join the oracle parts, kNN of the found features", ("backbone",),
           params=lambda cfg, w: ["oracle.prior", "eval.knn"],
           inputs=lambda cfg, w: {"parts": [("oracle-part", dict(w, part=p)) for p in range(cfg["oracle"]["parts"])],
                                  "eval": eval_of(cfg, w["backbone"], w["budget"])},
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
-          output="oracle", each=("budget",), values=lambda cfg: product(budget=cfg["oracle"]["budgets"])),
+          output="oracle", **ORACLE_BUDGETS),
     Stage("transfer", "transfer:run", "every backbone's oracle placements evaluated on --dst", ("dst",),
           params=lambda cfg, w: ["oracle.prior", "eval.batch_size", "device"],
           inputs=lambda cfg, w: {"oracle": ("oracle", {"backbone": w["src"], "budget": w["budget"]}),
                                  "eval": eval_of(cfg, w["dst"], w["budget"]),
                                  "backbone": ("backbone", {"backbone": w["dst"]}), "decoded": decoded(cfg, w["dst"])},
           jobs=lambda cfg: product(dst=list(cfg["backbones"])), output="transfer", gpu=True,
-          each=("src", "budget"), values=lambda cfg: product(src=list(cfg["backbones"]), budget=cfg["transfer"]["budgets"])),
+          **covering(src="backbones", budget="transfer.budgets")),
     Stage("analyze", "analyze:run", "saliency under the oracle positions, trajectory pictures", ("backbone",),
           params=lambda cfg, w: ["report.pictures"],
           inputs=lambda cfg, w: {"oracle": ("oracle", w)} | model_inputs(cfg, w) | model_maps(cfg, True),
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
-          output="analysis", each=("budget",), values=lambda cfg: product(budget=cfg["oracle"]["budgets"])),
+          output="analysis", **ORACLE_BUDGETS),
     Stage("learned", "learned:run", "fit N positions shared by all images (label-free at inference)",
           ("backbone",),
           params=lambda cfg, w: ["placement.batch_size", "placement.learned", "eval.batch_size", "eval.knn", "seed",
@@ -311,8 +317,7 @@ STAGES = [
           inputs=lambda cfg, w: {"placer": ("placer", {"backbone": w["src"], "budget": w["budget"]}),
                                  "own": ("placer", {"backbone": w["dst"], "budget": w["budget"]}),
                                  **model_inputs(cfg, {"backbone": w["dst"]})},
-          jobs=placer_transfers, output="placer-transfer", gpu=True, each=("budget",),
-          values=lambda cfg: product(budget=cfg["placement"]["transfer"])),
+          jobs=placer_transfers, output="placer-transfer", gpu=True, **covering(budget="placement.transfer")),
     Stage("entropy", "entropy:run", "label-free test-time search: lower the prediction's entropy", ("backbone",),
           params=lambda cfg, w: ["placement.entropy", "oracle.prior", "eval.batch_size", "eval.knn", "seed", "device"],
           inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True, **PER_BUDGET),
