@@ -1,5 +1,6 @@
 """Evaluate, SPoT-ON, transfer, analysis and report stages on the smoke config, through `spot` in-process."""
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -217,6 +218,26 @@ def test_decoded_batches_equal_the_shard_loaders(done):
     assert [k for b in got for k in b.keys] == [keys[i] for i in order]
     assert torch.equal(torch.cat([b.images for b in got]), x[order])
     assert torch.equal(torch.cat([b.labels for b in got]), y[order])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:1000]), "is not a readable array"),          # truncated
+    (lambda p: p.write_bytes(b"not an array"), "is not a readable array"),                   # not .npy
+    (lambda p: np.save(p, np.zeros((3, 3, 28, 28), np.uint8)), "holds 3 rows"),             # another array
+])
+def test_a_damaged_decoded_array_stops_the_job_in_one_line(done, tmp_path, capsys, damage, message):
+    """A decoded array that is not as the decode stage wrote it stops a job before any work, in one
+    line naming the file; the job's folders are left without run.json (not done)."""
+    params, cfg, root, _ = done
+    again = linked_root(tmp_path, root, "shards", "saliency", "backbones")
+    shutil.copytree(root / "decoded", tmp_path / "out" / "decoded")
+    array = next((tmp_path / "out" / "decoded").glob("*/val-images.npy"))
+    damage(array)
+    capsys.readouterr()
+    assert main(["evaluate", "--backbone", "spot-a", "--prior", "grid", "--params", str(again)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("20")]   # not MLflow's
+    assert len(err) == 1 and err[0].startswith("spot evaluate: error: ") and message in err[0] and str(array) in err[0], err
+    assert not list((tmp_path / "out" / "eval").rglob("run.json"))
 
 
 def test_compiled_forward_gives_the_same_results(done, tmp_path):

@@ -32,6 +32,7 @@ from spot.data.shards import default_workers
 from spot.utils import atomic_path, read_json, write_json
 
 GEOMETRY = ("input_size", "interpolation", "crop_pct", "crop_mode")
+ARRAYS = ("images", "saliency", "labels", "keys")                 # <split>-<what>.npy of a decoded folder
 
 
 def geometry(data_config: dict) -> dict:
@@ -173,9 +174,21 @@ class Decoded:
                              f"{geometry(data_config)}")
         self.mean = torch.as_tensor(data_config["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.as_tensor(data_config["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        for split in self.index["splits"]:            # a damaged array stops the job here, before any work
+            for what in ARRAYS:
+                self.array(split, what)
 
     def array(self, split: str, what: str) -> np.ndarray:
-        return np.load(self.folder / f"{split}-{what}.npy", mmap_mode="r")
+        """The split's `what` array, memory-mapped; one that is not as the decode stage wrote it
+        (unreadable, truncated, another row count than decoded.json's) is a one-line ValueError."""
+        path = self.folder / f"{split}-{what}.npy"
+        try:
+            a = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable array ({e}): run the decode stage again") from None
+        if len(a) != (count := self.index["splits"][split]["count"]):
+            raise ValueError(f"{path} holds {len(a)} rows, not decoded.json's {count}: run the decode stage again")
+        return a
 
     def rows(self, split: str, shards: list[str] | None = None) -> list[range]:
         """Row ranges of the split's shards (all, or those named), in stored order."""
