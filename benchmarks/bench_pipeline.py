@@ -14,9 +14,9 @@ real ImageNet JPEGs (the shared sample, or tests/data, copied into train/ and va
         [--compile inductor]
 
 A ratio near 1 means the stage keeps the model busy; the rest is data, Python and job overhead. On
-CUDA (with nvidia-ml-py) each job's GPU busy fraction is sampled every 20 ms. `--estimate` turns the
-measured per-image times (linear in the budget between the two budgets measured) into the GPU time
-of a whole configuration's evaluate, oracle and transfer jobs.
+CUDA (with nvidia-ml-py) the GPU busy fraction of each job, and of the core alone, is sampled every
+20 ms. `--estimate` turns the measured per-image times (linear in the budget between the two
+budgets measured) into the GPU time of a whole configuration's evaluate, oracle and transfer jobs.
 """
 from __future__ import annotations
 
@@ -105,15 +105,21 @@ class GpuBusy:
             self.busy = sum(self.samples) / len(self.samples) / 100 if self.samples else None
 
 
+def busy_timed(fn) -> tuple[float, float | None]:
+    """Seconds and GPU busy fraction of `fn()`."""
+    with GpuBusy() as gpu:
+        t = timed(fn)
+    return t, gpu.busy
+
+
 def job(argv: list[str]) -> tuple[float, float | None]:
     """Seconds and GPU busy fraction of one `spot` command run in this process (exits if it fails)."""
     codes = []
     torch._dynamo.reset()                   # compiled forwards start cold, as in a job's own process
-    with GpuBusy() as gpu:
-        t = timed(lambda: codes.append(spot(argv)))
+    t, busy = busy_timed(lambda: codes.append(spot(argv)))
     if codes[-1] != 0:
         raise SystemExit(f"spot {' '.join(argv)} failed")
-    return t, gpu.busy
+    return t, busy
 
 
 def estimate(path: str, per_image: dict) -> list[dict]:
@@ -184,7 +190,7 @@ def main() -> None:
         rows.append(dict(bench="data path: JPEG shards decoded on the fly", images=jpeg, seconds=t, per_s=jpeg / t))
         batches = list(data.batches("val", a.batch, device=device))
         labels = [b.labels.to(device) for b in batches]
-        core = {}                                                  # budget -> seconds of the model alone
+        core, core_busy = {}, {}                                   # budget -> seconds of the model alone, GPU busy
         for n in a.budgets:
             def model_only():
                 with torch.no_grad(), autocast_for(device):
@@ -193,8 +199,9 @@ def main() -> None:
                             pos = positions_for(PRIOR, n, b.keys, 0, *model.img_size, model.k, device=device)
                             tok = model.forward_features(b.images, pos)
                             model.vit.forward_head(tok, pre_logits=True), model.vit.forward_head(tok)
-            core[n] = timed(model_only) * n_all / (2 * n_val)
-        core_oracle = {n: timed(lambda: [oracle_search(
+            t, core_busy[n] = busy_timed(model_only)
+            core[n] = t * n_all / (2 * n_val)
+        core_oracle = {n: busy_timed(lambda: [oracle_search(
             model, b.images, y, positions_for(PRIOR, n, b.keys, 1, *model.img_size, model.k, device=device),
             steps=a.steps, lr=2.4e-2) for b, y in zip(batches, labels)]) for n in a.budgets}
         variants, per_image = [(params, "")], {}
@@ -210,13 +217,15 @@ def main() -> None:
             images = n_all * len(a.budgets)
             rows.append(dict(bench=f"evaluate job{how}, {'+'.join(map(str, a.budgets))} tokens in one pass",
                              images=images, seconds=t, per_s=images / t, core_per_s=images / sum(core.values()),
-                             stage_over_core=sum(core.values()) / t, gpu_busy=busy))
+                             stage_over_core=sum(core.values()) / t, gpu_busy=busy,
+                             core_gpu_busy=None if None in core_busy.values() else
+                             sum(core_busy[n] * core[n] for n in a.budgets) / sum(core.values())))
             per_image[how] = {"evaluate": [x for n in a.budgets for x in (n, t * core[n] / sum(core.values()) / n_all)]}
             for n in a.budgets:
                 t, busy = job(["oracle", "--params", str(path), "--backbone", "b", "--budget", str(n), "--part", "0"])
                 rows.append(dict(bench=f"oracle job{how} ({a.steps} steps), {n} tokens", images=n_val, seconds=t,
-                                 per_s=n_val * a.steps / t, core_per_s=n_val * a.steps / core_oracle[n],
-                                 stage_over_core=core_oracle[n] / t, gpu_busy=busy))
+                                 per_s=n_val * a.steps / t, core_per_s=n_val * a.steps / core_oracle[n][0],
+                                 stage_over_core=core_oracle[n][0] / t, gpu_busy=busy, core_gpu_busy=core_oracle[n][1]))
                 per_image[how].setdefault("oracle", []).extend([n, t / (n_val * a.steps)])
             if a.estimate and len(a.budgets) > 1:
                 rows += [dict(r, bench=r["bench"] + how) for r in

@@ -42,6 +42,18 @@ def build(timm_name: str, model_kwargs: dict, **create_kwargs) -> torch.nn.Modul
     return timm.create_model(timm_name, **model_kwargs, **create_kwargs)
 
 
+def uninitialised(timm_name: str, model_kwargs: dict) -> torch.nn.Module:
+    """`build(..., pretrained=False)` without the random initialisation (ViT-B: 0.7 s on 2 cores),
+    for a state dict to fill: built on the meta device, then given empty CPU memory. A model with
+    buffers that no state dict holds (computed when it is built) is built as usual."""
+    import torch
+    with torch.device("meta"):
+        vit = build(timm_name, model_kwargs, pretrained=False)
+    if {n for n, _ in vit.named_buffers()} - set(vit.state_dict()):
+        return build(timm_name, model_kwargs, pretrained=False)
+    return vit.to_empty(device="cpu")
+
+
 def read_meta(backbone_dir: str | Path) -> dict:
     """`backbone_dir`'s backbone.json, its data_config as timm gives it (lists as tuples)."""
     d = Path(backbone_dir)
@@ -59,7 +71,7 @@ def load_backbone(backbone_dir: str | Path, device: str | torch.device = "cpu") 
     from spot.checkpoint import load_state, read_errors
     from spot.model import SPoTViT
     meta = read_meta(backbone_dir)
-    vit = build(meta["timm_name"], meta["model_kwargs"], pretrained=False)
+    vit = uninitialised(meta["timm_name"], meta["model_kwargs"])
     weights = Path(backbone_dir) / "model.safetensors"
     with read_errors(weights):
         state = load_file(str(weights))

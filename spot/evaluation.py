@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -89,12 +91,13 @@ def write_results(bank: dict, val: dict, out: Path, knn: dict) -> dict:
     metrics = dict(top1=(pred == labels).sum().item() / len(labels),
                    knn=(knn_pred == labels).sum().item() / len(labels), n_val=len(labels), n_bank=len(bank["labels"]),
                    k=knn["k"], temperature=knn["temperature"])
-    table = pd.DataFrame(dict(key=val["keys"], label=labels.numpy(), pred=pred.numpy(),
-                              correct=(pred == labels).numpy(), knn_pred=knn_pred.numpy(),
-                              knn_correct=(knn_pred == labels).numpy(),
-                              positions=list(val["positions"].flatten(1).cpu().numpy())))
+    table = pa.Table.from_pandas(pd.DataFrame(dict(key=val["keys"], label=labels.numpy(), pred=pred.numpy(),
+                                                   correct=(pred == labels).numpy(), knn_pred=knn_pred.numpy(),
+                                                   knn_correct=(knn_pred == labels).numpy())), preserve_index=False)
+    pos = val["positions"].flatten(1).cpu().numpy()                 # a fixed-size list column: no row objects
+    table = table.append_column("positions", pa.FixedSizeListArray.from_arrays(pa.array(pos.ravel()), pos.shape[1]))
     with atomic_path(out / "predictions.parquet") as tmp:
-        table.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
     with atomic_path(out / "bank.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, features=bank["features"].half().cpu().numpy(), labels=bank["labels"].numpy())
     write_json(out / "metrics.json", metrics)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from spot.oracle import OPTIMIZERS, frozen
 from spot.priors import NEEDS_SALIENCY, sample_positions
-from spot.utils import autocast_for
+from spot.utils import autocast_for, to_device
 
 
 def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -78,7 +78,7 @@ def fit_global_prior(model, batches: Iterable, n: int, steps: int = 200, lr: flo
     with frozen(model):
         for step in range(steps):
             images, labels, _ = unpack_batch(next(stream))
-            images, labels = images.to(device), labels.to(device)
+            images, labels = to_device(images, device), to_device(labels, device)
             if cosine:
                 opt.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             with autocast_for(device):

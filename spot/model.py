@@ -10,6 +10,7 @@ from timm.models import checkpoint_seq
 
 from spot.priors import grid_centers
 from spot.tokenizer import extract_windows
+from spot.utils import to_device
 
 
 class SPoTViT(nn.Module):
@@ -48,7 +49,7 @@ class SPoTViT(nn.Module):
     def grid_positions(self, batch: int, device=None) -> torch.Tensor:
         """(batch, Gh*Gw, 2) centres of the patch grid, row-major (the plain ViT's tokens)."""
         pos = grid_centers(self.img_size[0], self.img_size[1], self.k)
-        return pos.to(device).expand(batch, -1, -1)
+        return to_device(pos, device).expand(batch, -1, -1)
 
     def pos_encoding(self, positions: torch.Tensor) -> torch.Tensor:
         """(B, N, D) position encoding: the pos_embed table sampled bilinearly at positions (B, N, 2).

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from spot.utils import autocast_for
+from spot.utils import autocast_for, to_device
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
@@ -41,7 +41,7 @@ def frozen(model: torch.nn.Module):
 
 def snap_to_grid(positions: torch.Tensor, img_size: tuple[int, int], k: int) -> torch.Tensor:
     """(B, N, 2) positions moved to the centre of the nearest cell of the k-stride patch grid."""
-    size = torch.tensor(img_size, device=positions.device, dtype=positions.dtype)
+    size = to_device(torch.tensor(img_size, dtype=positions.dtype), positions.device)
     cells = (positions * size / k).floor().clamp(min=0).minimum(size // k - 1)   # (B, N, 2) cell index
     return (cells * k + k / 2) / size
 
@@ -98,7 +98,7 @@ def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: 
     (`search_positions`), then one forward at the snapped positions.
 
     images (B, C, H, W), labels (B,), positions (B, N, 2) initial (y, x) in [0, 1]. Deterministic
-    for a fixed input. Returns tensors on the images' device, loss/accuracy on the CPU.
+    for a fixed input. Returns tensors on the images' device (nothing waits for the GPU).
     """
     if len(labels) != len(images):
         raise ValueError(f"oracle_search: need images (B, C, H, W) and labels (B,), got {tuple(images.shape)}, "
@@ -110,6 +110,6 @@ def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: 
     with frozen(model), torch.no_grad(), autocast_for(images.device):
         snapped_correct = model(images.detach(), snapped).argmax(1) == labels
     correct = torch.stack([z.argmax(1) == labels for z in logits], 1)
-    loss = torch.stack([F.cross_entropy(z, labels) for z in logits]).cpu()
-    return OracleResult(positions=final, trajectory=traj, loss=loss, accuracy=correct.float().mean(0).cpu(),
+    loss = torch.stack([F.cross_entropy(z, labels) for z in logits])
+    return OracleResult(positions=final, trajectory=traj, loss=loss, accuracy=correct.float().mean(0),
                         correct=correct, snapped=snapped, snapped_correct=snapped_correct, features=features)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from spot.learned_prior import batches_forever, unpack_batch
 from spot.oracle import frozen
 from spot.priors import lattice
-from spot.utils import atomic_path, autocast_for, read_json, write_json
+from spot.utils import atomic_path, autocast_for, read_json, to_device, write_json
 
 
 class Placer(nn.Module):
@@ -92,16 +92,16 @@ def train_placer(model, placer: Placer, batches: Iterable, steps: int, lr: float
     with frozen(model):
         for step in range(steps):
             images, labels, targets = unpack_batch(next(stream))
-            images = images.to(device)
+            images = to_device(images, device)
             parts = {}
             with autocast_for(device):
                 pos = placer(images)
                 if classification:
-                    parts["ce"] = F.cross_entropy(model(images, pos).float(), labels.to(device))
+                    parts["ce"] = F.cross_entropy(model(images, pos).float(), to_device(labels, device))
             if imitation:
                 if targets is None:
                     raise ValueError("train_placer: imitation > 0 needs batches (images, labels, targets)")
-                parts["chamfer"] = chamfer_distance(pos, targets.to(device).float()).mean()
+                parts["chamfer"] = chamfer_distance(pos, to_device(targets, device).float()).mean()
             loss = classification * parts.get("ce", 0.0) + imitation * parts.get("chamfer", 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()

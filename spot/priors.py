@@ -8,6 +8,8 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+from spot.utils import to_device
+
 PRIORS = ("uniform", "gaussian", "sobol", "isotropic", "center", "salient", "grid", "inv_salient", "edge",
           "model_salient")
 NEEDS_SALIENCY = ("salient", "inv_salient", "model_salient")
@@ -41,7 +43,7 @@ def _margin(height: int, width: int, k: int) -> torch.Tensor:
 
 def _to_margin(pos: torch.Tensor, height: int, width: int, k: int) -> torch.Tensor:
     """Map [0, 1]² affinely onto the centres whose k x k window lies inside the image."""
-    m = _margin(height, width, k).to(pos.device)
+    m = to_device(_margin(height, width, k), pos.device)
     return m + pos * (1 - 2 * m)
 
 
@@ -52,7 +54,7 @@ def _density_sample(density: torch.Tensor, n: int, u: torch.Tensor) -> torch.Ten
     cdf = (density.flatten(1).double().clamp_min(0) + 1e-12).cumsum(1)
     idx = torch.searchsorted(cdf, u[:, :n].double() * cdf[:, -1:]).clamp(max=h * w - 1)
     pos = torch.stack([idx // w, idx % w], -1) + u[:, n:3 * n].reshape(B, n, 2).double()
-    return (pos / torch.tensor([h, w], device=pos.device)).float()
+    return (pos / to_device(torch.tensor([h, w]), pos.device)).float()
 
 
 def _density(prior: str, saliency: torch.Tensor | None, images: torch.Tensor | None) -> torch.Tensor:
@@ -68,7 +70,7 @@ def _density(prior: str, saliency: torch.Tensor | None, images: torch.Tensor | N
 def _edges(images: torch.Tensor) -> torch.Tensor:
     """Sobel gradient magnitude of the channel-mean image: (B, C, H, W) -> (B, H, W)."""
     g = images.float().mean(1, keepdim=True)
-    sx = torch.tensor([[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]], device=g.device)
+    sx = to_device(torch.tensor([[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]]), g.device)
     kern = torch.stack([sx, sx.T])[:, None]
     return F.conv2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), kern).norm(dim=1)
 
@@ -100,8 +102,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def keyed_uniforms(keys: list[str], seed: int, count: int, device=None) -> torch.Tensor:
     """(B, count) float32 uniforms in (0, 1), counter-based: element (i, j) is a hash of (seed,
     CRC-32 of keys[i], j), so an image gets the same numbers whatever its batch, order or device."""
-    stream = torch.tensor([zlib.crc32(key.encode()) for key in keys], dtype=torch.int64, device=device)
-    base = _mix32(stream ^ _mix32(torch.tensor(seed % 2**32, device=device)))
+    stream = torch.tensor([zlib.crc32(key.encode()) for key in keys], dtype=torch.int64)
+    base = to_device(_mix32(stream ^ _mix32(torch.tensor(seed % 2**32))), device)
     j = torch.arange(count, device=device)
     bits = _mix32(_mix32(base[:, None] ^ _mix32(j)) ^ base[:, None])
     return ((bits >> 8).float() + 0.5) / 2**24
@@ -161,13 +163,13 @@ def sample_positions(prior: str, batch: int, n: int, height: int, width: int, k:
         pos = _to_margin((0.5 + std * z).clamp(0, 1), height, width, k)
     elif prior == "sobol":
         shift = (u[:, None, :2].double() * 2**30).long()
-        pos = _to_margin(((_sobol_bits(n).to(u.device) ^ shift) / 2**30).float(), height, width, k)
+        pos = _to_margin(((to_device(_sobol_bits(n), u.device) ^ shift) / 2**30).float(), height, width, k)
     elif prior == "grid":
-        cells = grid_centers(height, width, k).to(u.device)
+        cells = to_device(grid_centers(height, width, k), u.device)
         pos = cells[u.argsort(1)[:, :n].sort(1).values]
     else:
-        m = _margin(height, width, k).to(maps.device)
-        pos = _density_sample(_density(prior, saliency, images), n, u.to(maps.device)).clamp(m, 1 - m)
+        m = to_device(_margin(height, width, k), maps.device)
+        pos = _density_sample(_density(prior, saliency, images), n, to_device(u, maps.device)).clamp(m, 1 - m)
     return pos.float()
 
 
@@ -193,5 +195,6 @@ def positions_for(prior: str, budget: int, keys: list[str], seed: int, height: i
     maps = images if prior == "edge" and images is not None else saliency
     device = device if device is not None else (maps.device if maps is not None else None)
     u = keyed_uniforms(keys, seed, draws(prior, budget, height, width, k), device)
-    return sample_positions(prior, len(keys), budget, height, width, k=k, saliency=saliency,
-                            images=images if prior == "edge" else None, uniforms=u).to(device)
+    pos = sample_positions(prior, len(keys), budget, height, width, k=k, saliency=saliency,
+                           images=images if prior == "edge" else None, uniforms=u)
+    return to_device(pos, device)

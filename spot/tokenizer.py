@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from spot.utils import to_device
+
 
 def extract_windows(images: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
     """Read one k x k window per position.
@@ -29,7 +31,7 @@ def extract_windows(images: torch.Tensor, positions: torch.Tensor, k: int) -> to
     B, C, H, W = images.shape
     dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     with torch.autocast(images.device.type, enabled=False):
-        size = torch.tensor([H, W], device=images.device, dtype=dtype)
+        size = to_device(torch.tensor([H, W], dtype=dtype), images.device)
         # Top-left sample in pixel indices; beyond [-(k+1), size] every sample reads zero anyway.
         u = (positions.to(dtype) * size - k / 2).clamp(min=-(k + 1)).minimum(size)   # (B, N, 2)
         start = u.detach().floor()

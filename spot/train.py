@@ -19,7 +19,7 @@ from spot.checkpoint import digest, fingerprint, load_checkpoint, load_state, sa
 from spot.data.decoded import Decoded, rank_rows, train_rows
 from spot.model import SPoTViT
 from spot.priors import PRIORS, sample_positions
-from spot.utils import atomic_path, read_json, resolve_device, write_json
+from spot.utils import atomic_path, read_json, resolve_device, to_device, write_json
 
 
 def batch_positions(step: int, seed: int, batch: int, model: SPoTViT, tokens: str, priors: list[str],
@@ -157,8 +157,8 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
         for b in epoch_batches(data, order, batch_size, steps_per_epoch, done, device):   # from `done`: a resume
             if step >= total:
                 break
-            x, y = b.images.to(device), b.labels.to(device)
-            pos = batch_positions(step, seed + rank, len(y), model, tokens, priors, token_range).to(device)
+            x, y = b.images.to(device), to_device(b.labels, device)
+            pos = to_device(batch_positions(step, seed + rank, len(y), model, tokens, priors, token_range), device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, int(tcfg["warmup_epochs"] * steps_per_epoch), tcfg["lr"])
             with autocast:

@@ -88,6 +88,13 @@ def resolve_device(device: str | None = "auto"):
     return torch.device(device)
 
 
+def to_device(t, device):
+    """Tensor `t` on `device`. A copy from the CPU does not block: torch's default `.to` waits after
+    every host-to-device copy until the GPU has run all the work queued before it, so the GPU idles
+    while the next launches are prepared (`t` must not change in place afterwards)."""
+    return t.to(device, non_blocking=t.device.type == "cpu")
+
+
 def autocast_for(device):
     """bf16 autocast on CUDA (evaluation and the searches), a no-op elsewhere; the tokenizer samples in float32."""
     import torch

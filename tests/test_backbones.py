@@ -11,7 +11,7 @@ import timm
 import torch
 import yaml
 
-from spot.backbones import fetch, load_backbone
+from spot.backbones import fetch, load_backbone, uninitialised
 from spot.cli import main
 from spot.train import train
 from spot.utils import read_json
@@ -38,6 +38,16 @@ def test_fetch_local_checkpoint_gives_the_same_network(checkpoint, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x, model.grid_positions(3)), vit(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_to_load_skips_its_random_init_unless_it_computes_buffers():
+    vit = uninitialised("vit_tiny_patch16_224", TINY)          # load_backbone's model: memory for the weights
+    assert vit.state_dict().keys() == timm.create_model("vit_tiny_patch16_224", **TINY).state_dict().keys()
+    assert not any(t.is_meta for t in vit.state_dict().values())
+    swin = timm.create_model("swin_tiny_patch4_window7_224")    # relative position indices: not in a state dict
+    built = dict(uninitialised("swin_tiny_patch4_window7_224", {}).named_buffers())
+    for name, b in swin.named_buffers():
+        torch.testing.assert_close(built[name], b)
 
 
 def test_fetch_through_the_cli_from_params(checkpoint, tmp_path, capsys):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from spot.data.loading import Batch, Preprocess, decode_image, manifest_shards, read_shard, verify_shards
 from spot.data.shards import default_workers
-from spot.utils import atomic_path, read_json, write_json
+from spot.utils import atomic_path, read_json, to_device, write_json
 
 GEOMETRY = ("input_size", "interpolation", "crop_pct", "crop_mode")
 ARRAYS = ("images", "saliency", "labels", "keys")                 # <split>-<what>.npy of a decoded folder
@@ -209,7 +209,7 @@ class Decoded:
         images, labels, keys = self.array(split, "images"), self.array(split, "labels"), self.array(split, "keys")
         maps = self.array(split, "saliency") if saliency else None
         cuda = device is not None and torch.device(device).type == "cuda"
-        mean, std = (self.mean.to(device), self.std.to(device)) if cuda else (self.mean, self.std)
+        mean, std = (to_device(self.mean, device), to_device(self.std, device)) if cuda else (self.mean, self.std)
         if order is not None:
             chunks = [order[a:a + batch_size] for a in range(0, len(order), batch_size)]
         else:

@@ -10,7 +10,7 @@ from spot.model import compile_features
 from spot.model_saliency import SaliencyMaps
 from spot.outputs import Record
 from spot.priors import NEEDS_SALIENCY, check_budget, positions_for
-from spot.utils import resolve_device
+from spot.utils import resolve_device, to_device
 
 
 def run(cfg: dict, inputs: dict, outs: dict[int, Path], backbone: str, prior: str) -> dict[int, Record]:
@@ -31,7 +31,7 @@ def run(cfg: dict, inputs: dict, outs: dict[int, Path], backbone: str, prior: st
 
     def placement(budget):
         def place(b, split):
-            saliency = maps(split, b.keys).to(device) if maps else b.saliency
+            saliency = to_device(maps(split, b.keys), device) if maps else b.saliency
             return positions_for(prior, budget, b.keys, seed[split], *model.img_size, model.k, saliency, b.images,
                                  device)
         return place

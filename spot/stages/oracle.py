@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from spot.backbones import load_backbone
@@ -12,7 +13,7 @@ from spot.model import compile_features
 from spot.oracle import oracle_search
 from spot.outputs import Record
 from spot.priors import NEEDS_SALIENCY, check_budget, positions_for
-from spot.utils import atomic_path, resolve_device
+from spot.utils import atomic_path, resolve_device, to_device
 
 FIELDS = ("init", "final", "trajectory", "correct", "snapped", "snapped_correct", "features")
 
@@ -37,16 +38,17 @@ def search(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part:
         for b in tqdm(batches, desc=f"oracle {backbone}/{budget} {shard}", unit="batch"):
             init = positions_for(o["prior"], budget, b.keys, cfg["seed"] + 1, *model.img_size, model.k, b.saliency,
                                  b.images, device)
-            r = oracle_search(model, b.images.to(device), b.labels.to(device), init, steps=o["steps"], lr=o["lr"],
+            r = oracle_search(model, b.images, to_device(b.labels, device), init, steps=o["steps"], lr=o["lr"],
                               optimizer=o["optimizer"])
             found["keys"] += b.keys
-            found["labels"].append(b.labels.numpy())
-            found["init"].append(r.trajectory[:, 0].cpu().numpy())
-            found["final"].append(r.positions.cpu().numpy())
-            found["trajectory"].append(r.trajectory[:, kept].half().cpu().numpy())
+            found["labels"].append(b.labels)
+            found["init"].append(r.trajectory[:, 0])
+            found["final"].append(r.positions)
+            found["trajectory"].append(r.trajectory[:, kept].half())
             for k in ("correct", "snapped", "snapped_correct", "features"):
-                found[k].append(getattr(r, k).cpu().numpy())
-    arrays = {k: np.asarray(v) if k == "keys" else np.concatenate(v) for k, v in found.items() if v}
+                found[k].append(getattr(r, k))
+    # results stay on the device until the part is done: no wait for the GPU between batches
+    arrays = {k: np.asarray(v) if k == "keys" else torch.cat(v).cpu().numpy() for k, v in found.items() if v}
     with atomic_path(out / "part.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     return Record(dict(images=len(found["keys"]), shards=len(shards)), [])

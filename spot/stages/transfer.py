@@ -11,7 +11,7 @@ from tqdm import tqdm
 from spot.backbones import load_backbone
 from spot.data.decoded import Decoded
 from spot.outputs import Record
-from spot.utils import read_json, resolve_device, write_json
+from spot.utils import read_json, resolve_device, to_device, write_json
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> 
         keep = [i for i, k in enumerate(b.keys) if k in final]
         if not keep:
             continue
-        pos = torch.from_numpy(np.stack([final[b.keys[i]] for i in keep])).to(device)
+        pos = to_device(torch.from_numpy(np.stack([final[b.keys[i]] for i in keep])), device)
         logits = model(b.images[keep], pos)
         hits += (logits.argmax(1).cpu() == b.labels[keep]).sum().item()
         n += len(keep)
