@@ -6,12 +6,13 @@ real ImageNet JPEGs (the shared sample, or tests/data, copied into train/ and va
 2. `spot evaluate` (kNN bank + val at every budget in one pass, as a job) against the model alone
    (forward on tensors already in memory, same prior, budgets and batch): the model's seconds over
    the job's (the evaluate time per budget for `--estimate` splits the job's time as the model's);
-3. `spot oracle` (one part: all val shards) against `oracle_search` alone on the same batches:
-   image-steps per second, stage over core.
+3. `spot oracle` (one part: all val shards) against `oracle_search` alone on the same batches (each
+   shard on its own, `oracle.batch_size` or `--oracle-batch-tokens` // budget images): image-steps
+   per second, stage over core.
 
     python -m benchmarks.bench_pipeline [--copies 20] [--model vit_tiny_patch16_224] [--img-size 64]
         [--patch 8] [--budgets 16 64] [--batch 64] [--device auto] [--sample DIR] [--estimate config/imagenet.yaml]
-        [--compile inductor]
+        [--compile inductor] [--oracle-batch-tokens 50176]
 
 A ratio near 1 means the stage keeps the model busy; the rest is data, Python and job overhead. On
 CUDA (with nvidia-ml-py) the GPU busy fraction of each job, and of the core alone, is sampled every
@@ -42,7 +43,8 @@ from spot.data.decoded import Decoded, geometry_name
 from spot.data.loading import make_loader
 from spot.layout import Layout
 from spot.priors import positions_for
-from spot.utils import autocast_for, resolve_device, write_run_record
+from spot.stages.oracle import batch_size as oracle_batch_size
+from spot.utils import autocast_for, resolve_device, to_device, write_run_record
 
 PRIOR = "isotropic"
 
@@ -54,11 +56,12 @@ def config(tmp: Path, root: Path, a) -> Path:
                mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
                backbones={"b": {"make": "train", "model": a.model,
                                 "arch": dict(img_size=a.img_size, patch_size=a.patch, num_classes=1000)}})
-    cfg["data"].update(source="imagenet", root=str(root), max_per_class=None, shard_count=500)
+    cfg["data"].update(source="imagenet", root=str(root), max_per_class=None, shard_count=1000)
     cfg["train"]["data_config"] = {}
     cfg["eval"].update(priors=[PRIOR], budgets=a.budgets, batch_size=a.batch)
     cfg["eval"]["knn"]["bank_size"] = None
-    cfg["oracle"].update(prior=PRIOR, budgets=a.budgets, batch_size=a.batch, parts=1, steps=a.steps)
+    cfg["oracle"].update(prior=PRIOR, budgets=a.budgets, batch_size=a.batch, batch_tokens=a.oracle_batch_tokens,
+                         parts=1, steps=a.steps)
     cfg["transfer"]["budgets"] = a.budgets[:1]
     cfg["saliency"]["model"] = None                                  # maps from the image alone
     cfg["placement"].update(methods=[], budgets=a.budgets[:1], transfer=[])   # no label-free placement jobs
@@ -160,6 +163,7 @@ def main() -> None:
     ap.add_argument("--sample", type=Path, default=SAMPLE, help="folder of <wnid>_<name>.JPEG files to copy")
     ap.add_argument("--estimate", help="a params file whose GPU time to estimate from the measured rates")
     ap.add_argument("--compile", help="also run the evaluate and oracle jobs with eval/oracle.compile: COMPILE")
+    ap.add_argument("--oracle-batch-tokens", type=int, help="oracle.batch_tokens of the oracle jobs and the core's batches")
     a = ap.parse_args()
     device = resolve_device(a.device)
     rows = []
@@ -189,7 +193,6 @@ def main() -> None:
             make_loader(layout("shards"), "val", dc, a.batch), -(-jpeg // a.batch))])
         rows.append(dict(bench="data path: JPEG shards decoded on the fly", images=jpeg, seconds=t, per_s=jpeg / t))
         batches = list(data.batches("val", a.batch, device=device))
-        labels = [b.labels.to(device) for b in batches]
         core, core_busy = {}, {}                                   # budget -> seconds of the model alone, GPU busy
         for n in a.budgets:
             def model_only():
@@ -201,9 +204,16 @@ def main() -> None:
                             model.vit.forward_head(tok, pre_logits=True), model.vit.forward_head(tok)
             t, core_busy[n] = busy_timed(model_only)
             core[n] = t * n_all / (2 * n_val)
-        core_oracle = {n: busy_timed(lambda: [oracle_search(
-            model, b.images, y, positions_for(PRIOR, n, b.keys, 1, *model.img_size, model.k, device=device),
-            steps=a.steps, lr=2.4e-2) for b, y in zip(batches, labels)]) for n in a.budgets}
+        shards, sizes = data.index["splits"]["val"]["shards"], {}
+
+        def oracle_core(n):                                        # on the stage's batches: each shard on its own
+            sizes[n] = min(oracle_batch_size(load_config(params)["oracle"], n), max(s["count"] for s in shards))
+            own = [b for s in shards for b in data.batches("val", sizes[n], shards=[s["name"]], device=device)]
+            ys = [to_device(b.labels, device) for b in own]
+            return busy_timed(lambda: [oracle_search(
+                model, b.images, y, positions_for(PRIOR, n, b.keys, 1, *model.img_size, model.k, device=device),
+                steps=a.steps, lr=2.4e-2) for b, y in zip(own, ys)])
+        core_oracle = {n: oracle_core(n) for n in a.budgets}
         variants, per_image = [(params, "")], {}
         if a.compile:                                              # the same jobs with compiled forwards
             cfg = yaml.safe_load(params.read_text())
@@ -223,7 +233,8 @@ def main() -> None:
             per_image[how] = {"evaluate": [x for n in a.budgets for x in (n, t * core[n] / sum(core.values()) / n_all)]}
             for n in a.budgets:
                 t, busy = job(["oracle", "--params", str(path), "--backbone", "b", "--budget", str(n), "--part", "0"])
-                rows.append(dict(bench=f"oracle job{how} ({a.steps} steps), {n} tokens", images=n_val, seconds=t,
+                rows.append(dict(bench=f"oracle job{how} ({a.steps} steps), {n} tokens, batches of {sizes[n]}",
+                                 images=n_val, seconds=t,
                                  per_s=n_val * a.steps / t, core_per_s=n_val * a.steps / core_oracle[n][0],
                                  stage_over_core=core_oracle[n][0] / t, gpu_busy=busy, core_gpu_busy=core_oracle[n][1]))
                 per_image[how].setdefault("oracle", []).extend([n, t / (n_val * a.steps)])

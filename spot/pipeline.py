@@ -240,8 +240,8 @@ def covering(**axes: str) -> dict:
 
 PER_BUDGET = covering(budget="placement.budgets")                # label-free placement jobs
 ORACLE_BUDGETS = covering(budget="oracle.budgets")
-ORACLE = ["oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size", "oracle.parts",
-          "oracle.save_every", "oracle.compile", "seed", "device"]
+ORACLE = ["oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size", "oracle.batch_tokens",
+          "oracle.parts", "oracle.save_every", "oracle.compile", "seed", "device"]
 
 STAGES = [
     Stage("shard", "shard:run", "write the dataset into WebDataset shards", (),

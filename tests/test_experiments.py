@@ -11,6 +11,7 @@ from spot.cli import main
 from spot.data import decoded, loading
 from spot.data.loading import decode_image
 from spot.pipeline import all_jobs
+from spot.stages import oracle as oracle_stage
 from tests.conftest import linked_root
 
 
@@ -90,6 +91,23 @@ def test_oracle_starts_from_the_evaluated_prior_and_does_not_lose(done):
         assert m["top1"] >= m["top1_init"]
         assert len(m["accuracy_per_step"]) == m["steps"] + 1
         assert len(list((root / "oracle-parts" / b / "4").glob("*/part.npz"))) == 2
+
+
+def test_oracle_search_of_an_image_does_not_depend_on_its_batch(done, tmp_path, monkeypatch):
+    """oracle.batch_tokens (here 5 images per batch at 4 tokens, not 256): the same part."""
+    params, cfg, root, _ = done
+    again = linked_root(tmp_path, root, "shards", "saliency", "decoded", "backbones",
+                        oracle=dict(cfg["oracle"], batch_tokens=4 * 5 + 3))
+    sizes, search = [], oracle_stage.oracle_search
+    monkeypatch.setattr(oracle_stage, "oracle_search", lambda m, x, *a, **k: sizes.append(len(x)) or search(m, x, *a, **k))
+    spot(again, "oracle", "--backbone", "spot-a", "--part", "0")
+    assert max(sizes) == 5
+    part = sorted((root / "oracle-parts" / "spot-a" / "4").glob("*/part.npz"))[0]
+    a, b = np.load(tmp_path / "out" / part.relative_to(root)), np.load(part)
+    assert (a["keys"] == b["keys"]).all() and len(a["keys"]) > 5
+    np.testing.assert_array_equal(a["init"], b["init"])
+    np.testing.assert_allclose(a["final"], b["final"], atol=1e-5)
+    np.testing.assert_allclose(a["features"], b["features"], atol=1e-4)
 
 
 def test_transfer_to_itself_reproduces_the_oracle(done):

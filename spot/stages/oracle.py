@@ -18,6 +18,12 @@ from spot.utils import atomic_path, resolve_device, to_device
 FIELDS = ("init", "final", "trajectory", "correct", "snapped", "snapped_correct", "features")
 
 
+def batch_size(o: dict, budget: int) -> int:
+    """Images per SPoT-ON batch at `budget` tokens under config section `o` (oracle): batch_size, or
+    with batch_tokens the same tokens per batch at every budget."""
+    return o["batch_size"] if o["batch_tokens"] is None else max(1, o["batch_tokens"] // budget)
+
+
 def search(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part: int) -> Record:
     """SPoT-ON for every image of the val shards `part::oracle.parts`, one shard at a time, starting
     from the positions `evaluate` draws for val (prior `oracle.prior`, seed + 1). Writes part.npz:
@@ -33,7 +39,7 @@ def search(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part:
     kept = sorted(set(range(0, o["steps"] + 1, o["save_every"])) | {o["steps"]})
     found: dict[str, list] = {k: [] for k in ("keys", "labels", *FIELDS)}
     for shard in shards:
-        batches = data.batches("val", o["batch_size"], saliency=o["prior"] in NEEDS_SALIENCY, shards=[shard],
+        batches = data.batches("val", batch_size(o, budget), saliency=o["prior"] in NEEDS_SALIENCY, shards=[shard],
                                device=device)
         for b in tqdm(batches, desc=f"oracle {backbone}/{budget} {shard}", unit="batch"):
             init = positions_for(o["prior"], budget, b.keys, cfg["seed"] + 1, *model.img_size, model.k, b.saliency,
