@@ -209,7 +209,7 @@ class Decoded:
         images, labels, keys = self.array(split, "images"), self.array(split, "labels"), self.array(split, "keys")
         maps = self.array(split, "saliency") if saliency else None
         cuda = device is not None and torch.device(device).type == "cuda"
-        mean, std = (to_device(self.mean, device), to_device(self.std, device)) if cuda else (self.mean, self.std)
+        mean, std = to_device(self.mean, device), to_device(self.std, device)
         if order is not None:
             chunks = [order[a:a + batch_size] for a in range(0, len(order), batch_size)]
         else:
@@ -228,8 +228,8 @@ class Decoded:
                        torch.from_numpy(np.array(labels[ix])), [str(k) for k in keys[ix]])
 
         for x, s, y, k in prefetched(read(), prefetch):
-            x = x.to(device, non_blocking=True) if cuda else x
-            s = None if s is None else (s.to(device, non_blocking=True) if cuda else s).float() / 255
+            x = to_device(x, device)
+            s = None if s is None else to_device(s, device).float() / 255
             yield Batch(x.float().div_(255).sub_(mean).div_(std), y, k, s)
 
 
