@@ -12,7 +12,7 @@ real ImageNet JPEGs (the shared sample, or tests/data, copied into train/ and va
 
     python -m benchmarks.bench_pipeline [--copies 20] [--model vit_tiny_patch16_224] [--img-size 64]
         [--patch 8] [--budgets 16 64] [--batch 64] [--device auto] [--sample DIR] [--estimate config/imagenet.yaml]
-        [--compile inductor] [--oracle-batch-tokens 50176]
+        [--compile inductor] [--oracle-batch-tokens 50176] [--shard-count 1000]
 
 A ratio near 1 means the stage keeps the model busy; the rest is data, Python and job overhead. On
 CUDA (with nvidia-ml-py) the GPU busy fraction of each job, and of the core alone, is sampled every
@@ -42,6 +42,7 @@ from spot.config import load_config
 from spot.data.decoded import Decoded, geometry_name
 from spot.data.loading import make_loader
 from spot.layout import Layout
+from spot.model import frozen
 from spot.priors import positions_for
 from spot.stages.oracle import batch_size as oracle_batch_size
 from spot.utils import autocast_for, resolve_device, to_device, write_run_record
@@ -56,7 +57,7 @@ def config(tmp: Path, root: Path, a) -> Path:
                mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
                backbones={"b": {"make": "train", "model": a.model,
                                 "arch": dict(img_size=a.img_size, patch_size=a.patch, num_classes=1000)}})
-    cfg["data"].update(source="imagenet", root=str(root), max_per_class=None, shard_count=1000)
+    cfg["data"].update(source="imagenet", root=str(root), max_per_class=None, shard_count=a.shard_count)
     cfg["train"]["data_config"] = {}
     cfg["eval"].update(priors=[PRIOR], budgets=a.budgets, batch_size=a.batch)
     cfg["eval"]["knn"]["bank_size"] = None
@@ -164,6 +165,8 @@ def main() -> None:
     ap.add_argument("--estimate", help="a params file whose GPU time to estimate from the measured rates")
     ap.add_argument("--compile", help="also run the evaluate and oracle jobs with eval/oracle.compile: COMPILE")
     ap.add_argument("--oracle-batch-tokens", type=int, help="oracle.batch_tokens of the oracle jobs and the core's batches")
+    ap.add_argument("--shard-count", type=int, default=1000, help="data.shard_count: images per shard (a SPoT-ON "
+                    "batch stays within a shard)")
     a = ap.parse_args()
     device = resolve_device(a.device)
     rows = []
@@ -196,7 +199,7 @@ def main() -> None:
         core, core_busy = {}, {}                                   # budget -> seconds of the model alone, GPU busy
         for n in a.budgets:
             def model_only():
-                with torch.no_grad(), autocast_for(device):
+                with frozen(model, device), torch.no_grad(), autocast_for(device):     # as run_split holds it
                     for _ in ("train", "val"):                     # the bank pass, then val
                         for b in batches:
                             pos = positions_for(PRIOR, n, b.keys, 0, *model.img_size, model.k, device=device)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from spot.data.decoded import Decoded
 from spot.knn import knn_predict
-from spot.model import SPoTViT
+from spot.model import SPoTViT, frozen
 from spot.utils import atomic_path, autocast_for, write_json
 
 Place = Callable[[object, str], torch.Tensor]
@@ -45,17 +45,18 @@ def run_split(model: SPoTViT, batches, places: dict, device, desc: str) -> dict:
     device (no synchronisation per batch; the kNN runs there too), labels and keys on the CPU."""
     out = {name: dict(features=[], logits=[], positions=[]) for name in places}
     labels, keys = [], []
-    for b in tqdm(batches, desc=desc, unit="batch"):
-        x = b.images.to(device, non_blocking=True)
-        for name, place in places.items():
-            pos = place(b).to(device)
-            with autocast_for(device):
-                tok = model.forward_features(x, pos)
-                out[name]["features"].append(model.vit.forward_head(tok, pre_logits=True).float())
-                out[name]["logits"].append(model.vit.forward_head(tok).float())
-            out[name]["positions"].append(pos.float())
-        labels.append(b.labels)
-        keys += b.keys
+    with frozen(model, device):
+        for b in tqdm(batches, desc=desc, unit="batch"):
+            x = b.images.to(device, non_blocking=True)
+            for name, place in places.items():
+                pos = place(b).to(device)
+                with autocast_for(device):
+                    tok = model.forward_features(x, pos)
+                    out[name]["features"].append(model.vit.forward_head(tok, pre_logits=True).float())
+                    out[name]["logits"].append(model.vit.forward_head(tok).float())
+                out[name]["positions"].append(pos.float())
+            labels.append(b.labels)
+            keys += b.keys
     labels = torch.cat(labels)
     return {name: {k: torch.cat(v) for k, v in r.items()} | dict(labels=labels, keys=keys)
             for name, r in out.items()}

@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from spot.oracle import OPTIMIZERS, frozen
+from spot.model import frozen
+from spot.oracle import OPTIMIZERS
 from spot.priors import NEEDS_SALIENCY, sample_positions
 from spot.utils import autocast_for, to_device
 
@@ -75,7 +76,7 @@ def fit_global_prior(model, batches: Iterable, n: int, steps: int = 200, lr: flo
     pos = initial_positions(init, n, model.img_size, model.k, seed).to(device).requires_grad_(True)
     opt = OPTIMIZERS[optimizer]([pos], lr=lr, **({"weight_decay": 0.0} if optimizer != "sgd" else {}))
     stream = batches_forever(batches)
-    with frozen(model):
+    with frozen(model, device):
         for step in range(steps):
             images, labels, _ = unpack_batch(next(stream))
             images, labels = to_device(images, device), to_device(labels, device)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spot.oracle import frozen
+from spot.model import frozen
 from spot.saliency import gaussian_blur
 
 

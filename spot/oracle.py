@@ -1,12 +1,12 @@
 """SPoT-ON: gradient search over token positions for a frozen model (an oracle: it uses labels)."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from spot.model import frozen
 from spot.utils import autocast_for, to_device
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -23,20 +23,6 @@ class OracleResult:
     snapped: torch.Tensor        # (B, N, 2) final positions moved to the nearest patch-cell centre
     snapped_correct: torch.Tensor  # (B,) bool, top-1 at the snapped positions
     features: torch.Tensor       # (B, D) pooled features at the final positions
-
-
-@contextlib.contextmanager
-def frozen(model: torch.nn.Module):
-    """Eval mode and requires_grad=False on every parameter for the block; restores both after."""
-    flags = [p.requires_grad for p in model.parameters()]
-    training = model.training
-    model.eval().requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
-        model.train(training)
 
 
 def snap_to_grid(positions: torch.Tensor, img_size: tuple[int, int], k: int) -> torch.Tensor:
@@ -71,7 +57,7 @@ def search_positions(model, images: torch.Tensor, positions: torch.Tensor, objec
     pos = positions.detach().clone().float().requires_grad_(True)
     opt = OPTIMIZERS[optimizer]([pos], lr=lr, **({"weight_decay": 0.0} if optimizer != "sgd" else {}))
     traj, logits_per_step = [], []
-    with frozen(model):
+    with frozen(model, images.device):
         for step in range(steps + 1):
             last = step == steps
             with torch.set_grad_enabled(not last), autocast_for(images.device):
@@ -107,7 +93,7 @@ def oracle_search(model, images: torch.Tensor, labels: torch.Tensor, positions: 
         model, images, positions, lambda z: F.cross_entropy(z, labels, reduction="sum"), steps, lr, optimizer)
     final = traj[:, -1]
     snapped = snap_to_grid(final, model.img_size, model.k)
-    with frozen(model), torch.no_grad(), autocast_for(images.device):
+    with frozen(model, images.device), torch.no_grad(), autocast_for(images.device):
         snapped_correct = model(images.detach(), snapped).argmax(1) == labels
     correct = torch.stack([z.argmax(1) == labels for z in logits], 1)
     loss = torch.stack([F.cross_entropy(z, labels) for z in logits])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from spot.learned_prior import batches_forever, unpack_batch
-from spot.oracle import frozen
+from spot.model import frozen
 from spot.priors import lattice
 from spot.utils import atomic_path, autocast_for, read_json, to_device, write_json
 
@@ -89,7 +89,7 @@ def train_placer(model, placer: Placer, batches: Iterable, steps: int, lr: float
     opt = torch.optim.AdamW(placer.parameters(), lr=lr, weight_decay=weight_decay)
     stream = batches_forever(batches)
     losses = []
-    with frozen(model):
+    with frozen(model, device):
         for step in range(steps):
             images, labels, targets = unpack_batch(next(stream))
             images = to_device(images, device)

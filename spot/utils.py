@@ -95,7 +95,19 @@ def to_device(t, device):
     return t.to(device, non_blocking=t.device.type == "cpu")
 
 
-def autocast_for(device):
-    """bf16 autocast on CUDA (evaluation and the searches), a no-op elsewhere; the tokenizer samples in float32."""
+AUTOCAST = {"cuda": "bfloat16"}          # device type -> the dtype evaluation and the searches compute in
+
+
+def autocast_dtype(device):
+    """The torch dtype `autocast_for(device)` computes in (bf16 on CUDA), None where it is off."""
     import torch
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    name = AUTOCAST.get(torch.device(device).type)
+    return None if name is None else getattr(torch, name)
+
+
+def autocast_for(device):
+    """Autocast to `autocast_dtype(device)` (evaluation and the searches), a no-op where it is None;
+    the tokenizer samples in float32."""
+    import torch
+    dtype = autocast_dtype(device)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)

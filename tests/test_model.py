@@ -3,9 +3,12 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from spot.model import SPoTViT
+import spot.utils
+from spot.model import SPoTViT, frozen
 from spot.priors import grid_centers
+from spot.utils import autocast_for
 
 SMALL = dict(embed_dim=48, depth=2, num_heads=3)
 CASES = {                                                         # name -> (timm name, kwargs)
@@ -113,3 +116,39 @@ def test_fewer_tokens_and_other_window_size():
 def test_rejects_a_model_that_is_not_a_vit():
     with pytest.raises(ValueError, match="SPoTViT needs a timm VisionTransformer"):
         SPoTViT(nn.Linear(3, 3))
+
+
+class Casts(TorchDispatchMode):
+    """Counts the dtype casts (aten._to_copy: a kernel each on a GPU) run in the block, in `.n`."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n = getattr(self, "n", 0) + (func.overloadpacket is torch.ops.aten._to_copy)
+        return func(*args, **(kwargs or {}))
+
+
+def test_frozen_casts_the_linear_weights_once_with_the_same_numbers(monkeypatch):
+    """Autocast casts a weight that takes no gradient at every forward; `frozen(model, device)` holds
+    the nn.Linear weights in the autocast dtype instead: the same logits and position gradients, one
+    cast fewer per Linear weight and bias, the float32 weights back after. CUDA's bf16 autocast is
+    emulated on the CPU (the same casting rules)."""
+    monkeypatch.setitem(spot.utils.AUTOCAST, "cpu", "bfloat16")
+    torch.manual_seed(0)
+    model = SPoTViT(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                      num_classes=10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, p = torch.randn(2, 3, 32, 32), torch.rand(2, 5, 2)
+
+    def step(*device):
+        pos = p.clone().requires_grad_(True)
+        with frozen(model, *device), Casts() as casts, autocast_for("cpu"):
+            logits = model(x, pos)
+            logits.float().sum().backward()
+        return logits, pos.grad, casts.n
+
+    logits, grad, casts = step()
+    held_logits, held_grad, held_casts = step("cpu")
+    assert logits.dtype == torch.bfloat16 and torch.equal(held_logits, logits) and torch.equal(held_grad, grad)
+    linear = sum(1 for m in model.modules() if isinstance(m, nn.Linear) for _ in m.parameters(recurse=False))
+    assert casts - held_casts == linear
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(q.requires_grad for q in model.parameters())

@@ -10,8 +10,7 @@ from spot.cost import relative_flops, relative_time
 from spot.data.sources import fashion_mnist_arrays
 from spot.entropy_search import entropy_search, prediction_entropy
 from spot.learned_prior import batches_forever, fit_global_prior, initial_positions
-from spot.model import SPoTViT
-from spot.oracle import frozen
+from spot.model import SPoTViT, frozen
 from spot.placer import Placer, chamfer_distance, load_placer, save_placer, train_placer
 from spot.priors import lattice, sample_positions
 from tests.conftest import FASHION_MNIST

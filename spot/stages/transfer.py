@@ -10,8 +10,9 @@ from tqdm import tqdm
 
 from spot.backbones import load_backbone
 from spot.data.decoded import Decoded
+from spot.model import frozen
 from spot.outputs import Record
-from spot.utils import read_json, resolve_device, to_device, write_json
+from spot.utils import autocast_for, read_json, resolve_device, to_device, write_json
 
 
 @torch.no_grad()
@@ -23,16 +24,19 @@ def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> 
     final = {k: np.asarray(v, dtype=np.float32).reshape(-1, 2) for k, v in zip(found["key"], found["final"])}
     device = resolve_device(cfg["device"])
     model = load_backbone(inputs["backbone"], device)
-    hits, n = 0, 0
+    hits, n = torch.zeros((), dtype=torch.int64, device=device), 0      # counted on the device: no wait per batch
     batches = Decoded(inputs["decoded"], model.data_config).batches("val", cfg["eval"]["batch_size"], device=device)
-    for b in tqdm(batches, desc=f"transfer {src} -> {dst}/{budget}", unit="batch"):
-        keep = [i for i, k in enumerate(b.keys) if k in final]
-        if not keep:
-            continue
-        pos = to_device(torch.from_numpy(np.stack([final[b.keys[i]] for i in keep])), device)
-        logits = model(b.images[keep], pos)
-        hits += (logits.argmax(1).cpu() == b.labels[keep]).sum().item()
-        n += len(keep)
+    with frozen(model, device):
+        for b in tqdm(batches, desc=f"transfer {src} -> {dst}/{budget}", unit="batch"):
+            keep = [i for i, k in enumerate(b.keys) if k in final]
+            if not keep:
+                continue
+            pos = to_device(torch.from_numpy(np.stack([final[b.keys[i]] for i in keep])), device)
+            with autocast_for(device):                                 # as the oracle ran it
+                logits = model(b.images[to_device(torch.tensor(keep), device)], pos)
+            hits += (logits.argmax(1) == to_device(b.labels[keep], device)).sum()
+            n += len(keep)
+    hits = hits.item()
     if n != len(final):
         raise ValueError(f"transfer: {len(final) - n} oracle images of {inputs['oracle']} are not among the val "
                          f"images of {inputs['decoded']}")

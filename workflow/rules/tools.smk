@@ -17,4 +17,4 @@ rule bench:
     conda:
         "../envs/spot.yaml"
     shell:
-        "(python -m benchmarks.bench_core && python -m benchmarks.bench_data && python -m benchmarks.bench_experiments && python -m benchmarks.bench_pipeline && python -m benchmarks.bench_placement) > {log} 2>&1; cat {log}"
+        "(python -m benchmarks.bench_core && python -m benchmarks.bench_data && python -m benchmarks.bench_experiments && python -m benchmarks.bench_pipeline && python -m benchmarks.bench_placement && python -m benchmarks.bench_launches) > {log} 2>&1; cat {log}"
