@@ -121,7 +121,7 @@ def frozen(model: nn.Module, device=None):
 
     With a `device` that `autocast_for` computes in bf16 (CUDA), the nn.Linear weights and biases
     are also held in that dtype for the block: autocast casts a weight that takes no gradient again
-    at every forward (ViT-B: 100 cast kernels of 272 per forward), so this is the same cast, once,
+    at every forward (ViT-B: 98 of the 272 kernel launches of a forward), so this is the same cast, once,
     and the same numbers. Every forward in the block must then run under `autocast_for(device)`.
     """
     dtype = None if device is None else autocast_dtype(device)
