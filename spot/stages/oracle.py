@@ -25,8 +25,9 @@ def batch_size(o: dict, budget: int) -> int:
 
 
 def search(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part: int) -> Record:
-    """SPoT-ON for every image of the val shards `part::oracle.parts`, one shard at a time, starting
-    from the positions `evaluate` draws for val (prior `oracle.prior`, seed + 1). Writes part.npz:
+    """SPoT-ON for every image of the val shards `part::oracle.parts`, each shard in batches of its
+    own (`batch_size`: a batch never spans two shards, so the batches do not depend on the parts),
+    starting from the positions `evaluate` draws for val (prior `oracle.prior`, seed + 1). Writes part.npz:
     keys, labels, init and final positions (n, N, 2) float32, trajectory (n, T, N, 2) float16 (every
     `oracle.save_every`-th step and the last), correct (n, steps+1), snapped (n, N, 2),
     snapped_correct (n,), features (n, D) at the final positions."""
@@ -38,21 +39,21 @@ def search(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part:
     shards = [e["name"] for e in data.index["splits"]["val"]["shards"]][part::o["parts"]]
     kept = sorted(set(range(0, o["steps"] + 1, o["save_every"])) | {o["steps"]})
     found: dict[str, list] = {k: [] for k in ("keys", "labels", *FIELDS)}
-    for shard in shards:
-        batches = data.batches("val", batch_size(o, budget), saliency=o["prior"] in NEEDS_SALIENCY, shards=[shard],
-                               device=device)
-        for b in tqdm(batches, desc=f"oracle {backbone}/{budget} {shard}", unit="batch"):
-            init = positions_for(o["prior"], budget, b.keys, cfg["seed"] + 1, *model.img_size, model.k, b.saliency,
-                                 b.images, device)
-            r = oracle_search(model, b.images, to_device(b.labels, device), init, steps=o["steps"], lr=o["lr"],
-                              optimizer=o["optimizer"])
-            found["keys"] += b.keys
-            found["labels"].append(b.labels)
-            found["init"].append(r.trajectory[:, 0])
-            found["final"].append(r.positions)
-            found["trajectory"].append(r.trajectory[:, kept].half())
-            for k in ("correct", "snapped", "snapped_correct", "features"):
-                found[k].append(getattr(r, k))
+    # one reading thread for all the part's shards: it runs ahead across their boundaries
+    batches = data.batches("val", batch_size(o, budget), saliency=o["prior"] in NEEDS_SALIENCY, shards=shards,
+                           device=device)
+    for b in tqdm(batches, desc=f"oracle {backbone}/{budget} part {part}", unit="batch"):
+        init = positions_for(o["prior"], budget, b.keys, cfg["seed"] + 1, *model.img_size, model.k, b.saliency,
+                             b.images, device)
+        r = oracle_search(model, b.images, to_device(b.labels, device), init, steps=o["steps"], lr=o["lr"],
+                          optimizer=o["optimizer"])
+        found["keys"] += b.keys
+        found["labels"].append(b.labels)
+        found["init"].append(r.trajectory[:, 0])
+        found["final"].append(r.positions)
+        found["trajectory"].append(r.trajectory[:, kept].half())
+        for k in ("correct", "snapped", "snapped_correct", "features"):
+            found[k].append(getattr(r, k))
     # results stay on the device until the part is done: no wait for the GPU between batches
     arrays = {k: np.asarray(v) if k == "keys" else torch.cat(v).cpu().numpy() for k, v in found.items() if v}
     with atomic_path(out / "part.npz") as tmp, open(tmp, "wb") as f:
