@@ -19,7 +19,7 @@ from spot.checkpoint import digest, fingerprint, load_checkpoint, load_state, sa
 from spot.data.decoded import Decoded, rank_rows, train_rows
 from spot.model import SPoTViT
 from spot.priors import PRIORS, sample_positions
-from spot.utils import atomic_path, read_json, resolve_device, to_device, write_json
+from spot.utils import atomic_path, autocast_for, read_json, resolve_device, to_device, write_json
 
 
 def batch_positions(step: int, seed: int, batch: int, model: SPoTViT, tokens: str, priors: list[str],
@@ -142,7 +142,6 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     data = Decoded(decoded_dir, model.data_config)
     train_spans, val_rows = data.rows("train"), rank_rows(data.rows("val"), rank, world)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def checkpoint():
         if rank == 0:
@@ -161,7 +160,7 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
             pos = to_device(batch_positions(step, seed + rank, len(y), model, tokens, priors, token_range), device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, int(tcfg["warmup_epochs"] * steps_per_epoch), tcfg["lr"])
-            with autocast:
+            with autocast_for(device):
                 logits = net(x, pos)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=tcfg["label_smoothing"])
             opt.zero_grad(set_to_none=True)
