@@ -95,7 +95,7 @@ def to_device(t, device):
     return t.to(device, non_blocking=t.device.type == "cpu")
 
 
-AUTOCAST = {"cuda": "bfloat16"}          # device type -> the dtype evaluation and the searches compute in
+AUTOCAST = {"cuda": "bfloat16"}          # device type -> the dtype models compute in there (autocast)
 
 
 def autocast_dtype(device):
@@ -106,8 +106,8 @@ def autocast_dtype(device):
 
 
 def autocast_for(device):
-    """Autocast to `autocast_dtype(device)` (evaluation and the searches), a no-op where it is None;
-    the tokenizer samples in float32."""
+    """Autocast to `autocast_dtype(device)` (evaluation, the searches, training), a no-op where it is
+    None; the tokenizer samples in float32."""
     import torch
     dtype = autocast_dtype(device)
     return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
