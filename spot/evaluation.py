@@ -21,7 +21,7 @@ from tqdm import tqdm
 from spot.data.decoded import Decoded
 from spot.knn import knn_predict
 from spot.model import SPoTViT, frozen
-from spot.utils import atomic_path, autocast_for, write_json
+from spot.utils import atomic_path, autocast_for, to_device, write_json
 
 Place = Callable[[object, str], torch.Tensor]
 
@@ -47,9 +47,9 @@ def run_split(model: SPoTViT, batches, places: dict, device, desc: str) -> dict:
     labels, keys = [], []
     with frozen(model, device):
         for b in tqdm(batches, desc=desc, unit="batch"):
-            x = b.images.to(device, non_blocking=True)
+            x = to_device(b.images, device)
             for name, place in places.items():
-                pos = place(b).to(device)
+                pos = to_device(place(b), device)       # e.g. a learned prior's positions, on the CPU
                 with autocast_for(device):
                     tok = model.forward_features(x, pos)
                     out[name]["features"].append(model.vit.forward_head(tok, pre_logits=True).float())
