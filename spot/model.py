@@ -121,15 +121,15 @@ def frozen(model: nn.Module, device=None):
 
     With a `device` that `autocast_for` computes in bf16 (CUDA), the nn.Linear weights and biases
     are also held in that dtype for the block: autocast casts a weight that takes no gradient again
-    at every forward (ViT-B: 98 of the 272 kernel launches of a forward), so this is the same cast, once,
-    and the same numbers. Every forward in the block must then run under `autocast_for(device)`.
+    at every forward (ViT-B: 98 of the 272 kernel launches of a forward), so this is the same cast,
+    once, and the same numbers. Every forward in the block must then run under `autocast_for(device)`.
     """
     dtype = None if device is None else autocast_dtype(device)
     flags = [p.requires_grad for p in model.parameters()]
     training = model.training
     model.eval().requires_grad_(False)
-    held = [(p, p.data) for m in model.modules() if isinstance(m, nn.Linear) and dtype is not None
-            for p in m.parameters(recurse=False)]
+    held = [] if dtype is None else [(p, p.data) for m in model.modules() if isinstance(m, nn.Linear)
+                                     for p in m.parameters(recurse=False)]
     for p, data in held:
         p.data = data.to(dtype)
     try:
