@@ -57,11 +57,13 @@ def linked_root(dest: Path, root: Path, *folders: str, **changes) -> Path:
 
 
 def copy_repo(dest: Path) -> Path:
-    """The working tree's files (tracked and untracked, not ignored) copied to `dest`."""
+    """The working tree's files (tracked and untracked, not ignored) copied to `dest`, without
+    dvc.lock: the record of this clone's own pipeline runs (the README's first command writes it,
+    and DVC wants it committed), where a test repository starts with none."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                            check=True, capture_output=True, text=True).stdout.split("\0")
     for f in filter(None, files):
-        if (REPO / f).is_file():
+        if (REPO / f).is_file() and f != "dvc.lock":
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             (dest / f).write_bytes((REPO / f).read_bytes())
     return dest
