@@ -113,6 +113,21 @@ def test_shards_do_not_depend_on_workers_and_keep_the_byte_limit(imagenet_root, 
         [f for f in imagenet_root.rglob("*") if f.is_file()])
 
 
+def test_folder_shards_mix_the_classes_in_an_order_drawn_from_the_seed(imagenet_root, tmp_path):
+    """A folder tree lists its classes one after another; its shards must not (a training shuffle
+    buffer draws from a stream of shards). The same files for every seed, another order for
+    another seed; Fashion-MNIST keeps its files' (already mixed) order."""
+    def shards(seed):
+        write_shards("imagenet", imagenet_root, tmp_path / str(seed), shard_count=6, seed=seed)
+        return [[(r["__key__"], int(r["cls"])) for r in read_shard(p)] for p in shard_paths(tmp_path / str(seed),
+                                                                                            "train")]
+    zero, one = shards(0), shards(1)
+    assert all(len({c for _, c in s}) >= 3 for s in zero if len(s) == 6)      # 6 of 8 classes: sorted gives 1 or 2
+    assert sorted(x for s in zero for x in s) == sorted(x for s in one for x in s) and zero != one
+    ids = make_source("fashion-mnist", FASHION_MNIST, "val", max_per_class=5, seed=3).ids
+    assert len(ids) == 50 and (np.diff(ids) > 0).all()
+
+
 NAMES = ["a.b.c.jpg", "a_b_c.jpg", "x.jpg", "x.png", "x.JPEG", "x.jpeg", "a.b/x.jpg", "a_b/x.jpg",
          "cat/x_y.jpg", "cat_x/y.jpg", "_5f.jpg", "caf\u00e9 au lait%20.jpg", "\u65e5\u672c/\udcff.jpg"]
 

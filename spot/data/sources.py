@@ -81,7 +81,8 @@ def split_key(key: str) -> tuple[str, str]:
 
 def subset(items: list, labels: list[int], max_per_class: int | None, max_images: int | None,
            seed: int) -> list[int]:
-    """Indices of a reproducible subset: at most max_per_class per class, then max_images in all."""
+    """Indices of a reproducible subset (at most max_per_class per class, then max_images in all), in
+    a random order drawn from `seed`."""
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     seen: dict[int, int] = {}
@@ -91,8 +92,7 @@ def subset(items: list, labels: list[int], max_per_class: int | None, max_images
             continue
         seen[labels[i]] = seen.get(labels[i], 0) + 1
         keep.append(i)
-    keep = keep[:max_images] if max_images is not None else keep
-    return sorted(keep)
+    return keep[:max_images] if max_images is not None else keep
 
 
 def folder_files(root: Path, split: str, classes: list[str]) -> tuple[list[str], list[int], list[str]]:
@@ -120,6 +120,10 @@ def folder_files(root: Path, split: str, classes: list[str]) -> tuple[list[str],
 class FolderSource(Sequence):
     """Samples of a class-per-folder tree, each file read when its sample is taken (bad files are
     copied as they are; the shard writer catches them). A slice is a FolderSource of its files.
+
+    The files are in a random order drawn from `seed`, not class by class: a shard then holds a
+    mix of classes, as a training epoch's shuffle buffer (a stream of shuffled shards) needs, and
+    the oracle's parts (every parts-th shard) hold every class.
 
     Files of the split outside a class folder are in `skipped` (dicts key, path, reason), never
     silently dropped; `classes_from` is the folder whose subfolders are the classes (for the reason).
@@ -223,7 +227,8 @@ class FashionMNIST(Sequence):
     def __init__(self, root: Path, split: str, max_per_class=None, max_images=None, seed: int = 0):
         images, labels = fashion_mnist_arrays(root, split)
         self.split, self.skipped = split, []
-        self.ids = np.array(subset(images, labels.tolist(), max_per_class, max_images, seed), dtype=np.int64)
+        ids = sorted(subset(images, labels.tolist(), max_per_class, max_images, seed))   # the files' order: mixed
+        self.ids = np.array(ids, dtype=np.int64)
         self.images, self.labels = images[self.ids], labels[self.ids].astype(int)
 
     def __len__(self) -> int:
