@@ -121,9 +121,10 @@ class FolderSource(Sequence):
     """Samples of a class-per-folder tree, each file read when its sample is taken (bad files are
     copied as they are; the shard writer catches them). A slice is a FolderSource of its files.
 
-    The files are in a random order drawn from `seed`, not class by class: a shard then holds a
-    mix of classes, as a training epoch's shuffle buffer (a stream of shuffled shards) needs, and
-    the oracle's parts (every parts-th shard) hold every class.
+    The files are in a random order drawn from `seed`, not class by class, so that every shard mixes
+    the classes: training's shuffle buffer (over a stream of shuffled shards) and the label-free
+    placement stages (the train split in stored order) see batches of many classes, and each
+    SPoT-ON part (every parts-th shard) holds every class.
 
     Files of the split outside a class folder are in `skipped` (dicts key, path, reason), never
     silently dropped; `classes_from` is the folder whose subfolders are the classes (for the reason).
