@@ -118,9 +118,9 @@ def test_folder_shards_mix_the_classes_in_an_order_drawn_from_the_seed(imagenet_
     buffer draws from a stream of shards). The same files for every seed, another order for
     another seed; Fashion-MNIST keeps its files' (already mixed) order."""
     def shards(seed):
-        write_shards("imagenet", imagenet_root, tmp_path / str(seed), shard_count=6, seed=seed)
-        return [[(r["__key__"], int(r["cls"])) for r in read_shard(p)] for p in shard_paths(tmp_path / str(seed),
-                                                                                            "train")]
+        out = tmp_path / str(seed)
+        write_shards("imagenet", imagenet_root, out, shard_count=6, seed=seed)
+        return [[(r["__key__"], int(r["cls"])) for r in read_shard(p)] for p in shard_paths(out, "train")]
     zero, one = shards(0), shards(1)
     assert all(len({c for _, c in s}) >= 3 for s in zero if len(s) == 6)      # 6 of 8 classes: sorted gives 1 or 2
     assert sorted(x for s in zero for x in s) == sorted(x for s in one for x in s) and zero != one

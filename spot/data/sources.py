@@ -124,7 +124,7 @@ class FolderSource(Sequence):
     The files are in a random order drawn from `seed`, not class by class, so that every shard mixes
     the classes: training's shuffle buffer (over a stream of shuffled shards) and the label-free
     placement stages (the train split in stored order) see batches of many classes, and each
-    SPoT-ON part (every parts-th shard) holds every class.
+    SPoT-ON part (every parts-th shard) is a sample of all the classes.
 
     Files of the split outside a class folder are in `skipped` (dicts key, path, reason), never
     silently dropped; `classes_from` is the folder whose subfolders are the classes (for the reason).
