@@ -14,6 +14,7 @@ import os
 import sys
 
 from spot.config import load_config
+from spot.environment import pin_cpu_kernels
 from spot.layout import Layout
 from spot.pipeline import INT_WILDCARDS, STAGES, Stage, declared
 
@@ -190,6 +191,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pin_cpu_kernels()                                  # before torch loads: the same CPU kernels on any x86-64
     a = parser().parse_args(argv)
     try:
         a.fn(load_config(a.params), a)

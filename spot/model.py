@@ -58,14 +58,16 @@ class SPoTViT(nn.Module):
 
         The table is viewed as a (D, Gh, Gw) image whose entries sit at the patch-cell centres
         (align_corners=False), so a cell centre reads its own entry; beyond the outer centres the
-        edge entries extend (border padding). Sampled in float32 whatever the autocast state.
+        edge entries extend (border padding). Sampled in float32 (float64 for a float64 model) whatever
+        the autocast state.
         """
         vit = self.vit
         table = vit.pos_embed[:, 0 if vit.no_embed_class else vit.num_prefix_tokens:]
         gh, gw = vit.patch_embed.grid_size
-        table = table.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()      # (1, D, gh, gw)
+        dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
+        table = table.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).to(dtype)    # (1, D, gh, gw)
         with torch.autocast(positions.device.type, enabled=False):
-            grid = (2 * positions.float() - 1).flip(-1)[:, None]              # (B, 1, N, 2) as (x, y)
+            grid = (2 * positions.to(dtype) - 1).flip(-1)[:, None]            # (B, 1, N, 2) as (x, y)
             out = F.grid_sample(table.expand(positions.shape[0], -1, -1, -1), grid, mode="bilinear",
                                 padding_mode="border", align_corners=False)   # (B, D, 1, N)
         return out[:, :, 0].transpose(1, 2)

@@ -217,6 +217,11 @@ def job_tags(stage: str, job: str, code_version: str, out: str | Path) -> dict:
             "mlflow.note.content": note} | source_tags(code_version)
 
 
+def env_tags(env: dict | None) -> dict:
+    """A record's environment (`spot.environment.environment`) as tags 'spot.env.<key>'."""
+    return {f"spot.env.{k}": str(v) for k, v in (env or {}).items() if v is not None}
+
+
 def run_params(params: dict, code_version: str) -> list:
     from mlflow.entities import Param
     return [Param(k, str(v)[:6000]) for k, v in sorted(params.items())] + [Param("code_version", code_version)]
@@ -377,6 +382,7 @@ class JobRun:
                 self.offline(e)
 
     def start(self) -> None:
+        from spot.environment import environment
         from spot.utils import code_version
         if self.uri in DOWN:                     # another run of this job found it down: no second try, no warning
             self.warned = self.quiet = True
@@ -386,7 +392,7 @@ class JobRun:
         # the folder's earlier results are gone (spot.outputs.writing): so are their runs
         retry(lambda: [c.delete_run(r.info.run_id) for r in job_runs(c, exp, self.job)], attempts=3)
         version = code_version()
-        tags = job_tags(self.stage, self.job, version, self.out)
+        tags = job_tags(self.stage, self.job, version, self.out) | env_tags(environment())
         if parent := parent_run(c, exp):
             tags[PARENT_TAG] = parent
         rid = retry(lambda: c.create_run(exp, start_time=ms(self.started), tags=tags).info.run_id, attempts=3)
@@ -541,7 +547,8 @@ def log_record(run_dir: str | Path, experiment: str, uri: str, run_id: str | Non
         for r in others:
             if r.data.tags.get(HASH_TAG) == digest and r.info.status == "FINISHED":
                 return r.info.run_id
-        tags = job_tags(record["stage"], record["job"], record["code_version"], run_dir)
+        tags = job_tags(record["stage"], record["job"], record["code_version"], run_dir) | \
+            env_tags(record.get("environment"))
         if parent := parent_run(c, exp):
             tags[PARENT_TAG] = parent
         run_id = c.create_run(exp, start_time=ms(record.get("started")), tags=tags).info.run_id

@@ -47,12 +47,13 @@ def write_run_record(out_dir: str | os.PathLike, *, stage: str, job: str, params
     `job` is the job identity (e.g. "evaluate/spot-s0/uniform/16"); `artifacts` are paths
     relative to `out_dir`; `inputs` maps input names to the folders (or lists of folders) read;
     `started` is the job's start (ISO 8601 UTC, `now_iso`), `ended` is now; `series` names the
-    job's step-series file (`spot.tracking.SERIES`) when it logged one. Written last, so its
-    presence means the stage's outputs are complete.
+    job's step-series file (`spot.tracking.SERIES`) when it logged one; `environment` is this process's
+    (`spot.environment.environment`). Written last, so its presence means the stage's outputs are complete.
     """
+    from spot.environment import environment
     ended = now_iso()
-    record = dict(stage=stage, job=job, params=params, metrics=metrics,
-                  artifacts=sorted(artifacts), code_version=code_version(), started=started or ended, ended=ended)
+    record = dict(stage=stage, job=job, params=params, metrics=metrics, artifacts=sorted(artifacts),
+                  code_version=code_version(), environment=environment(), started=started or ended, ended=ended)
     if inputs is not None:
         record["inputs"] = {k: [str(f) for f in v] if isinstance(v, list) else str(v) for k, v in inputs.items()}
     if series:

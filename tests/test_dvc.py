@@ -239,6 +239,21 @@ def test_both_engines_rerun_the_same_jobs_when_a_parameter_changes(committed, ke
     assert by_snakemake and by_snakemake <= by_dvc <= rerun, (by_dvc - rerun, by_snakemake - by_dvc)
 
 
+def test_a_changed_lock_file_reruns_every_job_in_both_engines(committed):
+    committed, _ = committed
+    path = committed / "requirements.lock"
+    original = path.read_text()
+    path.write_text(original + "# another environment\n")
+    try:
+        by_dvc, (by_snakemake, rerun) = changed_by_dvc(committed), changed_by_snakemake(committed)
+    finally:
+        path.write_text(original)
+    stages = yaml.safe_load((committed / "dvc.yaml").read_text())["stages"]
+    every = {s["outs"][0] if "metrics" not in s else REPORT for s in stages.values()}
+    # Snakemake names one reason per job: the first jobs say the params changed, the rest their inputs
+    assert by_dvc == every == rerun and "out/shards" in by_snakemake, (every ^ by_dvc, every ^ rerun)
+
+
 @pytest.mark.parametrize("source, stages", [
     ("spot/priors.py", {"backbones", "eval", "oracle-parts", "transfer"}),
     ("spot/stages/report.py", {"report"}),

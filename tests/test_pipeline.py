@@ -140,6 +140,27 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     assert any(k.startswith("report/spot-a/") and k.endswith("/top1") for k in report.data.metrics)
 
 
+def test_every_result_names_the_environment_that_made_it(smoke):
+    """run.json, the MLflow run's tags and the report's header: versions, device, CPU, kernels, lock."""
+    from importlib.metadata import version
+
+    from spot.environment import cpu_model, lock_digest
+    cwd, _ = smoke
+    runs = {r.data.tags["spot.job"]: r for r in mlflow_runs(cwd, SMOKE["name"]) if "spot.job" in r.data.tags}
+    for path in (cwd / "out").rglob("run.json"):
+        record = json.loads(path.read_text())
+        e = record["environment"]
+        assert e["torch"] == version("torch") and e["mlflow"] == version("mlflow") and e["python"]
+        assert e["cpu"] == cpu_model() and e["cpu_capability"] and e["threads"] >= 1 and e["device"] == "cpu"
+        assert e["lock"] == lock_digest(cwd / "requirements.lock") and "cuda" in e and "cudnn" in e
+        tags = runs[record["job"]].data.tags
+        assert {k: tags.get(f"spot.env.{k}") for k, v in e.items() if v is not None} == \
+            {k: str(v) for k, v in e.items() if v is not None}, record["job"]
+    head = (cwd / "out" / "report" / "tables.md").read_text().split("\n\n")[1]
+    assert f"CPU {cpu_model()}" in head and f"torch {version('torch')}" in head
+    assert f"lock file {lock_digest(cwd / 'requirements.lock')}" in head
+
+
 def test_rerun_executes_nothing_and_adds_no_run(smoke):
     cwd, _ = smoke
     before = len(mlflow_runs(cwd, SMOKE["name"]))

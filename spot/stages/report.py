@@ -13,6 +13,7 @@ from matplotlib.ticker import NullLocator
 
 from spot.backbones import read_meta
 from spot.data.decoded import Decoded
+from spot.environment import environment
 from spot.figures import draw_tokens, save_fig, to_display
 from spot.outputs import Record
 from spot.utils import atomic_path, read_json, write_json
@@ -57,6 +58,38 @@ def collect(inputs: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     trans.sort(key=lambda r: (r["src"], r["dst"], r["budget"]))
     sal.sort(key=lambda r: (r["backbone"], r["prior"], r["budget"]))
     return results, pd.DataFrame(trans), pd.DataFrame(sal)
+
+
+def environments(inputs: dict) -> list[dict]:
+    """The recorded environment (run.json) of every job upstream of the report: its input folders,
+    theirs, and so on."""
+    todo = [Path(f) for v in inputs.values() for f in (v if isinstance(v, list) else [v])]
+    seen, envs = set(), []
+    while todo:
+        folder = todo.pop()
+        if folder in seen or not (folder / "run.json").is_file():
+            continue
+        seen.add(folder)
+        record = read_json(folder / "run.json")
+        envs.append(record.get("environment") or {})
+        todo += [Path(f) for v in record.get("inputs", {}).values() for f in (v if isinstance(v, list) else [v])]
+    return envs
+
+
+def describe_environments(envs: list[dict]) -> str:
+    """One line naming the machines and software of `envs`: each value, with its job count where
+    the jobs differ ('threads 1 (30 jobs) / 2 (3 jobs)')."""
+    def values(key, fmt=str):
+        counts = pd.Series([fmt(e.get(key)) for e in envs]).value_counts(sort=False)
+        if len(counts) == 1:
+            return counts.index[0]
+        return " / ".join(f"{v} ({n} jobs)" for v, n in counts.items())
+    software = ", ".join(f"{k} {values(k)}" for k in ("python", "torch", "timm", "numpy", "mlflow", "snakemake", "dvc"))
+    lock = values("lock_mismatches", lambda m: "as installed" if not m else "installed: " + ", ".join(m))
+    return (f"Computed on {values('device')} (CPU {values('cpu')}, torch kernels {values('cpu_capability')}, "
+            f"threads {values('threads')}, kernel settings {values('kernels', lambda k: k or 'default')}; "
+            f"CUDA {values('cuda')}, cuDNN {values('cudnn')}) with {software}; lock file {values('lock')} "
+            f"({lock}), in {len(envs)} jobs.")
 
 
 def placer_transfers(inputs: dict) -> pd.DataFrame:
@@ -441,7 +474,8 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
         results.to_parquet(tmp, index=False)
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
-    tables = ["# Results", "", "Top-1 and kNN accuracy (%) per token budget. SPoT-ON rows use labels "
+    tables = ["# Results", "", describe_environments(environments(inputs) + [environment()]), "",
+              "Top-1 and kNN accuracy (%) per token budget. SPoT-ON rows use labels "
               "(an oracle upper bound); bold: best non-oracle value per column.", ""]
     for b, g in results.groupby("backbone"):
         tables += [f"## Backbone: {b}", "", paper_table(g), ""]

@@ -1,8 +1,10 @@
 from functools import partial
+from pathlib import Path
 
 import yaml
 
 from spot.config import validate as validate_params
+from spot.environment import lock_digest
 from spot.layout import Layout
 from spot.pipeline import STAGES
 
@@ -18,6 +20,7 @@ if not (workflow.remote_exec or workflow.subprocess_exec):  # once, in the main 
     preflight(config, PARAMS, devices=workflow.local_exec)  # a cluster's jobs run elsewhere
 
 LAYOUT = Layout(config["root"])
+LOCK = lock_digest(Path(workflow.basedir) / "requirements.lock")  # every job's rerun trigger
 GPU = 1 if config["device"].startswith("cuda") else 0
 
 

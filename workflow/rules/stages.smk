@@ -29,6 +29,7 @@ for stage in STAGES:
             *[report_output(stage, n, i) for n, i in REPORT_ITEMS.get(stage.name, {}).items()],
         params:
             values=partial(stage_params, stage),
+            lock=LOCK,
         threads: stage.threads
         resources:
             gpu=GPU if stage.gpu else 0,
