@@ -164,14 +164,33 @@ def selection_slice(keys: Sequence[str], fraction: float = SELECT_FRACTION) -> n
 
 
 @dataclass(frozen=True)
-class BestPrior:
-    """The best fixed prior chosen on held-out images and the comparison on the rest: `prior` (its
-    name), `selection` (each prior's accuracy on the selection slice, best first), `keys` (the images
-    of the comparison), `difference` (method - prior, paired) and `gap` (the fraction of the oracle
-    gap closed; None without an oracle)."""
-    prior: str
+class Choice:
+    """The best column of a per-image 0/1 table, chosen on the selection slice: `name`, `selection`
+    (each column's accuracy on the selection slice, best first) and `keys` (the other images, on
+    which the choice is to be compared)."""
+    name: str
     selection: pd.Series
     keys: pd.Index
+
+
+def best_held_out(table: pd.DataFrame, fraction: float = SELECT_FRACTION) -> Choice:
+    """The column of `table` (per-image 0/1, index: image key; e.g. a column per fixed prior) with the
+    highest accuracy on the `selection_slice` of its images (the first column on a tie), and the
+    images left to compare it on. Choosing the best on the images it is compared on favours it."""
+    select = selection_slice(table.index, fraction)
+    if min(select.sum(), (~select).sum()) < 2:
+        raise ValueError(f"best_held_out: {len(select)} images leave fewer than 2 on one side of the selection "
+                         f"slice (fraction {fraction})")
+    acc = table[select].mean().sort_values(ascending=False, kind="stable")
+    return Choice(str(acc.index[0]), acc, table.index[~select])
+
+
+@dataclass(frozen=True)
+class BestPrior:
+    """A method against the best fixed prior chosen on held-out images: `choice` (`best_held_out`:
+    the prior, its selection, the images compared), `difference` (method - prior on those images,
+    paired) and `gap` (the fraction of the oracle gap closed there; None without an oracle)."""
+    choice: Choice
     difference: Interval
     gap: Interval | None
 
@@ -179,20 +198,14 @@ class BestPrior:
 def against_best_prior(method: pd.Series, priors: pd.DataFrame, oracle: pd.Series | None = None, *,
                        fraction: float = SELECT_FRACTION, **options) -> BestPrior:
     """A label-free method against the best fixed prior without favouring the prior: the prior is
-    chosen on the `selection_slice` of the images (highest accuracy there, the first column on a
-    tie) and compared on the other images only. `method`, `oracle`: per-image 0/1 (index: image key),
-    `priors`: a 0/1 column per fixed prior, all on the same keys. `options` as `accuracy_interval`."""
+    chosen on the selection slice (`best_held_out`) and compared on the other images only.
+    `method`, `oracle`: per-image 0/1 (index: image key), `priors`: a 0/1 column per fixed prior,
+    all on the same keys. `options` as `accuracy_interval`."""
     priors, method, oracle = align(priors=priors, method=method, oracle=oracle)
-    select = selection_slice(priors.index, fraction)
-    if min(select.sum(), (~select).sum()) < 2:
-        raise ValueError(f"against_best_prior: {len(select)} images leave fewer than 2 on one side of the "
-                         f"selection slice (fraction {fraction})")
-    acc = priors[select].mean().sort_values(ascending=False, kind="stable")
-    best, rest = str(acc.index[0]), ~select
-    p = priors[best].to_numpy()[rest]
-    m = method.to_numpy()[rest]
-    gap = gap_closed_interval(m, p, oracle.to_numpy()[rest], **options) if oracle is not None else None
-    return BestPrior(best, acc, priors.index[rest], paired_difference(m, p, **options), gap)
+    choice = best_held_out(priors, fraction)
+    m, p = method[choice.keys].to_numpy(), priors.loc[choice.keys, choice.name].to_numpy()
+    gap = gap_closed_interval(m, p, oracle[choice.keys].to_numpy(), **options) if oracle is not None else None
+    return BestPrior(choice, paired_difference(m, p, **options), gap)
 
 
 @dataclass(frozen=True)

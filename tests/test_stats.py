@@ -163,14 +163,21 @@ def test_best_prior_is_chosen_on_the_selection_slice_and_compared_on_the_rest():
     method = pd.Series(rng.random(1000) < 0.65, index=k)
     oracle = pd.Series(rng.random(1000) < 0.9, index=k)
     r = stats.against_best_prior(method.iloc[::-1], priors, oracle)     # the method's keys in another order
-    assert r.prior == "a" and r.selection.index.tolist() == ["a", "b"]
-    assert set(r.keys).isdisjoint(k[sel]) and len(r.keys) + sel.sum() == 1000
+    assert r.choice.name == "a" and r.choice.selection.index.tolist() == ["a", "b"]
+    assert set(r.choice.keys).isdisjoint(k[sel]) and len(r.choice.keys) + sel.sum() == 1000
     rest = ~sel
     assert r.difference.n == rest.sum()
     assert r.difference.value == pytest.approx(method[rest].mean() - a[rest].mean())
     assert r.gap.value == pytest.approx((method[rest].mean() - a[rest].mean()) / (oracle[rest].mean() - a[rest].mean()))
     again = stats.against_best_prior(method, priors, oracle)
-    assert again.prior == r.prior and again.keys.equals(r.keys) and again.difference == r.difference
+    assert again.choice.name == "a" and again.choice.keys.equals(r.choice.keys) and again.difference == r.difference
+
+
+def test_a_tie_on_the_selection_slice_goes_to_the_first_column():
+    k = keys(200)
+    same = np.random.default_rng(0).random(200) < 0.5
+    assert stats.best_held_out(pd.DataFrame({"sobol": same, "grid": same}, index=k)).name == "sobol"
+    assert stats.best_held_out(pd.DataFrame({"grid": same, "sobol": same}, index=k)).name == "grid"
 
 
 def test_best_prior_needs_the_same_images():
