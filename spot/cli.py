@@ -145,8 +145,9 @@ def cmd_mlflow_init(cfg, a):
     if exp is None:
         print(f"MLflow experiment {cfg['name']!r} at {uri}: unreachable (results kept for mlflow-sync)")
         return
-    print(f"MLflow experiment {cfg['name']!r} at {uri}: ready; its runs table in the UI (`mlflow ui "
-          f"--backend-store-uri {uri}`): #/experiments/{exp}?workflowType=machine_learning")
+    ui = f"{uri}/" if uri.startswith(("http://", "https://")) else f"`mlflow ui --backend-store-uri {uri}`: "
+    print(f"MLflow experiment {cfg['name']!r} at {uri}: ready; its runs table in the UI "
+          f"{ui}#/experiments/{exp}?workflowType=machine_learning")
 
 
 def cmd_mlflow_sync(cfg, a):

@@ -74,8 +74,8 @@ def env(**extra) -> dict:
     return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | extra
 
 
-def snakemake(cwd, *args, config="config/smoke.yaml", check=True, **extra_env):
-    r = subprocess.run(["snakemake", "--cores", "2", *args, "--config", f"params={config}"], cwd=cwd,
+def snakemake(cwd, *args, config="config/smoke.yaml", check=True, cores=2, **extra_env):
+    r = subprocess.run(["snakemake", "--cores", str(cores), *args, "--config", f"params={config}"], cwd=cwd,
                        capture_output=True, text=True, env=env(**extra_env))
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
