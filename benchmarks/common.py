@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from spot.environment import environment
 
 OUT = Path("out/bench")
 REPO = Path(__file__).resolve().parents[1]
@@ -44,18 +44,13 @@ def timeit(fn, reps: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def machine() -> dict:
-    return dict(python=sys.version.split()[0], torch=torch.__version__, cpu=platform.processor() or platform.machine(),
-                threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-
-
 def report(name: str, rows: list[dict]) -> None:
     """Print rows as a table and save them with the machine description to out/bench/<name>.json."""
     import pandas as pd
-    print(f"\n## {name}  ({machine()})")
+    machine = environment()
+    print(f"\n## {name}  ({', '.join(f'{k} {v}' for k, v in machine.items() if v is not None)})")
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4g"))
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = OUT / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(dict(machine=machine(), rows=rows), indent=2))
+    tmp.write_text(json.dumps(dict(machine=machine, rows=rows), indent=2))
     tmp.rename(OUT / f"{name}.json")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -22,8 +23,8 @@ KERNEL_VARIABLES = (*CPU_KERNELS, "MKL_CBWR")       # recorded when set (MKL_CBW
 def pin_cpu_kernels() -> None:
     """Run torch's CPU kernels at AVX2 width on any x86-64 machine, so one with AVX-512 computes what one
     without does: set each variable of `CPU_KERNELS` not set already. Call it before torch loads; a
-    value the user set wins (and is recorded)."""
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    value the user set wins (and is recorded). A no-op once torch is loaded (its kernels are chosen)."""
+    if platform.machine().lower() in ("x86_64", "amd64") and "torch" not in sys.modules:
         for name, value in CPU_KERNELS.items():
             os.environ.setdefault(name, value)
 
