@@ -17,6 +17,7 @@ from spot import live
 from spot.backbones import build, describe, load_backbone, save_backbone
 from spot.checkpoint import digest, fingerprint, load_checkpoint, load_state, save_checkpoint
 from spot.data.decoded import Decoded, overlay, rank_rows, train_rows
+from spot.data.loading import class_names
 from spot.model import SPoTViT
 from spot.outputs import remove_temporary
 from spot.priors import PRIORS, sample_positions
@@ -119,7 +120,7 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
         timm_name, arch = model.meta["timm_name"], model.meta["model_kwargs"]
     else:
         timm_name = spec["model"]
-        arch = dict(num_classes=len(manifest["class_names"]), **spec["arch"])
+        arch = dict(num_classes=len(class_names(manifest, shards_dir)), **spec["arch"])
         model = SPoTViT(build(timm_name, arch, pretrained=False))
     data_config_set = dict(tcfg["data_config"], **spec.get("data_config", {}))   # the backbone's own keys win
     model.data_config = overlay(model.data_config, data_config_set)

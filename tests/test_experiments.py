@@ -320,6 +320,20 @@ def test_a_damaged_decoded_array_stops_the_job_in_one_line(done, tmp_path, capsy
     assert not list((tmp_path / "out" / "eval").rglob("run.json"))
 
 
+def test_a_decoded_folder_of_an_older_spot_asks_for_a_rerun_in_one_line(done, tmp_path, capsys):
+    """decoded.json without class_names (written before labels had names): one line, not a KeyError."""
+    params, cfg, root, _ = done
+    again = linked_root(tmp_path, root, "shards", "saliency", "backbones")
+    shutil.copytree(root / "decoded", tmp_path / "out" / "decoded")
+    index = next((tmp_path / "out" / "decoded").glob("*/decoded.json"))
+    index.write_text(json.dumps({k: v for k, v in json.loads(index.read_text()).items() if k != "class_names"}))
+    capsys.readouterr()
+    assert main(["evaluate", "--backbone", "spot-a", "--prior", "grid", "--params", str(again)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spot ")]
+    assert err == [f"spot evaluate: error: {index} names no classes (an older spot wrote it): run the shard and "
+                   "decode stages again"]
+
+
 def test_compiled_forward_gives_the_same_results(done, tmp_path):
     """eval.compile and oracle.compile run the model's forward through torch.compile (the 'eager'
     backend here: the graph capture without a C++ build); the numbers do not change."""

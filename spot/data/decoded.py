@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from spot.data.loading import Batch, Preprocess, decode_image, manifest_shards, read_shard, verify_shards
+from spot.data.loading import Batch, Preprocess, class_names, decode_image, manifest_shards, read_shard, verify_shards
 from spot.data.shards import default_workers
 from spot.utils import atomic_path, read_json, to_device, write_json
 
@@ -163,7 +163,7 @@ def write_decoded(shards_dir: str | Path, saliency_dir: str | Path, out_dir: str
     shards_dir, saliency_dir, out = Path(shards_dir), Path(saliency_dir), Path(out_dir)
     manifest = verify_shards(shards_dir, hash=False)
     verify_shards(saliency_dir, hash=False)
-    index = dict(geometry=geometry(data_config), class_names=manifest["class_names"], splits={})
+    index = dict(geometry=geometry(data_config), class_names=class_names(manifest, shards_dir), splits={})
     for split, info in manifest["splits"].items():
         entries = [e for e in manifest_shards(manifest) if e in info["shards"]]
         index["splits"][split] = decode_split(shards_dir, saliency_dir, out, split, entries, data_config,
@@ -179,6 +179,9 @@ class Decoded:
     def __init__(self, folder: str | Path, data_config: dict):
         self.folder = Path(folder)
         self.index = read_json(self.folder / "decoded.json")
+        if "class_names" not in self.index:
+            raise ValueError(f"{self.folder / 'decoded.json'} names no classes (an older spot wrote it): run the shard "
+                             "and decode stages again")
         self.class_names: list[str] = self.index["class_names"]
         if self.index["geometry"] != geometry(data_config):
             raise ValueError(f"{self.folder} holds images decoded for {self.index['geometry']}, not for the model's "

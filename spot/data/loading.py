@@ -40,6 +40,15 @@ def read_manifest(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def class_names(manifest: dict, folder: str | Path) -> list[str]:
+    """The class names of a shard folder's manifest, in label order; a one-line ValueError for a
+    manifest an older spot wrote without them."""
+    if "class_names" not in manifest:
+        raise ValueError(f"{Path(folder) / 'manifest.json'} names no classes (an older spot wrote it): "
+                         "run the shard stage again")
+    return manifest["class_names"]
+
+
 def manifest_shards(manifest: dict) -> list[dict]:
     """Every shard entry (name, count, size, sha256) of a manifest: image shards list theirs per
     split, saliency maps in one list."""
