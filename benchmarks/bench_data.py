@@ -59,7 +59,7 @@ def fresh_run(fn, out: Path, files: list[Path], cold: bool) -> float:
 def shard_vs_tar(root: Path, tmp: Path, files: list[Path], reps: int) -> list[dict]:
     """write_shards (1 process, every CPU) against `tar -cf` of the same files, interleaved."""
     runs = {f"spot, {w} process{'es' * (w > 1)}": (lambda w=w: write_shards(
-        "imagenet", root, tmp / "shards-bench", splits=["val"], shard_count=1000, workers=w), tmp / "shards-bench")
+        "imagenet", root, tmp / "shards-bench", splits=["val"], images_per_shard=1000, workers=w), tmp / "shards-bench")
         for w in sorted({1, default_workers()})}
     runs["tar"] = (lambda: subprocess.run(["tar", "-cf", str(tmp / "plain.tar"), "-C", str(root), "val"], check=True),
                    tmp / "plain.tar")
@@ -92,7 +92,7 @@ def main() -> None:
         root = a.root or imagenet_layout(SAMPLE, tmp / "imagenet", a.copies)
         files = sorted(p for p in (root / "val").rglob("*") if p.is_file())
         rows += shard_vs_tar(root, tmp, files, a.reps)
-        write_shards("imagenet", root, tmp / "shards", splits=["val"], shard_count=300, max_images=1200)
+        write_shards("imagenet", root, tmp / "shards", splits=["val"], images_per_shard=300, max_images=1200)
         n = 1200
 
         cfg = dict(input_size=(3, 224, 224), interpolation="bicubic", mean=(0.485, 0.456, 0.406),
@@ -111,7 +111,7 @@ def main() -> None:
         fm = Path("/usr/share/datasets/fashion-mnist")
         if fm.is_dir():
             t = timeit(lambda: write_shards("fashion-mnist", fm, tmp / "fm", splits=["train", "val"],
-                                            shard_count=2000, shard_bytes=1e9, max_per_class=500), 1, warmup=0)
+                                            images_per_shard=2000, shard_bytes=1e9, max_per_class=500), 1, warmup=0)
             rows.append(dict(bench="fashion-mnist shards (5000 + 5000)", images=10000, spot_s=t, img_per_s=10000 / t))
             cfg28 = dict(cfg, input_size=(3, 28, 28), interpolation="bilinear", crop_pct=1.0)
             for workers in (0, 1, 2):

@@ -32,7 +32,7 @@ def config(tmp: Path, images: int, steps: int, device: str) -> Path:
     cfg = yaml.safe_load(Path("params.yaml").read_text())
     cfg.update(root=str(tmp / "out"), device=device, mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
                backbones={"b": {"make": "train", "arch": ARCH}})
-    cfg["data"].update(max_per_class=images // 10, shard_count=images)
+    cfg["data"].update(max_per_class=images // 10, images_per_shard=images)
     cfg["eval"].update(priors=["isotropic"], budgets=list(BUDGETS))
     cfg["eval"]["knn"]["bank_size"] = None
     cfg["oracle"].update(budgets=list(BUDGETS), steps=steps, parts=1)

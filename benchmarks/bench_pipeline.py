@@ -12,7 +12,7 @@ real ImageNet JPEGs (the shared sample, or tests/data, copied into train/ and va
 
     python -m benchmarks.bench_pipeline [--copies 20] [--model vit_tiny_patch16_224] [--img-size 64]
         [--patch 8] [--budgets 16 64] [--batch 64] [--device auto] [--sample DIR] [--estimate config/imagenet.yaml]
-        [--compile inductor] [--oracle-batch-tokens 50176] [--shard-count 1000]
+        [--compile inductor] [--oracle-batch-tokens 50176] [--images-per-shard 1000]
 
 A ratio near 1 means the stage keeps the model busy; the rest is data, Python and job overhead. On
 CUDA (with nvidia-ml-py) the GPU busy fraction of each job, and of the core alone, is sampled every
@@ -57,7 +57,7 @@ def config(tmp: Path, root: Path, a) -> Path:
                mlflow={"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
                backbones={"b": {"make": "train", "model": a.model,
                                 "arch": dict(img_size=a.img_size, patch_size=a.patch, num_classes=1000)}})
-    cfg["data"].update(source="imagenet", root=str(root), max_per_class=None, shard_count=a.shard_count)
+    cfg["data"].update(source="imagenet", root=str(root), max_per_class=None, images_per_shard=a.images_per_shard)
     cfg["train"]["data_config"] = {}
     cfg["eval"].update(priors=[PRIOR], budgets=a.budgets, batch_size=a.batch)
     cfg["eval"]["knn"]["bank_size"] = None
@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--estimate", help="a params file whose GPU time to estimate from the measured rates")
     ap.add_argument("--compile", help="also run the evaluate and oracle jobs with eval/oracle.compile: COMPILE")
     ap.add_argument("--oracle-batch-tokens", type=int, help="oracle.batch_tokens of the oracle jobs and the core's batches")
-    ap.add_argument("--shard-count", type=int, default=1000, help="data.shard_count: images per shard (a SPoT-ON "
+    ap.add_argument("--images-per-shard", type=int, default=1000, help="data.images_per_shard: images per shard (a SPoT-ON "
                     "batch stays within a shard)")
     a = ap.parse_args()
     device = resolve_device(a.device)

@@ -16,10 +16,17 @@ if TYPE_CHECKING:
 DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
-def describe(model: SPoTViT, name: str, timm_name: str, model_kwargs: dict, source: str, **extra) -> dict:
-    """The backbone.json record: what `load_backbone` needs to rebuild `model`, plus facts for people."""
+def describe(model: SPoTViT, name: str, timm_name: str, model_kwargs: dict, source: str, data_config_set: dict,
+             **extra) -> dict:
+    """The backbone.json record: what `load_backbone` needs to rebuild `model`, plus facts for people.
+    `data_config` is the preprocessing the backbone is run with; `data_config_from` says where it
+    came from: the timm pretrained config it started from and the keys the params file set
+    (`data_config_set`)."""
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.data_config.items() if k in DATA_KEYS}
+    pre = model.vit.pretrained_cfg
+    timm_cfg = ".".join(filter(None, (pre.get("architecture"), pre.get("tag"))))
     return dict(name=name, timm_name=timm_name, model_kwargs=model_kwargs, data_config=cfg, source=source,
+                data_config_from=dict(timm=timm_cfg, params=data_config_set),
                 img_size=list(model.img_size), patch_size=model.k, num_classes=model.num_classes,
                 global_pool=model.vit.global_pool, num_params=sum(p.numel() for p in model.parameters()), **extra)
 
@@ -96,17 +103,40 @@ def _load_timm_checkpoint(vit: torch.nn.Module, path: str | Path) -> None:
     load_state(vit, state, path)
 
 
+def checkpoint_shapes(path: str | Path) -> dict:
+    """The tensors of a state-dict file as `_load_timm_checkpoint` would load them (EMA weights,
+    'model' / 'state_dict' entries, DDP prefixes), on the meta device: names and shapes without
+    reading the data (a safetensors header; a weights-only, memory-mapped torch.load). One-line
+    ValueError naming `path` when it is not a weights file."""
+    import timm
+    import torch
+
+    from spot.checkpoint import read_errors
+    with read_errors(path):
+        if str(path).endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            return timm.models.clean_state_dict(state)
+        return timm.models.load_state_dict(str(path), device="meta")
+
+
 def fetch(name: str, out_dir: str | Path, model: str, checkpoint: str | None = None, pretrained: bool = True,
-          **model_kwargs) -> dict:
+          data_config: dict | None = None, **model_kwargs) -> dict:
     """Fetch timm model `model` (pretrained weights from the hub, or the state dict in a local
-    `checkpoint` file, loaded strictly as timm's `checkpoint_path` would) and save it as backbone `name`."""
+    `checkpoint` file, loaded strictly as timm's `checkpoint_path` would) and save it as backbone
+    `name`. Its preprocessing is the timm pretrained config of `model` with the keys of
+    `data_config` (mean, std, crop_pct, interpolation, crop_mode) replaced."""
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint file {checkpoint} does not exist (backbones.{name}.checkpoint)")
+    from spot.data.decoded import overlay
     from spot.model import SPoTViT
     vit = build(model, model_kwargs, pretrained=pretrained and not checkpoint)
     if checkpoint:
         _load_timm_checkpoint(vit, checkpoint)
     spot_model = SPoTViT(vit)
-    meta = describe(spot_model, name, model, model_kwargs, source="fetch", checkpoint=checkpoint)
+    spot_model.data_config = overlay(spot_model.data_config, data_config or {})
+    meta = describe(spot_model, name, model, model_kwargs, source="fetch", data_config_set=data_config or {},
+                    checkpoint=checkpoint)
     save_backbone(spot_model, out_dir, meta)
     return meta

@@ -69,19 +69,26 @@ def read_errors(path: str | Path):
         raise ValueError(f"{path} is not a readable checkpoint: {_reason(e)}") from None
 
 
-def load_state(module: torch.nn.Module, state: dict, path: str | Path) -> None:
-    """`module.load_state_dict(state)` (strict), or a one-line ValueError naming `path` and the first bad key."""
-    want, name = module.state_dict(), type(module).__name__
+def misfit(want: dict, state: dict, path: str | Path, name: str) -> str | None:
+    """Why the tensors `state` (name -> anything with a `.shape`, meta tensors too) do not load
+    strictly into a module `name` whose state dict is `want`, naming `path` and the first bad key;
+    None where they do."""
     for k, v in want.items():
         if getattr(state.get(k), "shape", None) is None:
-            raise ValueError(f"{path} does not fit this {name}: it lacks {k} (shape {list(v.shape)})")
+            return f"{path} does not fit this {name}: it lacks {k} (shape {list(v.shape)})"
         if tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{path} does not fit this {name}: {k} has shape {list(state[k].shape)} there, "
-                             f"the model wants {list(v.shape)}")
+            return (f"{path} does not fit this {name}: {k} has shape {list(state[k].shape)} there, "
+                    f"the model wants {list(v.shape)}")
     extra = [k for k in state if k not in want]
     if extra:
-        raise ValueError(f"{path} does not fit this {name}: it has {extra[0]}, which the model lacks "
-                         f"({len(extra)} such keys)")
+        return f"{path} does not fit this {name}: it has {extra[0]}, which the model lacks ({len(extra)} such keys)"
+    return None
+
+
+def load_state(module: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """`module.load_state_dict(state)` (strict), or a one-line ValueError naming `path` and the first bad key."""
+    if why := misfit(module.state_dict(), state, path, type(module).__name__):
+        raise ValueError(why)
     module.load_state_dict(state)
 
 
@@ -90,8 +97,8 @@ def save_checkpoint(path: str | Path, *, model_state: dict, optimizer_state: dic
     """Write a weights-only checkpoint to `path` atomically (a temp file beside it, then renamed)."""
     ckpt = {"model": model_state, "optimizer": optimizer_state, "step": int(step),
             "history": _plain(history), "fingerprint": _plain(fingerprint)}
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:     # a file object: a full disk keeps its errno
+        torch.save(ckpt, f)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -200,9 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         if a.debug or not isinstance(e, (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError)):
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        close_progress_bars()
         print(f"spot {a.command}: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
     return 0
+
+
+def close_progress_bars() -> None:
+    """Close the tqdm bars an error left open (the traceback holds them until the process ends, when
+    they would draw once more): the error line is then the last line of the job's log."""
+    from tqdm import tqdm
+    for bar in list(tqdm._instances):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ and completed with the schema's defaults, once. Every stage reads the result."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import jsonschema
@@ -16,14 +17,21 @@ def schema() -> dict:
     return yaml.safe_load(SCHEMA.read_text())
 
 
+def resolve(node: dict, defs: dict) -> dict:
+    """A schema node with its `$ref` (to `#/$defs/<name>`) replaced by the definition; keys beside
+    the `$ref` (a description, another default) win."""
+    return dict(defs[node["$ref"].rsplit("/", 1)[1]], **{k: v for k, v in node.items() if k != "$ref"}) \
+        if "$ref" in node else node
+
+
 def fill_defaults(value, node: dict, defs: dict) -> None:
     """Set every absent key of `value` that `node` (a schema) gives a `default`, recursively."""
-    node = defs[node["$ref"].rsplit("/", 1)[1]] if "$ref" in node else node
+    node = resolve(node, defs)
     if not isinstance(value, dict):
         return
     for key, sub in node.get("properties", {}).items():
-        if key not in value and "default" in sub:
-            value[key] = copy.deepcopy(sub["default"])
+        if key not in value and "default" in resolve(sub, defs):
+            value[key] = copy.deepcopy(resolve(sub, defs)["default"])
         if key in value:
             fill_defaults(value[key], sub, defs)
     if isinstance(node.get("additionalProperties"), dict):
@@ -31,8 +39,37 @@ def fill_defaults(value, node: dict, defs: dict) -> None:
             fill_defaults(value[key], node["additionalProperties"], defs)
 
 
+RETIRED = {                              # keys of older params files -> what to write instead
+    "data.shard_count": "renamed data.images_per_shard (it counts the images in a shard, not the shards)",
+    "data.synset_words": "no longer read: ImageNet class names come from timm.data.ImageNetInfo (remove the key)",
+}
+
+
+def check_numbers(value, key: str = "") -> None:
+    """A one-line ValueError naming the first key of `value` (nested dicts and lists) holding NaN or an
+    infinity: the schema's bounds hold for them (NaN is no less than any minimum)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_numbers(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_numbers(v, f"{key}.{i}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        spelled = ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
+        raise ValueError(f"{key}: {spelled} is not a finite number")
+
+
 def validate(cfg: dict, source: str = "params.yaml") -> dict:
-    """Raise a one-line ValueError naming the first bad key of `cfg`; fill defaults; return cfg."""
+    """Raise a one-line ValueError naming the first bad key of `cfg` (retired keys with what replaces
+    them); fill defaults; return cfg."""
+    for key, instead in RETIRED.items():
+        section, _, name = key.partition(".")
+        if isinstance(cfg.get(section), dict) and name in cfg[section]:
+            raise ValueError(f"{source}: {key}: {instead}")
+    try:
+        check_numbers(cfg)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     s = schema()
     errors = sorted(jsonschema.Draft202012Validator(s).iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:

@@ -67,15 +67,18 @@ def evaluate_placements(model: SPoTViT, data: Decoded, places: dict, outs: dict,
     """Top-1 on val and kNN accuracy (bank: the first `knn["bank_size"]` train images, all if None,
     placed the same way) of `model` with the tokens each placement `places[name](batch, split)`
     puts, in one pass over each split. `saliency`: batches carry their maps. Writes into `outs[name]`
-    metrics.json, predictions.parquet (key, label, pred, correct, knn_pred, knn_correct, positions as
-    2N floats (y, x) in [0, 1]) and bank.npz (train features float16, labels); returns {name: metrics}."""
+    metrics.json, predictions.parquet (key, label, label_name, pred, pred_name, correct, knn_pred,
+    knn_correct, positions as 2N floats (y, x) in [0, 1]) and bank.npz (train features float16,
+    labels); returns {name: metrics}. A head without one logit per class name is a one-line error."""
+    data.require_head(model.num_classes)
+
     def split(name, limit=None):
         batches = data.batches(name, batch_size, limit=limit, saliency=saliency, device=device)
         return run_split(model, batches, {k: lambda b, p=p: p(b, name) for k, p in places.items()}, device,
                          f"{name} {job}")
 
     banks, vals = split("train", knn["bank_size"]), split("val")
-    return {name: write_results(banks[name], vals[name], outs[name], knn) for name in places}
+    return {name: write_results(banks[name], vals[name], outs[name], knn, data.class_names) for name in places}
 
 
 def evaluate_placement(model: SPoTViT, data: Decoded, place: Place, out: Path, **kw) -> dict:
@@ -83,16 +86,18 @@ def evaluate_placement(model: SPoTViT, data: Decoded, place: Place, out: Path, *
     return evaluate_placements(model, data, {None: place}, {None: out}, **kw)[None]
 
 
-def write_results(bank: dict, val: dict, out: Path, knn: dict) -> dict:
+def write_results(bank: dict, val: dict, out: Path, knn: dict, class_names: list[str]) -> dict:
     """kNN of `val`'s features against `bank`'s (results of `run_split`, on their device), the metrics
-    and files of `evaluate_placements` in `out`."""
+    and files of `evaluate_placements` in `out`; `class_names[label]` names the labels and predictions."""
     labels, pred = val["labels"], val["logits"].argmax(1).cpu()
     knn_pred = knn_predict(bank["features"], bank["labels"], val["features"], k=knn["k"],
                            temperature=knn["temperature"], num_classes=val["logits"].shape[1])
     metrics = dict(top1=(pred == labels).sum().item() / len(labels),
                    knn=(knn_pred == labels).sum().item() / len(labels), n_val=len(labels), n_bank=len(bank["labels"]),
                    k=knn["k"], temperature=knn["temperature"])
-    table = pa.Table.from_pandas(pd.DataFrame(dict(key=val["keys"], label=labels.numpy(), pred=pred.numpy(),
+    names = np.asarray(class_names, dtype=object)               # parquet stores each name once (dictionary encoding)
+    table = pa.Table.from_pandas(pd.DataFrame(dict(key=val["keys"], label=labels.numpy(), label_name=names[labels.numpy()],
+                                                   pred=pred.numpy(), pred_name=names[pred.numpy()],
                                                    correct=(pred == labels).numpy(), knn_pred=knn_pred.numpy(),
                                                    knn_correct=(knn_pred == labels).numpy())), preserve_index=False)
     pos = val["positions"].flatten(1).cpu().numpy()                 # a fixed-size list column: no row objects

@@ -3,7 +3,7 @@
 A stage's folder is complete exactly when its `run.json` exists (written last by
 `spot.utils.write_run_record`). `writing(folder)` takes the folder's lock, so a second writer stops
 with one line, and removes the markers of an earlier run before anything is written, so a run
-killed half-way never leaves a folder that looks complete.
+killed half-way never leaves a folder that looks complete, and the temporary files it left.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import fcntl
 import os
 from pathlib import Path
 from typing import NamedTuple
+
+from spot.utils import TEMP_PREFIX
 
 MARKERS = ("run.json", "manifest.json")
 
@@ -30,9 +32,10 @@ _HELD: set[Path] = set()                         # folders this process holds (n
 
 @contextlib.contextmanager
 def writing(folder: str | os.PathLike, markers: tuple[str, ...] = MARKERS):
-    """Hold `<folder>/.lock` (non-blocking: a second writer gets a one-line RuntimeError) and
-    delete `markers` in `folder` before yielding it. The lock dies with the process; a folder
-    this process already holds is yielded as it is; a folder made here and left empty is removed."""
+    """Hold `<folder>/.lock` (non-blocking: a second writer gets a one-line RuntimeError), delete
+    `markers` and the temporary files a killed writer left (`remove_temporary`) before yielding it.
+    The lock dies with the process; a folder this process already holds is yielded as it is; a
+    folder made here and left empty is removed."""
     folder = Path(folder)
     key = folder.resolve()
     if key in _HELD:
@@ -48,6 +51,7 @@ def writing(folder: str | os.PathLike, markers: tuple[str, ...] = MARKERS):
             raise RuntimeError(f"another spot process is writing {folder} (lock {folder / LOCK})") from None
         for name in markers:
             (folder / name).unlink(missing_ok=True)
+        remove_temporary(folder)
         _HELD.add(key)
         yield folder
     finally:
@@ -56,6 +60,16 @@ def writing(folder: str | os.PathLike, markers: tuple[str, ...] = MARKERS):
         if made and os.listdir(folder) == [LOCK]:
             (folder / LOCK).unlink()
             folder.rmdir()
+
+
+def remove_temporary(folder: str | os.PathLike) -> None:
+    """Delete the `spot.utils.atomic_path` temporary files (`.tmp-*`) in `folder` and its subfolders:
+    what a killed job left half-written (a decode job's arrays are gigabytes). Call while holding
+    the folder's lock: no other writer's files are there then."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            if name.startswith(TEMP_PREFIX):
+                os.unlink(os.path.join(parent, name))
 
 
 def is_complete(folder: str | os.PathLike) -> bool:

@@ -198,7 +198,7 @@ def eval_of(cfg, backbone, budget):
 def report_inputs(cfg, w):
     jobs = {name: [(STAGE[name].output, f) for f in STAGE[name].outputs(cfg)]
             for name in ("evaluate", "oracle-gather", "transfer", "analyze", "placer-transfer", *PLACEMENT)}
-    first = sorted(cfg["backbones"])[0]                  # its evaluations make the prior picture sheet
+    first = next(iter(cfg["backbones"]))                  # the config's first: its evaluations make the prior sheet
     return dict(backbone=("backbone", {"backbone": first}), decoded=decoded(cfg, first), eval=jobs["evaluate"],
                 oracle=jobs["oracle-gather"], transfer=jobs["transfer"], analysis=jobs["analyze"],
                 placer_transfer=jobs["placer-transfer"], **{m: jobs[m] for m in PLACEMENT})
@@ -322,7 +322,7 @@ STAGES = [
           params=lambda cfg, w: ["placement.entropy", "oracle.prior", "eval.batch_size", "eval.knn", "seed", "device"],
           inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True, **PER_BUDGET),
     Stage("report", "report:run", "the paper's tables, plots, pictures and findings", (),
-          params=lambda cfg, w: ["report", "eval.priors"], inputs=report_inputs, jobs=lambda cfg: [{}],
+          params=lambda cfg, w: ["report", "eval.priors", "backbones"], inputs=report_inputs, jobs=lambda cfg: [{}],
           output="report", metrics=("metrics",), plots=("plots/accuracy_vs_budget.png", "plots/oracle_steps.png"),
           files=("tables.md", "tables.html", "findings.md", "findings.html", "results.csv", "results.parquet",
                  "metrics.json", "plots/accuracy_vs_budget.csv", "pictures", "run.json")),

@@ -1,14 +1,21 @@
 """Preflight: what is wrong with a schema-validated configuration that is knowable without running a
-job (device, data folders, files, architectures, token budgets). `check` raises at the first problem,
-a one-line ValueError or FileNotFoundError '<source>: <dotted.key>: <problem>'."""
+job (device, data folders, files, architectures and their heads, checkpoints' tensors, token
+budgets, SPoT-ON parts). `check` raises at the first problem, a one-line ValueError or
+FileNotFoundError '<source>: <dotted.key>: <problem>'."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import timm
 import torch
 
-from spot.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_FILES
+from spot.backbones import checkpoint_shapes
+from spot.checkpoint import misfit
+from spot.data.imagenet import SOURCE as IMAGENET_SOURCE
+from spot.data.imagenet import imagenet_classes
+from spot.data.shards import per_split
+from spot.data.sources import FASHION_MNIST_FILES, class_folder, make_source, source_classes
 
 DEFAULT_TIMM = "vit_tiny_patch16_224"   # the timm architecture of `make: train` without `model`
 
@@ -30,8 +37,12 @@ def check(cfg: dict, source: str, devices: bool = True) -> None:
             check_device(cfg["device"])
         check_data(cfg["data"])
         check_checkpoints(cfg["backbones"])
-        shapes = backbone_shapes(cfg)
+        models = backbone_models(cfg)
+        shapes = {name: shape_of(cfg, name, model) for name, model in models.items()}
+        check_heads(cfg, models)
+        check_weights(cfg, models)
         check_budgets(cfg, shapes)
+        check_parts(cfg)
     except Problem as p:
         raise p.kind(f"{source}: {p.key}: {one_line(p.message)}") from None
 
@@ -64,7 +75,8 @@ def check_device(device: str) -> None:
 # --- data -------------------------------------------------------------------------------------------
 
 def check_data(data: dict) -> None:
-    """Splits distinct and including 'train'; data.root, its split folders or files, synset_words."""
+    """Splits distinct and including 'train'; data.root, its split folders or files; a folder tree
+    has classes (an ImageNet tree: folders named by ImageNet-1k wnids)."""
     splits = data["splits"]
     dup = sorted({s for s in splits if splits.count(s) > 1})
     if dup:
@@ -80,8 +92,13 @@ def check_data(data: dict) -> None:
         elif not (root / split).is_dir():
             raise Problem("data.root", f"split folder {root / split} does not exist (data.splits: {split})",
                           FileNotFoundError)
-    if data.get("synset_words"):
-        check_synset_words(Path(data["synset_words"]))
+    if data["source"] == "folder" and not source_classes("folder", root):
+        raise Problem("data.root", f"{class_folder(root)} holds no class folder", FileNotFoundError)
+    if data["source"] == "imagenet":
+        wnids = set(source_classes("folder", root)) & set(imagenet_classes()[0])
+        if not wnids:
+            raise Problem("data.root", f"no folder of {class_folder(root)} is an ImageNet-1k wnid ({IMAGENET_SOURCE}); "
+                          "for other classes use data.source: folder", FileNotFoundError)
 
 
 def fashion_mnist_missing(root: Path, split: str) -> list[str]:
@@ -103,19 +120,6 @@ def check_fashion_mnist(root: Path, split: str) -> None:
                       "(/usr/share/datasets/fashion-mnist)", FileNotFoundError)
 
 
-def check_synset_words(path: Path) -> None:
-    """The file exists and each non-blank line is '<wnid> <names>'."""
-    if not path.is_file():
-        raise Problem("data.synset_words", f"file {path} does not exist", FileNotFoundError)
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise Problem("data.synset_words", f"{path} cannot be read ({first_line(e)})") from None
-    for number, line in enumerate(lines, 1):
-        if line.strip() and len(line.strip().split(" ", 1)) != 2:
-            raise Problem("data.synset_words", f"{path} line {number} is not '<wnid> <names>': {line.strip()[:80]!r}")
-
-
 # --- backbones --------------------------------------------------------------------------------------
 
 def check_checkpoints(backbones: dict) -> None:
@@ -124,15 +128,6 @@ def check_checkpoints(backbones: dict) -> None:
         if spec.get("checkpoint") and not Path(spec["checkpoint"]).is_file():
             raise Problem(f"backbones.{name}.checkpoint", f"file {spec['checkpoint']} does not exist",
                           FileNotFoundError)
-
-
-def num_classes(data: dict) -> int:
-    """The class count of the data source where it is cheap to know (only shapes depend on it)."""
-    if data["source"] == "fashion-mnist":
-        return len(FASHION_MNIST_CLASSES)
-    train = Path(data["root"]) / "train"
-    count = sum(1 for d in train.iterdir() if d.is_dir()) if train.is_dir() else 0
-    return count or 10
 
 
 def model_spec(cfg: dict, name: str, seen: tuple = ()) -> tuple[str, str, dict]:
@@ -147,7 +142,7 @@ def model_spec(cfg: dict, name: str, seen: tuple = ()) -> tuple[str, str, dict]:
     arch = dict(spec.get("arch") or {})
     if spec["make"] == "fetch":
         return name, spec["model"], arch
-    return name, spec.get("model", DEFAULT_TIMM), {"num_classes": num_classes(cfg["data"]), **arch}
+    return name, spec.get("model", DEFAULT_TIMM), {"num_classes": len(classes_of(cfg["data"])), **arch}
 
 
 def build_meta(name: str, timm_name: str, kwargs: dict, has_arch: bool) -> torch.nn.Module:
@@ -167,18 +162,21 @@ def build_meta(name: str, timm_name: str, kwargs: dict, has_arch: bool) -> torch
         raise Problem(key, f"timm cannot build {timm_name!r} ({first_line(e)})") from None
 
 
-def shape_of(model: torch.nn.Module, name: str, timm_name: str, arch: dict) -> tuple[int, int, int]:
-    """(height, width, patch) that SPoTViT reads from `model`; Problem where SPoTViT would refuse it."""
+def shape_of(cfg: dict, name: str, model: torch.nn.Module) -> tuple[int, int, int]:
+    """(height, width, patch) that SPoTViT reads from backbone `name`'s `model`; Problem where SPoTViT
+    would refuse it."""
+    owner, timm_name, _ = model_spec(cfg, name)
+    arch = cfg["backbones"][owner].get("arch") or {}
     pe = getattr(model, "patch_embed", None)
     if not isinstance(getattr(pe, "proj", None), torch.nn.Conv2d):
-        raise Problem(f"backbones.{name}.model", f"{timm_name!r} is not a timm VisionTransformer with a conv "
+        raise Problem(f"backbones.{owner}.model", f"{timm_name!r} is not a timm VisionTransformer with a conv "
                       "patch embedding (SPoTViT needs one)")
     (h, w), (ph, pw) = tuple(pe.img_size), tuple(pe.patch_size)
     if ph != pw:
-        raise Problem(arch_key(name, arch, "patch_size"), f"patch_size {ph}x{pw} is not square "
+        raise Problem(arch_key(owner, arch, "patch_size"), f"patch_size {ph}x{pw} is not square "
                       "(SPoTViT needs square patches)")
     if h % ph or w % pw:
-        raise Problem(arch_key(name, arch, "img_size", "patch_size"),
+        raise Problem(arch_key(owner, arch, "img_size", "patch_size"),
                       f"img_size {h}x{w} is not divisible by patch_size {ph}")
     return h, w, ph
 
@@ -188,18 +186,56 @@ def arch_key(name: str, arch: dict, *keys: str) -> str:
     return next((f"backbones.{name}.arch.{k}" for k in keys if k in arch), f"backbones.{name}.model")
 
 
-def backbone_shapes(cfg: dict) -> dict[str, tuple[int, int, int]]:
-    """Backbone name -> (height, width, patch), building each distinct architecture once."""
-    built: dict[str, tuple[int, int, int]] = {}
-    shapes = {}
+def backbone_models(cfg: dict) -> dict[str, torch.nn.Module]:
+    """Backbone name -> its timm model without weights (meta device), each distinct architecture
+    built once (a fine-tuned backbone shares its init's)."""
+    built: dict[str, torch.nn.Module] = {}
+    models = {}
     for name in cfg["backbones"]:
         owner, timm_name, kwargs = model_spec(cfg, name)
         if owner not in built:
+            built[owner] = build_meta(owner, timm_name, kwargs, bool(cfg["backbones"][owner].get("arch")))
+        models[name] = built[owner]
+    return models
+
+
+def classes_of(data: dict) -> list[str]:
+    """The data source's class names in label order (`spot.data.sources.source_classes`)."""
+    return source_classes(data["source"], data["root"])
+
+
+def check_heads(cfg: dict, models: dict[str, torch.nn.Module]) -> None:
+    """Every head has one logit per class of the source, in its order: an ImageNet source is
+    labelled with the 1 000 classes of ImageNet-1k, a folder source with its class folders."""
+    data = cfg["data"]
+    classes = len(classes_of(data))
+    why = {"imagenet": f"its labels are ImageNet-1k's index ({IMAGENET_SOURCE})",
+           "folder": f"the class folders of {class_folder(Path(data['root']))}"}.get(data["source"], "its classes")
+    for name, model in models.items():
+        owner, timm_name, _ = model_spec(cfg, name)
+        if model.num_classes != classes:
             arch = cfg["backbones"][owner].get("arch") or {}
-            model = build_meta(owner, timm_name, kwargs, bool(arch))
-            built[owner] = shape_of(model, owner, timm_name, arch)
-        shapes[name] = built[owner]
-    return shapes
+            raise Problem(arch_key(owner, arch, "num_classes"),
+                          f"{timm_name!r} has a head of {model.num_classes} classes, the {data['source']} source "
+                          f"{classes} ({why}): a head must read the source's labels")
+
+
+def check_weights(cfg: dict, models: dict[str, torch.nn.Module]) -> None:
+    """Every `checkpoint:` holds the tensors of its backbone's architecture, names and shapes, read
+    without their data (`spot.backbones.checkpoint_shapes`); .npz files, which timm reads with the
+    model's own loader, are left to the job."""
+    for name, spec in cfg["backbones"].items():
+        path = spec.get("checkpoint")
+        if not path or Path(path).suffix.lower() in (".npz", ".npy"):
+            continue
+        key = f"backbones.{name}.checkpoint"
+        try:
+            have = checkpoint_shapes(path)
+        except ValueError as e:
+            raise Problem(key, str(e)) from None
+        model = models[name]
+        if why := misfit(model.state_dict(), have, path, f"{spec['model']} ({type(model).__name__})"):
+            raise Problem(key, why)
 
 
 # --- token budgets ----------------------------------------------------------------------------------
@@ -225,3 +261,21 @@ def check_budgets(cfg: dict, shapes: dict[str, tuple[int, int, int]]) -> None:
         if cfg["backbones"][name]["make"] == "train" and low > (h // k) * (w // k):
             raise Problem("train.token_range", f"lower bound {low} exceeds the {(h // k) * (w // k)} patch cells "
                           f"of backbone {name!r} ({h}x{w} px, patch {k})")
+
+
+# --- SPoT-ON parts ----------------------------------------------------------------------------------
+
+def check_parts(cfg: dict) -> None:
+    """oracle.parts at most the val shards the shard stage will write (each part gets whole shards):
+    the val images listed as the shard stage lists them, data.images_per_shard to a shard (more
+    shards where data.shard_bytes comes first, never fewer)."""
+    data, parts = cfg["data"], cfg["oracle"]["parts"]
+    images = len(make_source(data["source"], data["root"], "val", seed=cfg["seed"],
+                             max_per_class=per_split(data["max_per_class"], "val"),
+                             max_images=per_split(data["max_images"], "val")))
+    shards = math.ceil(images / data["images_per_shard"])
+    if parts > shards:
+        raise Problem("oracle.parts", f"{parts} SPoT-ON jobs per backbone and budget, but the val split makes "
+                      f"{shards} shard(s) ({images} images, data.images_per_shard {data['images_per_shard']}) and a "
+                      f"job gets whole shards: set oracle.parts to at most {shards}"
+                      + (f" or data.images_per_shard to at most {images // parts}" if images >= parts else ""))

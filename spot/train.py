@@ -16,8 +16,10 @@ from tqdm import tqdm
 from spot import live
 from spot.backbones import build, describe, load_backbone, save_backbone
 from spot.checkpoint import digest, fingerprint, load_checkpoint, load_state, save_checkpoint
-from spot.data.decoded import Decoded, rank_rows, train_rows
+from spot.data.decoded import Decoded, overlay, rank_rows, train_rows
+from spot.data.loading import class_names
 from spot.model import SPoTViT
+from spot.outputs import remove_temporary
 from spot.priors import PRIORS, sample_positions
 from spot.utils import atomic_path, autocast_for, read_json, resolve_device, to_device, write_json
 
@@ -40,7 +42,7 @@ def epoch_batches(data: Decoded, order: np.ndarray, batch_size: int, n: int, sta
     number of steps."""
     if len(order) == 0:
         raise ValueError("a training rank got no train shards: write at least as many train shards as "
-                         "processes (data.shard_count)")
+                         "processes (data.images_per_shard)")
     per_pass = -(-len(order) // batch_size)
     while start < n:
         first = start % per_pass
@@ -84,11 +86,12 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
     metrics.csv/json).
 
     spec: the backbone's config (`tokens`, and `model` + `arch` timm create_model kwargs, e.g.
-    img_size, patch_size, embed_dim, depth, num_heads; num_classes defaults to the shards' class
-    count), or fine-tuning from the backbone folder `init`. tcfg: the `train` section (epochs,
+    img_size, patch_size, embed_dim, depth, num_heads; num_classes defaults to the source's class
+    count, the shards' `class_names`), or fine-tuning from the backbone folder `init`. tcfg: the `train` section (epochs,
     batch_size, lr, weight_decay, warmup_epochs, label_smoothing, grad_clip, token_range, priors,
-    checkpoint_every, data_config). Each step draws a prior from `priors` and a token count
-    from `token_range` (tokens 'grid': the plain-ViT baseline on random patch subsets). AdamW,
+    checkpoint_every, data_config; the backbone's own `data_config` keys replace these). Each step
+    draws a prior from `priors` and a token count from `token_range` (tokens 'grid': the plain-ViT
+    baseline on random patch subsets). AdamW,
     warm-up + cosine per step, label smoothing, gradient clipping, bf16 autocast on CUDA, DDP when
     launched by torchrun (WORLD_SIZE > 1). Checkpoints go atomically to `checkpoint_dir` every epoch
     and every `checkpoint_every` steps, tied to this run's fingerprint: `resume` None continues one
@@ -116,13 +119,11 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
         model = load_backbone(init)
         timm_name, arch = model.meta["timm_name"], model.meta["model_kwargs"]
     else:
-        classes = manifest["splits"]["train"]["classes"]
         timm_name = spec["model"]
-        arch = dict(num_classes=max(int(c) for c in classes) + 1, **spec["arch"])
+        arch = dict(num_classes=len(class_names(manifest, shards_dir)), **spec["arch"])
         model = SPoTViT(build(timm_name, arch, pretrained=False))
-    if tcfg["data_config"]:
-        model.data_config = dict(model.data_config, **{k: tuple(v) if isinstance(v, list) else v
-                                                      for k, v in tcfg["data_config"].items()})
+    data_config_set = dict(tcfg["data_config"], **spec.get("data_config", {}))   # the backbone's own keys win
+    model.data_config = overlay(model.data_config, data_config_set)
     model.to(device).train()
     steps_per_epoch = math.ceil(manifest["splits"]["train"]["count"] / (batch_size * world))
     total = tcfg["epochs"] * steps_per_epoch
@@ -130,8 +131,10 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     made_by = fingerprint(timm_name=timm_name, arch=arch, tokens=tokens, init=digest_file(init), seed=seed,
                           world=world, data=digest(manifest["splits"]["train"]), max_steps=max_steps,
-                          train={k: v for k, v in tcfg.items() if k != "checkpoint_every"})
+                          train={k: v for k, v in tcfg.items() if k != "checkpoint_every"}, data_config=data_config_set)
     ckpt = Path(checkpoint_dir) / "checkpoint.pt"
+    if rank == 0:
+        remove_temporary(ckpt.parent)            # a killed run's half-written checkpoint (this job holds the backbone)
     step, history = 0, []
     state = None if resume is False else load_checkpoint(ckpt, made_by, required=bool(resume))
     if state is not None:
@@ -185,8 +188,8 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
             checkpoint()
     bar.close()
     if rank == 0:
-        meta = describe(model, name, timm_name, arch, source="train", tokens=tokens, init=str(init) if init else None,
-                        seed=seed, steps=step)
+        meta = describe(model, name, timm_name, arch, source="train", data_config_set=data_config_set, tokens=tokens,
+                        init=str(init) if init else None, seed=seed, steps=step)
         save_backbone(model, out_dir, meta)
         write_csv(Path(out_dir) / "metrics.csv", history)
         write_json(Path(out_dir) / "metrics.json", dict(history[-1]) if history else {})

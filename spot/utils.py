@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+
+TEMP_PREFIX = ".tmp-"                     # names of files being written (`atomic_path`)
 
 
 @contextlib.contextmanager
@@ -15,18 +19,40 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
     An interrupted writer never leaves a file that looks complete (the temp name starts with `.tmp-`).
+    A write that fails because the disk is full is a one-line OSError naming `path` (`disk_full`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except Exception as e:
+        if disk_full(e, path.parent):
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(errno.ENOSPC, f"no space left on device writing {path} ({free} bytes free on its "
+                                        "file system)") from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def disk_full(e: BaseException, folder: Path) -> bool:
+    """Whether the failed write `e` ran out of disk: an ENOSPC / EDQUOT error in its chain (torch
+    wraps it in '[enforce fail ...] unexpected pos', safetensors in text), or, for writers that drop
+    it (numpy: 'n requested and m written'), the file system of `folder` left without a free byte."""
+    seen = e
+    while seen is not None:
+        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free == 0
+    except OSError:
+        return False
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -67,6 +67,69 @@ def test_fetch_through_the_cli_from_params(checkpoint, tmp_path, capsys):
     assert not os.path.exists(f"{out}/backbones/missing")
 
 
+MAE = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=0.875, interpolation="bicubic")
+
+
+def test_a_backbones_data_config_replaces_its_pretrained_configs_and_is_recorded(checkpoint, tmp_path):
+    """Mean, std, crop and interpolation from the params file replace those of the timm model's
+    pretrained config (0.5 and crop 0.9 for vit_tiny); the rest stays timm's; backbone.json records
+    the result and where it came from, and the loaded backbone runs with it."""
+    path, _ = checkpoint
+    pre = timm.models.get_pretrained_cfg("vit_tiny_patch16_224")
+    assert (pre.mean, pre.crop_pct) == ((0.5, 0.5, 0.5), 0.9)
+    meta = fetch("mae", tmp_path / "mae", model="vit_tiny_patch16_224", checkpoint=str(path), data_config=MAE, **TINY)
+    saved = read_json(tmp_path / "mae" / "backbone.json")
+    assert saved["data_config"] == meta["data_config"] == dict(MAE, input_size=[3, 32, 32], crop_mode=pre.crop_mode)
+    assert saved["data_config_from"] == {"timm": f"vit_tiny_patch16_224.{pre.tag}", "params": MAE}
+    model = load_backbone(tmp_path / "mae")
+    assert model.data_config["mean"] == tuple(MAE["mean"]) and model.data_config["crop_pct"] == 0.875
+    plain = fetch("plain", tmp_path / "plain", model="vit_tiny_patch16_224", checkpoint=str(path), **TINY)
+    assert plain["data_config"]["mean"] == list(pre.mean) and plain["data_config_from"]["params"] == {}
+
+
+def test_imagenet_config_preprocesses_mae_as_mae_evaluates_it():
+    """config/imagenet.yaml gives MAE-IN1k the eval transform of MAE's util/datasets.py (ImageNet's mean
+    and std, bicubic resize to 256 and crop 224), its own decoded geometry; the AugReg backbones keep
+    their timm configs (0.5, crop 0.9)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from spot.config import load_config
+    from spot.data.decoded import geometry_name, planned_data_config
+    from spot.pipeline import geometries
+    from tests.conftest import REPO
+    cfg = load_config(REPO / "config" / "imagenet.yaml")
+    dc = cfg["backbones"]["mae-in1k"]["data_config"]
+    assert (tuple(dc["mean"]), tuple(dc["std"])) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    assert planned_data_config(cfg, "mae-in1k") == dict(input_size=(3, 224, 224), interpolation="bicubic",
+                                                        crop_pct=224 / 256, crop_mode="center")
+    for name in ("cls-in21k", "cls-in1k"):
+        pre = timm.models.get_pretrained_cfg(cfg["backbones"][name]["model"])
+        assert cfg["backbones"][name]["data_config"] == {}
+        assert planned_data_config(cfg, name) == dict(input_size=pre.input_size, interpolation=pre.interpolation,
+                                                      crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
+    assert sorted(g["geometry"] for g in geometries(cfg)) == sorted(
+        {geometry_name(planned_data_config(cfg, b)) for b in cfg["backbones"]}) and len(geometries(cfg)) == 2
+
+
+def test_a_full_disk_says_so_and_names_the_file(smoke_stages, tmp_path):
+    """Training on a file system with no room for its checkpoint (a 64 KiB tmpfs, mounted in a mount
+    namespace of its own): one line, 'no space left on device' and the checkpoint's path, not
+    torch's '[enforce fail at inline_container.cc] unexpected pos'."""
+    _, cfg, root = smoke_stages
+    params = linked_root(tmp_path, root)
+    out = tmp_path / "out"
+    out.mkdir()
+    links = " && ".join(f"ln -s {root / f} {out / f}" for f in ("shards", "decoded"))
+    script = (f"mount -t tmpfs -o size=64k tmpfs {out} || exit 99; {links} && "
+              f"{sys.executable} -m spot.cli backbone --backbone spot-a --params {params}")
+    r = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True, text=True)
+    if r.returncode == 99 or "unshare:" in r.stderr:
+        pytest.skip(f"no tmpfs in a mount namespace here: {r.stderr.strip()[:200]}")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("spot backbone: error: [Errno 28] no space left on device writing "
+                                                 f"{out / 'checkpoints' / 'spot-a' / 'checkpoint.pt'} ("), r.stderr[-2000:]
+
+
 def test_unknown_timm_model_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="unknown timm model 'vit_nonexistent'"):
         fetch("x", tmp_path / "x", model="vit_nonexistent", pretrained=False)
@@ -80,7 +143,7 @@ def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_pat
     from spot.saliency import write_saliency
     from tests.conftest import FASHION_MNIST
     _, cfg, root = smoke_stages
-    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "shards", splits=["train", "val"], shard_count=1000,
+    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "shards", splits=["train", "val"], images_per_shard=1000,
                  max_per_class={"train": 100, "val": 20})
     write_saliency(tmp_path / "shards", tmp_path / "saliency", "spectral_residual", 16)
     write_decoded(tmp_path / "shards", tmp_path / "saliency", tmp_path / "decoded", planned_data_config(cfg, "spot-a"))
@@ -100,7 +163,8 @@ def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_pat
 
 
 def test_killed_training_resumes_to_the_uninterrupted_weights(smoke_stages, tmp_path):
-    """Kill `spot backbone` after its first checkpoint, rerun: same weights as a run never killed."""
+    """Kill `spot backbone` after its first checkpoint, rerun: same weights as a run never killed,
+    and the half-written checkpoint a kill leaves is gone."""
     _, cfg, root = smoke_stages
     changes = dict(train=dict(cfg["train"], epochs=4, batch_size=20, checkpoint_every=3))   # 40 steps
 
@@ -118,8 +182,11 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(smoke_stages, tmp_
     proc.wait()
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < killed_at < 40 and not (tmp_path / "killed" / "out" / "backbones" / "spot-a" / "run.json").exists()
+    left = ckpt.parent / ".tmp-checkpoint.pt.k1ll3d"         # a checkpoint the kill cut short, as atomic_path names it
+    left.write_bytes(b"half a checkpoint")
     for cmd in (killed, clean):
         assert subprocess.run(cmd, stderr=subprocess.DEVNULL).returncode == 0
+    assert not left.exists()
     resumed, reference = (load_backbone(tmp_path / d / "out" / "backbones" / "spot-a") for d in ("killed", "clean"))
     assert resumed.meta["steps"] == reference.meta["steps"] == 40
     for (k, a), b in zip(resumed.state_dict().items(), reference.state_dict().values()):

@@ -85,3 +85,36 @@ def test_validate_catches_what_would_fail_hours_later(tmp_path, capsys, key, val
     assert main(["validate", "--params", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("spot validate: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("key, value, spelled", [
+    ("train.lr", float("nan"), ".nan"),
+    ("oracle.lr", float("inf"), ".inf"),
+    ("eval.knn.temperature", float("-inf"), "-.inf"),
+    ("train.data_config.mean", [0.5, float("nan"), 0.5], ".nan"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, capsys, key, value, spelled):
+    """YAML's .nan and .inf pass every bound of the schema (NaN is no less than any minimum); they
+    stop at validation, naming the key, not hours later as 'Invalid learning rate: nan'."""
+    cfg = copy.deepcopy(DEFAULT)
+    put(cfg, key, value)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert spelled in path.read_text()
+    assert main(["validate", "--params", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"spot validate: error: {path}: {key.replace('.mean', '.mean.1')}: {spelled} is not a finite number"
+
+
+@pytest.mark.parametrize("old, value, pointer", [
+    ("data.shard_count", 2000, "renamed data.images_per_shard"),
+    ("data.synset_words", None, "no longer read: ImageNet class names come from timm.data.ImageNetInfo"),
+])
+def test_retired_keys_point_to_what_replaced_them(tmp_path, capsys, old, value, pointer):
+    cfg = copy.deepcopy(DEFAULT)
+    put(cfg, old, value)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", "--params", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"spot validate: error: {path}: {old}: {pointer}"), err

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import ImageNetInfo
 
-from spot.data.loading import make_loader, read_shard, shard_paths, verify_shards
+from spot.data.loading import decode_image, make_loader, read_shard, shard_paths, verify_shards
 from spot.data.shards import check_image, write_shard, write_shards
 from spot.data.sources import Sample, escape, fashion_mnist_arrays, make_key, make_source, split_key, unescape
 from spot.saliency import saliency_maps, write_saliency
@@ -56,13 +57,15 @@ def imagenet_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imagenet_shards(imagenet_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    return out, write_shards("imagenet", imagenet_root, out, shard_count=16)
+    return out, write_shards("imagenet", imagenet_root, out, images_per_shard=16)
 
 
 def test_imagenet_shards_keep_bytes_labels_and_skip_bad_files(imagenet_root, imagenet_shards):
-    """Every file of the tree is in a shard (same bytes, key from its path) or skipped with a reason."""
+    """Every file of the tree is in a shard (same bytes, key from its path) or skipped with a reason.
+    Labels are timm's ImageNet-1k index of the wnid (the 8 wnids here are classes 0, 13, 21, ... of
+    the 1 000, not 0..7), names its descriptions."""
     out, manifest = imagenet_shards
-    wnids = sorted(d.name for d in (imagenet_root / "train").iterdir())
+    wnids, names = ImageNetInfo().label_names(), ImageNetInfo().label_descriptions()
     stored = {}
     for split in ("train", "val"):
         for p in shard_paths(out, split):
@@ -78,11 +81,13 @@ def test_imagenet_shards_keep_bytes_labels_and_skip_bad_files(imagenet_root, ima
         rec = stored[make_key(split, f"{wnid}/{f.name}")]
         assert rec["jpg"] == f.read_bytes()
         assert int(rec["cls"]) == wnids.index(wnid)
-    assert (imagenet_root / "train" / wnids[1] / "trailer.JPEG").read_bytes().endswith(TRAILER)
+        assert json.loads(rec["json"])["class_name"] == names[wnids.index(wnid)]
+    assert manifest["class_names"] == names
+    assert next(imagenet_root.glob("train/*/trailer.JPEG")).read_bytes().endswith(TRAILER)
     skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
     assert set(skipped) == set(bad)
     assert "truncated" in skipped["truncated.JPEG"]
-    assert UNKNOWN_WNID in skipped["unknown.JPEG"] and "class" in skipped["unknown.JPEG"]
+    assert UNKNOWN_WNID in skipped["unknown.JPEG"] and "not an ImageNet-1k wnid" in skipped["unknown.JPEG"]
     assert skipped["loose.JPEG"] == "not in a class folder"
     for s in manifest["splits"]["train"]["shards"]:
         assert s["count"] <= 16
@@ -95,8 +100,8 @@ def test_imagenet_shards_keep_bytes_labels_and_skip_bad_files(imagenet_root, ima
 
 def test_shards_do_not_depend_on_workers_and_keep_the_byte_limit(imagenet_root, tmp_path):
     """One process or three: the same shard bytes and manifest; shards split where they would pass
-    shard_bytes, never past shard_count."""
-    kw = dict(shard_count=10, shard_bytes=30_000)
+    shard_bytes, never past images_per_shard."""
+    kw = dict(images_per_shard=10, shard_bytes=30_000)
     one = write_shards("imagenet", imagenet_root, tmp_path / "one", workers=1, **kw)
     three = write_shards("imagenet", imagenet_root, tmp_path / "three", workers=3, **kw)
     assert one == three
@@ -119,7 +124,7 @@ def test_folder_shards_mix_the_classes_in_an_order_drawn_from_the_seed(imagenet_
     another seed; Fashion-MNIST keeps its files' (already mixed) order."""
     def shards(seed):
         out = tmp_path / str(seed)
-        write_shards("imagenet", imagenet_root, out, shard_count=6, seed=seed)
+        write_shards("imagenet", imagenet_root, out, images_per_shard=6, seed=seed)
         return [[(r["__key__"], int(r["cls"])) for r in read_shard(p)] for p in shard_paths(out, "train")]
     zero, one = shards(0), shards(1)
     assert all(len({c for _, c in s}) >= 3 for s in zero if len(s) == 6)      # 6 of 8 classes: sorted gives 1 or 2
@@ -271,6 +276,137 @@ def test_greyscale_and_cmyk_jpegs_read_as_rgb(tmp_path):
     assert b.images.shape == (3, 3, 64, 64)
 
 
+def entries(root: Path) -> list[str]:
+    """Every entry of each split folder and of its folders ('<split>/<name>[/<name>]'), links not followed."""
+    out = []
+    for split in os.scandir(root):
+        for e in os.scandir(split.path):
+            out.append(f"{split.name}/{e.name}")
+            if e.is_dir(follow_symlinks=False):
+                out += [f"{split.name}/{e.name}/{f.name}" for f in os.scandir(e.path)]
+    return out
+
+
+def test_every_entry_of_a_tree_is_a_sample_or_skipped_with_a_reason(tmp_path):
+    """A symbolic link loop, a folder named like an image, a link to '.', a broken link and a pipe in
+    a class folder, and a loop beside the class folders: each is in `skipped` with its reason, the
+    rest is sharded (a link to an image is an image); nothing stops the job, nothing vanishes."""
+    root = tmp_path / "src"
+    jpeg = IMAGENET_SAMPLE / "n01440764_tench.JPEG"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            shutil.copy(jpeg, root / split / cls / "one.JPEG")
+    a = root / "train" / "a"
+    (a / "loop.JPEG").symlink_to("loop.JPEG")
+    (a / "x.JPEG").mkdir()
+    shutil.copy(jpeg, a / "x.JPEG" / "inside.JPEG")
+    (a / "self").symlink_to(".")
+    (a / "broken.JPEG").symlink_to("nowhere.JPEG")
+    os.mkfifo(a / "pipe.JPEG")
+    (a / "link.JPEG").symlink_to(a / "one.JPEG")
+    (root / "train" / "toploop").symlink_to("toploop")
+    manifest = write_shards("folder", root, tmp_path / "out", workers=1)
+    skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert skipped == {"train/a/loop.JPEG": "unreadable entry: Too many levels of symbolic links",
+                       "train/a/x.JPEG": "a folder, not an image file (its contents are not read)",
+                       "train/a/self": "a folder, not an image file (its contents are not read)",
+                       "train/a/broken.JPEG": "a broken symbolic link",
+                       "train/a/pipe.JPEG": "not a regular file (a pipe, socket or device)",
+                       "train/toploop": "unreadable entry: Too many levels of symbolic links"}
+    stored = {split_key(r["__key__"])[1] for split in ("train", "val") for p in shard_paths(tmp_path / "out", split)
+              for r in read_shard(p)}
+    assert stored == {"a/one.JPEG", "a/link.JPEG", "b/one.JPEG"}
+    listed = [e for e in entries(root) if e.count("/") == 2 or e in skipped]     # files, and what is skipped whole
+    assert len(listed) == manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] + len(skipped)
+
+
+def test_a_file_that_cannot_be_read_when_sharded_is_skipped_with_the_reason(tmp_path):
+    """A file listed, then gone (or unreadable) when its group is written, is skipped with the OS's reason."""
+    from spot.data.shards import write_group
+    root = tmp_path / "src"
+    (root / "train" / "a").mkdir(parents=True)
+    for name in ("one.JPEG", "two.JPEG"):
+        shutil.copy(IMAGENET_SAMPLE / "n01440764_tench.JPEG", root / "train" / "a" / name)
+    source = make_source("folder", root, "train")
+    (root / "train" / "a" / "two.JPEG").unlink()
+    group = write_group(source, 1e9, str(tmp_path / "part"))
+    assert group["skipped"] == [dict(key=make_key("train", "a/two.JPEG"), path="train/a/two.JPEG",
+                                     reason="unreadable: No such file or directory")]
+    assert group["parts"][0]["count"] == 1
+
+
+def test_empty_class_folders_are_reported_and_folder_labels_come_from_train(tmp_path, capsys):
+    """A class folder without an image in the shards (empty, or only a corrupt file) keeps its label,
+    and is named in the manifest's `empty_classes` and in a warning line; a folder source numbers its
+    classes 0..N-1 from train/, so val's labels are train's, and a val folder that is not a train
+    class is skipped."""
+    root = tmp_path / "src"
+    jpeg = IMAGENET_SAMPLE / "n01440764_tench.JPEG"
+    for path in ("train/a", "train/b", "train/empty", "train/corrupt", "val/b", "val/empty", "val/extra"):
+        (root / path).mkdir(parents=True)
+    for path in ("train/a/1.jpg", "train/b/1.jpg", "val/b/1.jpg", "val/extra/1.jpg"):
+        shutil.copy(jpeg, root / path)
+    (root / "train" / "corrupt" / "1.jpg").write_bytes(b"not an image")
+    manifest = write_shards("folder", root, tmp_path / "out", workers=1)
+    err = capsys.readouterr().err
+    val = [r for p in shard_paths(tmp_path / "out", "val") for r in read_shard(p)]
+    assert [(split_key(r["__key__"])[1], int(r["cls"])) for r in val] == [("b/1.jpg", 1)]
+    assert manifest["class_names"] == ["a", "b", "corrupt", "empty"]
+    assert manifest["splits"]["train"]["empty_classes"] == ["corrupt", "empty"]
+    assert manifest["splits"]["val"]["empty_classes"] == ["empty"]
+    assert "warning: train: 2 class folder(s) without an image in the shards: corrupt, empty" in err
+    assert "warning: val: 1 class folder(s) without an image in the shards: empty" in err
+    assert {s["path"]: s["reason"] for s in manifest["skipped"]}["val/extra/1.jpg"] == \
+        f"folder extra is not a class (the classes are the folders of {root / 'train'})"
+
+
+def mode_images(g: np.ndarray) -> dict:
+    """mode -> (file name, image in that mode, expected 8-bit RGB) for a grey 8-bit picture `g`: modes
+    of more than 8 bits hold g on their full scale (so the expected pixels are g's), 8-bit modes
+    expect PIL's own conversion of the stored file."""
+    grey = np.stack([g] * 3, -1)
+    rgba = np.dstack([grey[..., 0], 255 - grey[..., 1], grey[..., 2] // 2, grey[..., 0]])
+    return {
+        "I;16": ("i16.png", Image.fromarray(g.astype(np.uint16) * 257), grey),
+        "I": ("i32.tif", Image.fromarray(g.astype(np.int32) * 257), grey),
+        "F": ("f.tif", Image.fromarray(g.astype(np.float32) / 255), grey),
+        "F255": ("f255.tif", Image.fromarray(g.astype(np.float32)), grey),
+        "L": ("l.png", Image.fromarray(g), None),
+        "1": ("bw.png", Image.fromarray(g).convert("1"), None),
+        "LA": ("la.png", Image.fromarray(rgba[..., [0, 3]], "LA"), None),
+        "P": ("p.png", Image.fromarray(rgba[..., :3]).convert("P"), None),
+        "RGBA": ("rgba.png", Image.fromarray(rgba, "RGBA"), None),
+        "CMYK": ("cmyk.tif", Image.fromarray(rgba, "RGBA").convert("CMYK"), None),
+        "CMYK-JPEG": ("cmyk.jpg", Image.fromarray(rgba, "RGBA").convert("CMYK"), None),
+    }
+
+
+def test_every_pil_mode_decodes_to_8bit_rgb_scaled_not_clipped(tmp_path):
+    """Each PIL mode a file may open in, sharded and decoded as the decode and saliency stages do
+    (`decode_image`): a 16-bit, 32-bit or float grey image gives the 8-bit picture it holds on its
+    full scale (not 98 % white), every 8-bit mode what PIL's convert('RGB') gives."""
+    rng = np.random.default_rng(0)
+    g = np.concatenate([np.tile(np.arange(256, dtype=np.uint8), (8, 1)), rng.integers(0, 256, (8, 256), np.uint8)])
+    root = tmp_path / "src"
+    images = mode_images(g)
+    for split in ("train", "val"):
+        for mode, (name, image, _) in images.items():
+            (root / split / mode.replace(";", "-")).mkdir(parents=True)
+            image.save(root / split / mode.replace(";", "-") / name)
+    assert {Image.open(root / "val" / m.replace(";", "-") / n).mode for m, (n, _, _) in images.items()} >= \
+        {"I;16", "I", "F", "L", "1", "LA", "P", "RGBA", "CMYK"}
+    manifest = write_shards("folder", root, tmp_path / "out", workers=1)
+    assert manifest["skipped"] == []
+    got = {split_key(r["__key__"])[1]: decode_image(r) for p in shard_paths(tmp_path / "out", "val") for r in read_shard(p)}
+    for mode, (name, _, expected) in images.items():
+        path = f"{mode.replace(';', '-')}/{name}"
+        if expected is None:
+            expected = np.asarray(Image.open(root / "val" / path).convert("RGB"))
+        assert got[path].mode == "RGB", mode
+        np.testing.assert_array_equal(np.asarray(got[path]), expected, err_msg=mode)
+
+
 def test_fashion_mnist_counts():
     for split, n in (("train", 60000), ("val", 10000)):
         _, labels = fashion_mnist_arrays(FASHION_MNIST, split)
@@ -279,7 +415,7 @@ def test_fashion_mnist_counts():
 
 
 def test_fashion_mnist_subset_shards_and_rerun_is_byte_identical(tmp_path):
-    kw = dict(max_per_class={"train": 30, "val": 10}, shard_count=100, seed=3)
+    kw = dict(max_per_class={"train": 30, "val": 10}, images_per_shard=100, seed=3)
     m1 = write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "a", **kw)
     m2 = write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "b", **kw)
     assert m1["splits"]["train"]["count"] == 300 and m1["splits"]["val"]["count"] == 100
@@ -287,7 +423,7 @@ def test_fashion_mnist_subset_shards_and_rerun_is_byte_identical(tmp_path):
     for p in sorted((tmp_path / "a").glob("*.tar")):
         assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes()
     assert m1["splits"] == m2["splits"]
-    m3 = write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "a", **dict(kw, shard_count=1000))
+    m3 = write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "a", **dict(kw, images_per_shard=1000))
     assert sorted(p.name for p in (tmp_path / "a").glob("*.tar")) == sorted(   # no stale shards left
         s["name"] for split in m3["splits"].values() for s in split["shards"]) == ["train-000000.tar", "val-000000.tar"]
 
@@ -296,12 +432,12 @@ def test_killed_run_then_rerun_equals_clean_run(tmp_path):
     """A run over a complete folder (other parameters), its two writer processes killed with their
     main process: readers refuse the half-written folder in one line, a second writer could not
     start while it ran, and the rerun equals a one-process run."""
-    kw = dict(max_per_class={"train": 600, "val": 10}, shard_count=200)
+    kw = dict(max_per_class={"train": 600, "val": 10}, images_per_shard=200)
     write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "clean", workers=1, **kw)
-    old = dict(max_per_class={"train": 30, "val": 10}, shard_count=1000)
+    old = dict(max_per_class={"train": 30, "val": 10}, images_per_shard=1000)
     write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "killed", **old)
     code = (f"from spot.data.shards import write_shards; write_shards('fashion-mnist', '{FASHION_MNIST}', "
-            f"'{tmp_path / 'killed'}', max_per_class={kw['max_per_class']}, shard_count=200, workers=2)")
+            f"'{tmp_path / 'killed'}', max_per_class={kw['max_per_class']}, images_per_shard=200, workers=2)")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not list((tmp_path / "killed").glob("train-000001.tar")) and time.time() < deadline:
@@ -335,7 +471,7 @@ def test_a_second_writer_stops_in_one_line_and_leaves_nothing(tmp_path):
     """While another process holds the folder, write_shards and write_saliency stop in one line
     and change nothing in it."""
     shards, out = tmp_path / "shards", tmp_path / "out"
-    write_shards("fashion-mnist", FASHION_MNIST, shards, max_per_class=5, shard_count=20)
+    write_shards("fashion-mnist", FASHION_MNIST, shards, max_per_class=5, images_per_shard=20)
     shutil.copytree(shards, out)
     code = (f"import time; from spot.outputs import writing\n"
             f"with writing({str(out)!r}):\n print('held', flush=True); time.sleep(60)")
@@ -343,7 +479,7 @@ def test_a_second_writer_stops_in_one_line_and_leaves_nothing(tmp_path):
     try:
         assert holder.stdout.readline() == "held\n"
         before = {p.name: p.read_bytes() for p in out.iterdir()}
-        for call in (lambda: write_shards("fashion-mnist", FASHION_MNIST, out, max_per_class=6, shard_count=20),
+        for call in (lambda: write_shards("fashion-mnist", FASHION_MNIST, out, max_per_class=6, images_per_shard=20),
                      lambda: write_saliency(shards, out, size=16)):
             with pytest.raises(RuntimeError, match=f"another spot process is writing {out}") as e:
                 call()
@@ -389,7 +525,7 @@ def test_readers_refuse_a_folder_that_does_not_match_its_manifest(imagenet_shard
 
 
 def test_saliency_one_map_per_key_in_order(tmp_path):
-    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "s", max_per_class={"train": 5, "val": 5}, shard_count=20)
+    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "s", max_per_class={"train": 5, "val": 5}, images_per_shard=20)
     m = write_saliency(tmp_path / "s", tmp_path / "sal", size=32)
     assert verify_shards(tmp_path / "sal") == m
     for s in m["shards"]:
@@ -404,7 +540,7 @@ def test_saliency_one_map_per_key_in_order(tmp_path):
 
 
 def test_saliency_does_not_depend_on_workers_or_batch(tmp_path):
-    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "s", max_per_class={"train": 6, "val": 6}, shard_count=25)
+    write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "s", max_per_class={"train": 6, "val": 6}, images_per_shard=25)
     one = write_saliency(tmp_path / "s", tmp_path / "one", size=16, workers=1)
     many = write_saliency(tmp_path / "s", tmp_path / "many", size=16, workers=3, batch_size=7)
     assert len(one["shards"]) > 2 and one == many                   # same bytes (sha256) in every shard
@@ -414,7 +550,7 @@ def test_saliency_folders_are_complete_and_of_these_image_shards(tmp_path, monke
     """A saliency run that dies half-way leaves a folder the loader refuses, as it refuses maps of
     other image shards and image shards that are not complete."""
     shards, sal = tmp_path / "s", tmp_path / "sal"
-    write_shards("fashion-mnist", FASHION_MNIST, shards, max_per_class={"train": 5, "val": 5}, shard_count=20)
+    write_shards("fashion-mnist", FASHION_MNIST, shards, max_per_class={"train": 5, "val": 5}, images_per_shard=20)
     write_saliency(shards, sal, size=16)
     load = lambda: make_loader(shards, "val", CFG, batch_size=4, saliency_dir=sal)
     calls = []
@@ -433,7 +569,7 @@ def test_saliency_folders_are_complete_and_of_these_image_shards(tmp_path, monke
         load()
     monkeypatch.undo()
     write_saliency(shards, sal, size=16)
-    write_shards("fashion-mnist", FASHION_MNIST, shards, max_per_class={"train": 5, "val": 6}, shard_count=20)
+    write_shards("fashion-mnist", FASHION_MNIST, shards, max_per_class={"train": 5, "val": 6}, images_per_shard=20)
     with pytest.raises(ValueError, match="saliency shard .*val-000000.tar was made from other image shards"):
         load()
     (shards / "manifest.json").unlink()
@@ -454,7 +590,7 @@ def test_saliency_peaks_on_the_bright_square(y, x):
 @pytest.mark.parametrize("call,match", [
     (lambda t: write_shards("imagenet", t / "missing", t / "o"), "missing"),
     (lambda t: write_shards("cifar", t, t / "o"), "cifar"),
-    (lambda t: write_shards("fashion-mnist", FASHION_MNIST, t / "o", shard_count=0), "shard_count"),
+    (lambda t: write_shards("fashion-mnist", FASHION_MNIST, t / "o", images_per_shard=0), "images_per_shard"),
     (lambda t: list(make_source("fashion-mnist", t, "train")), "dataset-fashion-mnist"),
 ])
 def test_bad_parameters_give_one_line_errors(tmp_path, call, match):

@@ -1,5 +1,6 @@
 """Evaluate, SPoT-ON, transfer, analysis and report stages on the smoke config, through `spot` in-process."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -138,6 +139,67 @@ def test_report_tables_equal_the_per_run_results(done):
     assert (rep / "pictures" / "priors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_predictions_and_pictures_name_the_classes_and_the_report_keeps_the_configs_order(done, tmp_path):
+    """predictions.parquet names each label and prediction; the prior sheet titles its images with
+    their class names; tables, findings, results and plot panels follow the config's backbone order
+    (spot-a before grid-b, which the alphabet would swap), and the sheet shows the config's first."""
+    from spot.data.sources import FASHION_MNIST_CLASSES
+    from spot.layout import Layout
+    from spot.pipeline import STAGE
+    from spot.stages.report import prior_sheet
+    _, cfg, root, _ = done
+    pred = pd.read_parquet(root / "eval" / "grid-b" / "grid" / "16" / "predictions.parquet")
+    assert pred.label_name.tolist() == [FASHION_MNIST_CLASSES[i] for i in pred.label]
+    assert pred.pred_name.tolist() == [FASHION_MNIST_CLASSES[i] for i in pred.pred]
+    order = list(cfg["backbones"])
+    assert order == ["spot-a", "grid-b"]
+    tables, found = ((root / "report" / f).read_text() for f in ("tables.md", "findings.md"))
+    assert tables.index("## Backbone: spot-a") < tables.index("## Backbone: grid-b")
+    assert found.index("- spot-a: ") < found.index("- grid-b: ")
+    assert list(pd.read_csv(root / "report" / "results.csv").backbone.unique()) == order
+    inputs = STAGE["report"].job_inputs(cfg, Layout(root), {})
+    assert inputs["backbone"].name == "spot-a"
+    fig = prior_sheet(inputs, tmp_path / "priors.png", cfg["eval"]["priors"], 4, 4)
+    first = pd.read_parquet(root / "eval" / "spot-a" / "grid" / "4" / "predictions.parquet").head(4)
+    assert [ax.get_title() for ax in fig.axes[:4]] == first.label_name.tolist()
+
+
+def test_a_rerun_removes_the_temporary_files_a_killed_job_left(done, tmp_path):
+    """Files a killed decode or report job left half-written (`atomic_path`'s `.tmp-<name>.<random>`,
+    in the folder or a subfolder) are gone after the job's next run."""
+    import tempfile
+
+    from spot.pipeline import geometries
+    params, cfg, root, _ = done
+    again = linked_root(tmp_path, root, *(p.name for p in root.iterdir() if p.name not in ("decoded", "report", "logs")))
+    geometry = geometries(cfg)[0]["geometry"]
+    left = []
+    for folder, name in ((f"decoded/{geometry}", "val-images.npy"), ("report/plots", "accuracy_vs_budget.png"),
+                         ("report", "tables.md")):
+        (tmp_path / "out" / folder).mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f".tmp-{name}.", dir=tmp_path / "out" / folder)
+        os.close(fd)
+        left.append(path)
+    shutil.copytree(root / "decoded", tmp_path / "out" / "decoded", dirs_exist_ok=True)
+    (tmp_path / "out" / "decoded" / geometry / "run.json").unlink()
+    spot(again, "decode", "--geometry", geometry)
+    spot(again, "report")
+    assert not [p for p in (tmp_path / "out").rglob(".tmp-*")], left
+
+
+def test_an_oracle_part_without_shards_is_one_line(done, tmp_path, capsys):
+    """With more SPoT-ON parts than val shards (preflight says so first), the part that gets none
+    stops in one line naming the parameter."""
+    params, cfg, root, _ = done
+    again = linked_root(tmp_path, root, "shards", "saliency", "decoded", "backbones",
+                        oracle=dict(cfg["oracle"], parts=3))
+    capsys.readouterr()
+    assert main(["oracle", "--backbone", "spot-a", "--part", "2", "--params", str(again)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spot ")]
+    assert err == ["spot oracle: error: part 2 of oracle.parts 3 gets none of the 2 val shards: set oracle.parts to "
+                   "at most 2 (or write more, smaller shards: data.images_per_shard)"]
+
+
 def test_analysis_measures_saliency_under_tokens(done):
     _, _, root, _ = done
     run = root / "analysis" / "spot-a" / "4"
@@ -256,6 +318,20 @@ def test_a_damaged_decoded_array_stops_the_job_in_one_line(done, tmp_path, capsy
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("20")]   # not MLflow's
     assert len(err) == 1 and err[0].startswith("spot evaluate: error: ") and message in err[0] and str(array) in err[0], err
     assert not list((tmp_path / "out" / "eval").rglob("run.json"))
+
+
+def test_a_decoded_folder_of_an_older_spot_asks_for_a_rerun_in_one_line(done, tmp_path, capsys):
+    """decoded.json without class_names (written before labels had names): one line, not a KeyError."""
+    params, cfg, root, _ = done
+    again = linked_root(tmp_path, root, "shards", "saliency", "backbones")
+    shutil.copytree(root / "decoded", tmp_path / "out" / "decoded")
+    index = next((tmp_path / "out" / "decoded").glob("*/decoded.json"))
+    index.write_text(json.dumps({k: v for k, v in json.loads(index.read_text()).items() if k != "class_names"}))
+    capsys.readouterr()
+    assert main(["evaluate", "--backbone", "spot-a", "--prior", "grid", "--params", str(again)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spot ")]
+    assert err == [f"spot evaluate: error: {index} names no classes (an older spot wrote it): run the shard and "
+                   "decode stages again"]
 
 
 def test_compiled_forward_gives_the_same_results(done, tmp_path):

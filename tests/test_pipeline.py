@@ -73,6 +73,39 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert not (cwd / "out").exists()
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("eval", dict(SMOKE["eval"], budgets=[4, 0]), "eval.budgets.1: 0 is less than the minimum of 1"),
+    ("train", dict(SMOKE["train"], lr=float("nan")), "train.lr: .nan is not a finite number"),
+    ("oracle", dict(SMOKE["oracle"], parts=3), "oracle.parts: 3 SPoT-ON jobs per backbone and budget"),
+])
+def test_a_bad_params_file_is_one_line_under_snakemake(tmp_path, key, value, message):
+    """`snakemake -n` with a bad params file (the schema's, validation's or preflight's finding): one
+    error line on the console, as `spot validate` prints it, and no traceback."""
+    cwd = copy_repo(tmp_path)
+    (cwd / "config" / "bad.yaml").write_text(yaml.safe_dump(dict(SMOKE, **{key: value})))
+    r = snakemake(cwd, "-n", config="config/bad.yaml", check=False)
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if "is extended by additional config" not in line]
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("snakemake: error: config/bad.yaml: "), lines
+    assert message in lines[0]
+
+
+def test_a_failed_job_shows_its_error_line_on_the_console(tmp_path):
+    """A job that fails (here: its output folder held by another writer) puts its one-line error,
+    the last line of its log, on Snakemake's console with the log's path, not only 'check log file(s)'."""
+    import fcntl
+    cwd = copy_repo(tmp_path)
+    (cwd / "out" / "shards").mkdir(parents=True)
+    fd = os.open(cwd / "out" / "shards" / ".lock", os.O_WRONLY | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        r = snakemake(cwd, "out/shards/run.json", check=False)
+    finally:
+        os.close(fd)
+    assert r.returncode != 0
+    line = "out/logs/shard.log: spot shard: error: another spot process is writing out/shards (lock out/shards/.lock)"
+    assert line in (r.stdout + r.stderr).splitlines(), r.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def smoke(smoke_run):
     return smoke_run

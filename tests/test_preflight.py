@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 
@@ -41,10 +42,12 @@ def arch(name: str, **changes):
     return edit
 
 
-def imagenet_tree(root: Path, splits=("train", "val")) -> Path:
-    """An empty ImageNet-style layout <root>/<split>/<wnid>/."""
+def imagenet_tree(root: Path, splits=("train", "val"), files: int = 0) -> Path:
+    """An ImageNet-style layout <root>/<split>/<wnid>/ holding `files` (empty) files each."""
     for split in splits:
         (root / split / "n01440764").mkdir(parents=True)
+        for i in range(files):
+            (root / split / "n01440764" / f"{i}.JPEG").touch()
     return root
 
 
@@ -65,13 +68,17 @@ def test_shipped_imagenet_config_fails_only_for_what_this_machine_lacks(tmp_path
 
 
 def test_imagenet_config_passes_where_its_data_and_checkpoint_exist(tmp_path):
+    """The shipped ImageNet config on a tree of 8 val files (a shard each, one per SPoT-ON part) with
+    MAE's checkpoint (a ViT-B shrunk to 1 block of width 32, as `arch` says here) in MAE's format."""
+    small = {"embed_dim": 32, "depth": 1, "num_heads": 2}
     ckpt = tmp_path / "mae.pth"
-    ckpt.write_bytes(b"")
+    vit = timm.create_model("vit_base_patch16_224", global_pool="avg", **small)
+    torch.save({"model": vit.state_dict(), "epoch": 99}, ckpt)
 
     def edit(cfg, tmp):
         cfg["device"] = "cpu"
-        cfg["data"]["root"] = str(imagenet_tree(tmp / "imagenet"))
-        cfg["backbones"]["mae-in1k"]["checkpoint"] = str(ckpt)
+        cfg["data"].update(root=str(imagenet_tree(tmp / "imagenet", files=8)), images_per_shard=1)
+        cfg["backbones"]["mae-in1k"].update(checkpoint=str(ckpt), arch={"global_pool": "avg", **small})
     check(load_config(params(tmp_path, edit, REPO / "config" / "imagenet.yaml")), "imagenet")
 
 
@@ -179,7 +186,7 @@ def test_init_backbone_has_the_architecture_of_its_init(tmp_path):
     assert "num_heads" in fails(params(tmp_path, edit), "backbones.spot.arch")
 
     def bigger(cfg, _):   # init from a 224 px fetched ViT: 196 cells, and budgets up to 196 fit
-        cfg["backbones"] = {"base": {"make": "fetch", "model": "vit_tiny_patch16_224"},
+        cfg["backbones"] = {"base": {"make": "fetch", "model": "vit_tiny_patch16_224", "arch": {"num_classes": 10}},
                             "tuned": {"make": "train", "init": "base", "tokens": "spot"}}
         cfg["eval"]["budgets"] = cfg["oracle"]["budgets"] = [4, 196]
         cfg["transfer"]["budgets"] = cfg["placement"]["budgets"] = cfg["placement"]["transfer"] = [4]
@@ -238,22 +245,108 @@ def test_missing_checkpoint(tmp_path):
     assert "none.pth" in fails(path, "backbones.x.checkpoint", FileNotFoundError)
 
 
-def test_missing_synset_words(tmp_path):
-    path = params(tmp_path, lambda c, t: c["data"].update(synset_words=str(t / "words.txt")))
-    assert "words.txt" in fails(path, "data.synset_words", FileNotFoundError)
+# --- heads and checkpoints -----------------------------------------------------------------------
+
+def folder_tree(root: Path, classes: int) -> Path:
+    """A class-per-folder tree: `classes` folders in train/ and val/, one (empty) file in each val folder."""
+    for i in range(classes):
+        for split in ("train", "val"):
+            (root / split / f"c{i}").mkdir(parents=True)
+        (root / "val" / f"c{i}" / "0.png").touch()
+    return root
 
 
-def test_malformed_synset_words(tmp_path):
-    words = tmp_path / "words.txt"
-    words.write_text("n01440764 tench, Tinca tinca\n\nn01443537\nn01484850 great white shark\n")
-    path = params(tmp_path, lambda c, _: c["data"].update(synset_words=str(words)))
-    assert "line 3" in fails(path, "data.synset_words")
+def fetched(cfg, tmp, model="vit_tiny_patch16_224", **arch):
+    """Only one backbone, `x`: `model` fetched (at 28 px, patch 4, so the default budgets fit; a
+    Fashion-MNIST head unless `arch` says otherwise)."""
+    arch = {"img_size": 28, "patch_size": 4, "num_classes": 10, **arch}
+    cfg["backbones"] = {"x": {"make": "fetch", "model": model, "arch": arch}}
+    cfg["saliency"]["model"] = None
+    cfg["eval"]["priors"].remove("model_salient")
 
 
-def test_well_formed_synset_words(tmp_path):
-    words = tmp_path / "words.txt"
-    words.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish\n")
-    path = params(tmp_path, lambda c, _: c["data"].update(synset_words=str(words)))
+def test_a_head_must_have_a_logit_per_class_of_the_source(tmp_path):
+    """A 10-class folder source on a 1 000-class head, an ImageNet source on a 10-class head, a
+    trained head narrower than its data: one line naming the key and both counts."""
+    for sub in "abc":
+        (tmp_path / sub).mkdir()
+    def folder_on_imagenet_head(cfg, tmp):
+        cfg["data"].update(source="folder", root=str(folder_tree(tmp / "ten", 10)))
+        fetched(cfg, tmp)
+        del cfg["backbones"]["x"]["arch"]["num_classes"]
+    msg = fails(params(tmp_path / "a", folder_on_imagenet_head), "backbones.x.model")
+    assert "head of 1000 classes, the folder source 10" in msg and "ten/train" in msg
+
+    def imagenet_on_small_head(cfg, tmp):
+        cfg["data"].update(source="imagenet", root=str(imagenet_tree(tmp / "in", files=1)))
+        fetched(cfg, tmp, num_classes=10)
+    msg = fails(params(tmp_path / "b", imagenet_on_small_head), "backbones.x.arch.num_classes")
+    assert "head of 10 classes, the imagenet source 1000" in msg and "timm.data.ImageNetInfo" in msg
+    assert "the fashion-mnist source 10" in fails(params(tmp_path / "c", arch("spot", num_classes=5)),
+                                                  "backbones.spot.arch.num_classes")
+
+
+def test_an_imagenet_source_needs_imagenet_wnids(tmp_path):
+    def edit(cfg, tmp):
+        cfg["data"].update(source="imagenet", root=str(folder_tree(tmp / "cats", 3)))
+    assert "no folder of" in fails(params(tmp_path, edit), "data.root", FileNotFoundError)
+
+
+def standin(path: Path, form: str, **arch) -> Path:
+    """A vit_tiny state dict (28 px, patch 4, `arch` changes) saved to `path` in one of the forms
+    timm reads: a plain .pth, .safetensors, or MAE's {'model': ...}."""
+    from safetensors.torch import save_file
+    state = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, num_classes=10, **arch).state_dict()
+    if form == "safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"model": state, "epoch": 1} if form == "mae" else state, path)
+    return path
+
+
+@pytest.mark.parametrize("form, name", [("pth", "w.pth"), ("safetensors", "w.safetensors"), ("mae", "mae.pth")])
+def test_a_checkpoint_of_another_architecture_fails_before_any_job(tmp_path, form, name):
+    """ViT-S-like weights (width 384) for a ViT-Ti (192), in each checkpoint form: the first tensor
+    that does not fit, with both shapes, read from the file's header without loading its data; the
+    same file of the right architecture passes."""
+    def edit(ckpt):
+        def change(cfg, tmp):
+            fetched(cfg, tmp)
+            cfg["backbones"]["x"]["checkpoint"] = str(ckpt)
+        return change
+    wrong = standin(tmp_path / f"wrong-{name}", form, embed_dim=384, num_heads=6)
+    msg = fails(params(tmp_path, edit(wrong)), "backbones.x.checkpoint")
+    assert f"wrong-{name} does not fit this vit_tiny_patch16_224" in msg
+    assert "cls_token has shape [1, 1, 384] there, the model wants [1, 1, 192]" in msg
+    right = standin(tmp_path / name, form)
+    path = params(tmp_path, edit(right))
+    check(load_config(path), str(path))
+
+
+def test_a_checkpoint_that_is_not_weights_fails_before_any_job(tmp_path):
+    bad = tmp_path / "w.pth"
+    bad.write_bytes(b"not a checkpoint")
+
+    def edit(cfg, tmp):
+        fetched(cfg, tmp)
+        cfg["backbones"]["x"]["checkpoint"] = str(bad)
+    assert "w.pth is not a readable checkpoint" in fails(params(tmp_path, edit), "backbones.x.checkpoint")
+
+
+# --- SPoT-ON parts --------------------------------------------------------------------------------
+
+def test_oracle_parts_beyond_the_val_shards(tmp_path):
+    """params.yaml writes its 1 000 val images into one shard of data.images_per_shard 2 000: two
+    SPoT-ON parts would leave one with no images."""
+    def edit(cfg, _):
+        cfg["oracle"]["parts"] = 2
+    msg = fails(params(tmp_path, edit), "oracle.parts")
+    assert "makes 1 shard(s) (1000 images, data.images_per_shard 2000)" in msg
+    assert "oracle.parts to at most 1 or data.images_per_shard to at most 500" in msg
+
+    def smaller(cfg, _):
+        cfg["oracle"]["parts"], cfg["data"]["images_per_shard"] = 2, 500
+    path = params(tmp_path, smaller)
     check(load_config(path), str(path))
 
 

@@ -5,8 +5,9 @@ after this.
 
 Folder `decoded/<geometry name>/`: `<split>-images.npy` (n, 3, H, W) uint8, `<split>-saliency.npy`
 (n, H, W) uint8 (the map's 0..255 levels), `<split>-labels.npy` (n,) int64, `<split>-keys.npy` (n,)
-str, and `decoded.json` {geometry, splits: {split: {count, shards: [{name, count}]}}}. Rows follow
-the shards' order; the bytes are those of `spot.data.loading.Preprocess` (tested).
+str, and `decoded.json` {geometry, class_names (the shards', in label order), splits: {split:
+{count, shards: [{name, count}]}}}. Rows follow the shards' order; the bytes are those of
+`spot.data.loading.Preprocess` (tested).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from spot.data.loading import Batch, Preprocess, decode_image, manifest_shards, read_shard, verify_shards
+from spot.data.loading import Batch, Preprocess, class_names, decode_image, manifest_shards, read_shard, verify_shards
 from spot.data.shards import default_workers
 from spot.utils import atomic_path, read_json, to_device, write_json
 
@@ -54,10 +55,20 @@ def parse_geometry(name: str) -> dict:
                 crop_mode=mode)
 
 
+def overlay(data_config: dict, *overrides: dict) -> dict:
+    """`data_config` with the keys of each of `overrides` in turn replacing its own (lists as tuples,
+    as timm gives them)."""
+    out = dict(data_config)
+    for o in overrides:
+        out.update({k: tuple(v) if isinstance(v, list) else v for k, v in o.items()})
+    return out
+
+
 def planned_data_config(cfg: dict, backbone: str) -> dict:
-    """The data config backbone `backbone` of `cfg` will have (what `spot.model.SPoTViT` and training
-    give it), known before it exists: timm's pretrained config of its model at its image size, with
-    `train.data_config` on top for trained backbones; a fine-tuned one starts from its `init`."""
+    """The geometry backbone `backbone` of `cfg` will have (what `spot.model.SPoTViT`, `fetch` and
+    training give it), known before it exists: timm's pretrained config of its model at its image
+    size (a fine-tuned one: its `init`'s), then `train.data_config` for trained backbones, then the
+    backbone's own `data_config`."""
     spec = cfg["backbones"][backbone]
     if spec["init"]:
         dc = planned_data_config(cfg, spec["init"])
@@ -68,8 +79,7 @@ def planned_data_config(cfg: dict, backbone: str) -> dict:
         size = spec["arch"].get("img_size", pre["input_size"][1:])
         size = (size, size) if isinstance(size, int) else tuple(size)
         dc = dict(pre, input_size=(3, *size))
-    if spec["make"] == "train":
-        dc = dict(dc, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["train"]["data_config"].items()})
+    dc = overlay(dc, cfg["train"]["data_config"] if spec["make"] == "train" else {}, spec["data_config"])
     return {k: dc[k] for k in GEOMETRY}
 
 
@@ -153,7 +163,7 @@ def write_decoded(shards_dir: str | Path, saliency_dir: str | Path, out_dir: str
     shards_dir, saliency_dir, out = Path(shards_dir), Path(saliency_dir), Path(out_dir)
     manifest = verify_shards(shards_dir, hash=False)
     verify_shards(saliency_dir, hash=False)
-    index = dict(geometry=geometry(data_config), splits={})
+    index = dict(geometry=geometry(data_config), class_names=class_names(manifest, shards_dir), splits={})
     for split, info in manifest["splits"].items():
         entries = [e for e in manifest_shards(manifest) if e in info["shards"]]
         index["splits"][split] = decode_split(shards_dir, saliency_dir, out, split, entries, data_config,
@@ -164,11 +174,15 @@ def write_decoded(shards_dir: str | Path, saliency_dir: str | Path, out_dir: str
 
 class Decoded:
     """The decoded arrays of a folder, read as batches for a model's data config (its geometry must
-    be the folder's: a one-line ValueError otherwise)."""
+    be the folder's: a one-line ValueError otherwise); `class_names[label]` names a label."""
 
     def __init__(self, folder: str | Path, data_config: dict):
         self.folder = Path(folder)
         self.index = read_json(self.folder / "decoded.json")
+        if "class_names" not in self.index:
+            raise ValueError(f"{self.folder / 'decoded.json'} names no classes (an older spot wrote it): run the shard "
+                             "and decode stages again")
+        self.class_names: list[str] = self.index["class_names"]
         if self.index["geometry"] != geometry(data_config):
             raise ValueError(f"{self.folder} holds images decoded for {self.index['geometry']}, not for the model's "
                              f"{geometry(data_config)}")
@@ -177,6 +191,13 @@ class Decoded:
         for split in self.index["splits"]:            # a damaged array stops the job here, before any work
             for what in ARRAYS:
                 self.array(split, what)
+
+    def require_head(self, num_classes: int) -> None:
+        """A one-line ValueError unless a head of `num_classes` logits reads these labels: one logit
+        per class of the source, in its order."""
+        if num_classes != len(self.class_names):
+            raise ValueError(f"the backbone's head has {num_classes} classes, the images' source {len(self.class_names)} "
+                             f"({self.folder / 'decoded.json'}: class_names): check the config with spot validate")
 
     def array(self, split: str, what: str) -> np.ndarray:
         """The split's `what` array, memory-mapped; one that is not as the decode stage wrote it

@@ -40,6 +40,15 @@ def read_manifest(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def class_names(manifest: dict, folder: str | Path) -> list[str]:
+    """The class names of a shard folder's manifest, in label order; a one-line ValueError for a
+    manifest an older spot wrote without them."""
+    if "class_names" not in manifest:
+        raise ValueError(f"{Path(folder) / 'manifest.json'} names no classes (an older spot wrote it): "
+                         "run the shard stage again")
+    return manifest["class_names"]
+
+
 def manifest_shards(manifest: dict) -> list[dict]:
     """Every shard entry (name, count, size, sha256) of a manifest: image shards list theirs per
     split, saliency maps in one list."""
@@ -139,9 +148,23 @@ def read_shard(path: str | Path) -> Iterator[dict]:
 
 
 def decode_image(record: dict) -> Image.Image:
-    """The record's image as RGB (grey, palette and CMYK images are converted)."""
+    """The record's image as 8-bit RGB (`to_rgb`)."""
     ext = next(k for k in IMAGE_KEYS if k in record)
-    return Image.open(io.BytesIO(record[ext])).convert("RGB")
+    return to_rgb(Image.open(io.BytesIO(record[ext])))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. 8-bit modes convert as PIL converts them (grey, 1-bit, palette, CMYK;
+    alpha dropped). Grey of more than 8 bits is scaled, where PIL would clip every value above 255
+    to white: 16-bit (I;16*, and I, in which PIL opens some 16-bit files) from 0..65535, I beyond
+    16 bits from 0..2^31-1, float (F) from 0..1, or 0..255 where a value passes 1 (PIL's own scale
+    for F); values below 0 read 0."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        a = np.asarray(image, dtype=np.float64)
+        top = a.max(initial=0)
+        full = (1.0 if top <= 1 else 255.0) if image.mode == "F" else 65535.0 if top <= 65535 else 2.0 ** 31 - 1
+        image = Image.fromarray(np.clip(np.rint(a * (255 / full)), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 class Preprocess:

@@ -1,13 +1,14 @@
 """Write a source's splits into WebDataset shards `<out>/<split>-NNNNNN.tar` plus `manifest.json`.
 
-A split is cut into groups of `shard_count` consecutive samples. Each group becomes one shard (more
+A split is cut into groups of `images_per_shard` consecutive samples. Each group becomes one shard (more
 where it passes `shard_bytes`), written by one of `workers` processes under a temporary name, and
 the shards are renamed to their numbers in order as their groups finish: the bytes depend on the
 source and the parameters, never on `workers`.
 
 The folder is complete or visibly not: the run holds its lock, removes manifest.json and run.json
 before writing anything and writes them last; the manifest lists every shard with its size and
-sha256 (readers check them, `spot.data.loading.shard_paths`) and every source image it left out.
+sha256 (readers check them, `spot.data.loading.shard_paths`), every source entry it left out and
+why, the class names in label order and, per split, the classes whose folder holds no image.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from spot.data.sources import Sample, make_source
+from spot.data.sources import Sample, Unreadable, make_source
 from spot.outputs import writing
 from spot.utils import atomic_path, write_json
 
@@ -166,7 +167,12 @@ def write_group(source, shard_bytes: float, prefix: str) -> dict:
     """Check, encode and write every sample of `source` (a slice of a split) into tars `<prefix>-0`,
     `-1`, ..., a new one where the next image would pass `shard_bytes`. Returns dict(parts, skipped)."""
     parts, skipped, shard = [], [], None
-    for sample in source:
+    for i in range(len(source)):
+        try:
+            sample = source[i]
+        except Unreadable as e:
+            skipped.append(e.entry)
+            continue
         reason = check_image(sample)
         if reason:
             skipped.append(dict(key=sample.key, path=sample.meta.get("path", sample.key), reason=reason))
@@ -222,49 +228,55 @@ def check_keys(sources: dict) -> None:
 
 
 def remove_unlisted(out: Path, names: set[str]) -> None:
-    """Remove the shards of `out` not in `names` and all temporary files: left by an earlier run
-    (other parameters, or killed). Call while holding the folder's lock."""
+    """Remove the shards of `out` not in `names`: left by an earlier run with other parameters (a
+    killed run's temporary files go when the folder is taken, `spot.outputs.writing`). Call while
+    holding the folder's lock."""
     with os.scandir(out) as entries:
-        stale = [e.name for e in entries if e.name.startswith(".tmp-")
-                 or (SHARD_NAME.fullmatch(e.name) and e.name not in names)]
+        stale = [e.name for e in entries if SHARD_NAME.fullmatch(e.name) and e.name not in names]
     for name in stale:
         (out / name).unlink()
 
 
+def per_split(value, split: str):
+    """`value` for `split`: its entry where `value` is a dict split -> value, else `value` itself."""
+    return value.get(split) if isinstance(value, dict) else value
+
+
 def write_shards(source: str, root: str | Path, out_dir: str | Path, splits=("train", "val"),
-                 shard_count: int = 1000, shard_bytes: float = 1e9, max_per_class=None,
-                 max_images=None, seed: int = 0, synset_words: str | None = None,
-                 workers: int | None = None) -> dict:
+                 images_per_shard: int = 1000, shard_bytes: float = 1e9, max_per_class=None,
+                 max_images=None, seed: int = 0, workers: int | None = None) -> dict:
     """Shard every split of `source` at `root` into `out_dir`; return the manifest.
 
-    Shards hold at most `shard_count` images and about `shard_bytes` bytes; JPEG bytes are copied
-    unchanged, arrays are encoded as PNG. Unreadable or truncated files are skipped and listed in
-    the manifest with the reason, as are files the source cannot label (ImageNet val images of a
-    wnid missing from train/): every image is in a shard or in `skipped`. `max_per_class` /
-    `max_images` (an int, or a dict split -> int) pick a subset reproducible from `seed`. `workers`
-    processes (default: `default_workers()`) write the shards; each is written under a temporary
-    name and renamed when complete, and a rerun rewrites identical bytes. Two samples with one key
-    stop the run before anything is written; so does another process writing `out_dir`.
+    Shards hold at most `images_per_shard` images and about `shard_bytes` bytes; JPEG bytes are copied
+    unchanged, arrays are encoded as PNG. Every entry of a split's folder is in a shard or in the
+    manifest's `skipped` with the reason: unreadable, truncated or corrupt files, files the source
+    cannot label (outside a class folder; in a folder that is not an ImageNet-1k class), folders
+    and links inside class folders. The manifest's `class_names` name the labels; a split's
+    `empty_classes` are the classes whose folder it holds without an image in the shards (also a
+    warning line on stderr). `max_per_class` / `max_images` (an int, or a dict split -> int) pick a
+    subset reproducible from `seed`. `workers` processes (default: `default_workers()`) write the
+    shards; each is written under a temporary name and renamed when complete, and a rerun rewrites
+    identical bytes. Two samples with one key stop the run before anything is written; so does
+    another process writing `out_dir`.
     """
-    if shard_count < 1:
-        raise ValueError(f"shard_count must be >= 1, got {shard_count} (data.shard_count)")
+    if images_per_shard < 1:
+        raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard} (data.images_per_shard)")
     if shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be > 0, got {shard_bytes} (data.shard_bytes)")
     out = Path(out_dir)
-    per_split = lambda v, split: v.get(split) if isinstance(v, dict) else v  # noqa: E731
     manifest = dict(source=source, root=str(root), splits={}, skipped=[],
-                    params=dict(shard_count=shard_count, shard_bytes=shard_bytes, seed=seed,
+                    params=dict(images_per_shard=images_per_shard, shard_bytes=shard_bytes, seed=seed,
                                 max_per_class=max_per_class, max_images=max_images))
-    opts = dict(synset_words=synset_words) if source == "imagenet" else {}
     sources = {split: make_source(source, root, split, max_per_class=per_split(max_per_class, split),
-                                  max_images=per_split(max_images, split), seed=seed, **opts)
+                                  max_images=per_split(max_images, split), seed=seed)
                for split in splits}
     check_keys(sources)
+    manifest["class_names"] = next(iter(sources.values())).class_names
     with group_writer(workers or default_workers()) as write_groups, writing(out):  # pool first: no lock in it
         for split, samples in sources.items():
             manifest["skipped"] += samples.skipped
-            jobs = ((samples[i:i + shard_count], shard_bytes, str(out / f".tmp-{split}-{g:06d}"))
-                    for g, i in enumerate(range(0, len(samples), shard_count)))
+            jobs = ((samples[i:i + images_per_shard], shard_bytes, str(out / f".tmp-{split}-{g:06d}"))
+                    for g, i in enumerate(range(0, len(samples), images_per_shard)))
             shards, classes = [], Counter()
             with tqdm(total=len(samples), desc=f"shard {split}", unit="img") as bar:
                 for group in write_groups(jobs):
@@ -276,8 +288,14 @@ def write_shards(source: str, root: str | Path, out_dir: str | Path, splits=("tr
                         classes.update(part["classes"])
                     manifest["skipped"] += group["skipped"]
                     bar.update(sum(p["count"] for p in group["parts"]) + len(group["skipped"]))
+            empty = [samples.class_names[c] for c in samples.present if not classes[c]]
+            if empty:
+                print(f"warning: {split}: {len(empty)} class folder(s) without an image in the shards: "
+                      f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} (manifest.json: empty_classes)",
+                      file=sys.stderr)
             manifest["splits"][split] = dict(count=sum(s["count"] for s in shards), shards=shards,
-                                             classes={str(c): n for c, n in sorted(classes.items())})
+                                             classes={str(c): n for c, n in sorted(classes.items())},
+                                             empty_classes=empty)
         remove_unlisted(out, {s["name"] for v in manifest["splits"].values() for s in v["shards"]})
         write_json(out / "manifest.json", manifest)
     return manifest

@@ -5,7 +5,8 @@ when indexed; a slice is a source of the same kind (the shard writer hands slice
 encoded when sharded). A key is '<split>_<name>' with the name escaped (`make_key`): unique across
 splits, reversible (`split_key`), and free of '.' (WebDataset splits extensions at the first dot).
 A folder sample's name is its path under the split folder ('<class>/<file>'), a Fashion-MNIST
-sample's its 6-digit index. Files a source lists but cannot label are in its `skipped`.
+sample's its 6-digit index. Every entry of a split that is not a sample (not an image file of a
+class folder, or unreadable) is in the source's `skipped` with the reason.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from spot.data.imagenet import SOURCE as IMAGENET_SOURCE
+from spot.data.imagenet import imagenet_classes
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": "bmp", ".gif": "gif",
               ".webp": "webp", ".tif": "tiff", ".tiff": "tiff", ".ppm": "ppm"}
@@ -95,51 +99,107 @@ def subset(items: list, labels: list[int], max_per_class: int | None, max_images
     return keep[:max_images] if max_images is not None else keep
 
 
-def folder_files(root: Path, split: str, classes: list[str]) -> tuple[list[str], list[int], list[str]]:
-    """The files of `<root>/<split>/<class>/` (paths relative to root) in sorted order with their
-    class indices, and the other files of `<root>/<split>`: loose ones and those of folders that
-    are not in `classes`. One directory listing per folder, no stat per file."""
+def entry_kind(entry: os.DirEntry) -> str:
+    """'file' (a regular file, or a link to one), 'dir' (a folder, or a link to one), or why the
+    entry is neither: a stat only for entries that are not plain files or folders."""
+    try:
+        if entry.is_file():
+            return "file"
+        if entry.is_dir():
+            return "dir"
+        return "a broken symbolic link" if entry.is_symlink() else "not a regular file (a pipe, socket or device)"
+    except OSError as e:                             # e.g. a symbolic link loop (ELOOP)
+        return f"unreadable entry: {e.strerror or e}"
+
+
+def scan(folder: Path) -> list[tuple[str, str]]:
+    """(name, `entry_kind`) of every entry of `folder`, sorted by name: one directory listing."""
+    with os.scandir(folder) as entries:
+        return sorted((e.name, entry_kind(e)) for e in entries)
+
+
+def folder_classes(folder: Path) -> list[str]:
+    """The names of the folders in `folder`, sorted: the classes of a class-per-folder tree."""
+    return [name for name, kind in scan(folder) if kind == "dir"]
+
+
+class Listing(NamedTuple):
+    files: list[str]                    # '<split>/<class>/<file>' of every file in a class folder, sorted
+    labels: list[int]                   # their class indices
+    skipped: list[tuple[str, str]]      # (path, reason) of every other entry of the split
+    present: list[int]                  # the classes with a folder in the split
+
+
+def folder_files(root: Path, split: str, classes: list[str], not_a_class: str) -> Listing:
+    """Every entry of `<root>/<split>` and of its folders, accounted for: the files of the class
+    folders (`classes`) with their indices, and (path, reason) of the rest: loose files, the files
+    of folders that are not classes (`not_a_class` says why), folders inside class folders (named
+    like images or not: their contents are not read), links that are broken or loop, entries that
+    cannot be read. One directory listing per folder, no stat per plain file."""
     index = {cls: i for i, cls in enumerate(classes)}
-    files, labels, others = [], [], []
-    with os.scandir(root / split) as entries:
-        top = sorted((e.name, e.is_dir()) for e in entries)
-    for name, is_dir in top:
-        if not is_dir:
-            others.append(f"{split}/{name}")
+    files, labels, skipped, present = [], [], [], []
+    for name, kind in scan(root / split):
+        path = f"{split}/{name}"
+        if kind == "file":
+            skipped.append((path, "not in a class folder"))
             continue
-        with os.scandir(root / split / name) as entries:
-            paths = [f"{split}/{name}/{f}" for f in sorted(e.name for e in entries if e.is_file())]
-        if name in index:
-            files += paths
-            labels += [index[name]] * len(paths)
-        else:
-            others += paths
-    return files, labels, others
+        if kind != "dir":
+            skipped.append((path, kind))
+            continue
+        try:
+            inside = scan(root / path)
+        except OSError as e:
+            skipped.append((path, f"unreadable folder: {e.strerror or e}"))
+            continue
+        label = index.get(name)
+        if label is not None:
+            present.append(label)
+        for f, k in inside:
+            if label is None:
+                skipped.append((f"{path}/{f}", f"folder {name} is not a class ({not_a_class})"))
+            elif k == "file":
+                files.append(f"{path}/{f}")
+                labels.append(label)
+            else:
+                skipped.append((f"{path}/{f}", "a folder, not an image file (its contents are not read)"
+                                if k == "dir" else k))
+    return Listing(files, labels, skipped, present)
+
+
+class Unreadable(Exception):
+    """A listed file that cannot be read when its sample is taken; `entry` is its `skipped` record."""
+
+    def __init__(self, key: str, path: str, reason: str):
+        super().__init__(reason)
+        self.entry = dict(key=key, path=path, reason=reason)
 
 
 class FolderSource(Sequence):
     """Samples of a class-per-folder tree, each file read when its sample is taken (bad files are
-    copied as they are; the shard writer catches them). A slice is a FolderSource of its files.
+    copied as they are; the shard writer catches them, and a file that cannot be opened raises
+    `Unreadable`). A slice is a FolderSource of its files.
 
     The files are in a random order drawn from `seed`, not class by class, so that every shard mixes
     the classes: training's shuffle buffer (over a stream of shuffled shards) and the label-free
     placement stages (the train split in stored order) see batches of many classes, and each
     SPoT-ON part (every parts-th shard) is a sample of all the classes.
 
-    Files of the split outside a class folder are in `skipped` (dicts key, path, reason), never
-    silently dropped; `classes_from` is the folder whose subfolders are the classes (for the reason).
+    `classes` are the folder names in label order, `class_names` what people read for them. Every
+    other entry of the split is in `skipped` (dicts key, path, reason), never silently dropped;
+    `not_a_class` says why a folder outside `classes` is not one. `present`: the labels whose folder
+    the split holds.
     """
 
-    def __init__(self, root: Path, split: str, classes: list[str], names: list[str], classes_from: Path,
+    def __init__(self, root: Path, split: str, classes: list[str], class_names: list[str], not_a_class: str,
                  max_per_class=None, max_images=None, seed: int = 0):
-        files, labels, others = folder_files(root, split, classes)
-        self.root, self.split, self.classes, self.names = str(root), split, classes, names
-        self.items = [(files[i], labels[i]) for i in subset(files, labels, max_per_class, max_images, seed)]
-        self.skipped = [dict(key=self.key(path), path=path, reason=outside_reason(path, classes_from))
-                        for path in others]
+        listing = folder_files(root, split, classes, not_a_class)
+        self.root, self.split, self.class_names, self.present = str(root), split, class_names, listing.present
+        self.items = [(listing.files[i], listing.labels[i])
+                      for i in subset(listing.files, listing.labels, max_per_class, max_images, seed)]
+        self.skipped = [dict(key=self.key(path), path=path, reason=reason) for path, reason in listing.skipped]
 
     def key(self, path: str) -> str:
-        """The key of the file at `path` ('<split>/<class>/<file>', relative to the root)."""
+        """The key of the entry at `path` ('<split>/<class>/<file>', relative to the root)."""
         return make_key(self.split, path.split("/", 1)[1])
 
     def listing(self) -> list[tuple[str, str]]:
@@ -156,39 +216,34 @@ class FolderSource(Sequence):
             return part
         path, label = self.items[i]
         suffix = os.path.splitext(path)[1].lower()
-        with open(os.path.join(self.root, path), "rb") as f:
-            data = f.read()
+        try:
+            with open(os.path.join(self.root, path), "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise Unreadable(self.key(path), path, f"unreadable: {e.strerror or e}") from None
         return Sample(self.key(path), data, IMAGE_EXTS.get(suffix, suffix.lstrip(".") or "bin"), label,
-                      dict(path=path, class_name=self.names[label]))
+                      dict(path=path, class_name=self.class_names[label]))
 
 
-def outside_reason(path: str, classes_from: Path) -> str:
-    """Why a file at `path` ('<split>/<name>' or '<split>/<folder>/<name>') has no class."""
-    parts = path.split("/")
-    if len(parts) == 2:
-        return "not in a class folder"
-    return f"no class index: folder {parts[1]} is not a class (the classes are the folders of {classes_from})"
-
-
-def imagenet(root: Path, split: str, synset_words: str | None = None, **opts) -> FolderSource:
-    """ImageNet layout `<root>/<split>/<wnid>/*.JPEG`; class index = position of the wnid in sorted
-    order of `<root>/train` (else of `<root>/<split>`): the standard ImageNet-1k index of timm heads.
-    `synset_words` (lines '<wnid> <names>') gives readable class names. Images of a wnid missing
-    from `<root>/train` are skipped, with that reason."""
-    ref = root / "train" if (root / "train").is_dir() else root / split
-    wnids = sorted(d.name for d in ref.iterdir() if d.is_dir())
-    if synset_words:
-        words = dict(line.strip().split(" ", 1) for line in Path(synset_words).read_text().splitlines() if line.strip())
-        names = [words.get(w, w) for w in wnids]
-    else:
-        names = wnids
-    return FolderSource(root, split, wnids, names, ref, **opts)
+def imagenet(root: Path, split: str, **opts) -> FolderSource:
+    """ImageNet layout `<root>/<split>/<wnid>/*.JPEG`, labelled with timm's ImageNet-1k index
+    (`spot.data.imagenet`: the logits of a pretrained 1 000-class head) whatever subset of the
+    wnids is present, named by their descriptions. Folders that are not ImageNet-1k wnids are skipped."""
+    wnids, names = imagenet_classes()
+    return FolderSource(root, split, wnids, names, f"not an ImageNet-1k wnid of {IMAGENET_SOURCE}", **opts)
 
 
 def folder(root: Path, split: str, **opts) -> FolderSource:
-    """Any `<root>/<split>/<class>/<image>` tree; classes in sorted order of `<root>/<split>`."""
-    classes = sorted(d.name for d in (root / split).iterdir() if d.is_dir())
-    return FolderSource(root, split, classes, classes, root / split, **opts)
+    """Any `<root>/<split>/<class>/<image>` tree, labelled 0..N-1: the folders of `<root>/train` (else
+    of `<root>/<split>`) in sorted order, so that every split numbers the classes alike."""
+    ref = class_folder(root, split)
+    classes = folder_classes(ref)
+    return FolderSource(root, split, classes, classes, f"the classes are the folders of {ref}", **opts)
+
+
+def class_folder(root: Path, split: str = "train") -> Path:
+    """The folder whose subfolders are a folder source's classes: `<root>/train`, else `<root>/<split>`."""
+    return root / "train" if (root / "train").is_dir() else root / split
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -223,11 +278,12 @@ def fashion_mnist_arrays(root: Path, split: str) -> tuple[np.ndarray, np.ndarray
 
 class FashionMNIST(Sequence):
     """Fashion-MNIST from IDX files; images are grey 28 x 28 uint8 arrays, stored as PNG. A slice is
-    a FashionMNIST of its images."""
+    a FashionMNIST of its images. `class_names`, `present` and `skipped` as a FolderSource's."""
 
     def __init__(self, root: Path, split: str, max_per_class=None, max_images=None, seed: int = 0):
         images, labels = fashion_mnist_arrays(root, split)
         self.split, self.skipped = split, []
+        self.class_names, self.present = FASHION_MNIST_CLASSES, list(range(len(FASHION_MNIST_CLASSES)))
         ids = sorted(subset(images, labels.tolist(), max_per_class, max_images, seed))   # the files' order: mixed
         self.ids = np.array(ids, dtype=np.int64)
         self.images, self.labels = images[self.ids], labels[self.ids].astype(int)
@@ -255,6 +311,16 @@ class FashionMNIST(Sequence):
 
 
 SOURCES = {"imagenet": imagenet, "fashion-mnist": FashionMNIST, "folder": folder}
+
+
+def source_classes(name: str, root: str | Path) -> list[str]:
+    """The class names of source `name` at `root` in label order (a head needs one logit each),
+    without listing any image."""
+    if name == "imagenet":
+        return imagenet_classes()[1]
+    if name == "folder":
+        return folder_classes(class_folder(Path(root)))
+    return list(FASHION_MNIST_CLASSES)
 
 
 def make_source(name: str, root: str | Path, split: str, **opts) -> Sequence[Sample]:

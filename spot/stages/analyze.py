@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from spot.backbones import read_meta
 from spot.data.decoded import Decoded
+from spot.data.imagenet import short_name
 from spot.figures import draw_trajectories, save_fig, to_display
 from spot.model_saliency import SaliencyMaps
 from spot.outputs import Record
@@ -27,7 +28,8 @@ def saliency_at(maps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
     """Writes saliency.json (mean saliency at the start and the end, the fraction of images whose
     tokens moved to more salient pixels; the same prefixed `model_` under the maps of stage
-    model-saliency, when the config makes them) and trajectories.png (`report.pictures` images)."""
+    model-saliency, when the config makes them) and trajectories.png (`report.pictures` images, titled
+    with their class names)."""
     pictures = cfg["report"]["pictures"]
     found = pd.read_parquet(inputs["oracle"] / "results.parquet").set_index("key")
     prior = read_json(inputs["oracle"] / "run.json")["params"]["oracle.prior"]
@@ -36,7 +38,8 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
     model_maps = SaliencyMaps(inputs["model_saliency"]) if "model_saliency" in inputs else None
     sums: dict[str, list] = {}                            # "<prefix><init|final>" -> per-batch (B,) means
     shown = []
-    for b in Decoded(inputs["decoded"], dc).batches("val", 256, saliency=True):
+    data = Decoded(inputs["decoded"], dc)
+    for b in data.batches("val", 256, saliency=True):
         rows = found.loc[b.keys]
         init, final = (torch.from_numpy(np.stack(rows[c].to_numpy()).astype(np.float32)).view(len(b.keys), -1, 2)
                        for c in ("init", "final"))
@@ -46,7 +49,8 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
             sums.setdefault(prefix + "final", []).append(saliency_at(m, final).mean(1))
         if len(shown) < pictures:
             imgs = to_display(b.images[:pictures - len(shown)], dc["mean"], dc["std"])
-            shown += [(im, np.stack([i, f])) for im, i, f in zip(imgs, init.numpy(), final.numpy())]
+            shown += [(im, np.stack([i, f]), short_name(data.class_names[y]))
+                      for im, i, f, y in zip(imgs, init.numpy(), final.numpy(), b.labels.tolist())]
     metrics = {}
     for prefix in ("", "model_") if model_maps else ("",):
         init_s, final_s = torch.cat(sums[prefix + "init"]), torch.cat(sums[prefix + "final"])
@@ -55,8 +59,9 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
                     f"{prefix}frac_images_more_salient": (final_s > init_s).float().mean().item()}
     metrics["n"] = len(init_s)
     fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(2 * max(1, len(shown)), 2.3), squeeze=False)
-    for ax, (im, traj) in zip(axes[0], shown):
+    for ax, (im, traj, name) in zip(axes[0], shown):
         draw_trajectories(ax, im, traj, meta["patch_size"])
+        ax.set_title(name, fontsize=7)
     fig.suptitle(f"SPoT-ON {backbone} {prior} N={budget}: start (cyan) -> end (red)")
     save_fig(fig, out / "trajectories.png")
     write_json(out / "saliency.json", metrics)

@@ -12,7 +12,8 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, state: Path, resume: 
     """`backbones.<backbone>.make` says which; training checkpoints live in `state` (see `train`)."""
     spec = cfg["backbones"][backbone]
     if spec["make"] == "fetch":
-        meta = fetch(backbone, out, model=spec["model"], checkpoint=spec["checkpoint"], **spec["arch"])
+        meta = fetch(backbone, out, model=spec["model"], checkpoint=spec["checkpoint"], data_config=spec["data_config"],
+                     **spec["arch"])
         return Record(dict(num_params=meta["num_params"]), ["backbone.json"])
     final = train(backbone, spec, cfg["train"], inputs["shards"], inputs["decoded"], out, state,
                   init=inputs.get("init"), seed=spec["seed"], device=cfg["device"], resume=resume)

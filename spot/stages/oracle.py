@@ -36,7 +36,12 @@ def search(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part:
     model = compile_features(load_backbone(inputs["backbone"], device), o["compile"])
     check_budget(o["prior"], budget, *model.img_size, model.k)
     data = Decoded(inputs["decoded"], model.data_config)
-    shards = [e["name"] for e in data.index["splits"]["val"]["shards"]][part::o["parts"]]
+    data.require_head(model.num_classes)
+    every = [e["name"] for e in data.index["splits"]["val"]["shards"]]
+    shards = every[part::o["parts"]]
+    if not shards:
+        raise ValueError(f"part {part} of oracle.parts {o['parts']} gets none of the {len(every)} val shards: "
+                         f"set oracle.parts to at most {len(every)} (or write more, smaller shards: data.images_per_shard)")
     kept = sorted(set(range(0, o["steps"] + 1, o["save_every"])) | {o["steps"]})
     found: dict[str, list] = {k: [] for k in ("keys", "labels", *FIELDS)}
     # one reading thread for all the part's shards: it runs ahead across their boundaries

@@ -13,6 +13,7 @@ from matplotlib.ticker import NullLocator
 
 from spot.backbones import read_meta
 from spot.data.decoded import Decoded
+from spot.data.imagenet import short_name
 from spot.environment import environment
 from spot.figures import draw_tokens, save_fig, to_display
 from spot.outputs import Record
@@ -29,9 +30,17 @@ def records(folders: list[Path]) -> list[tuple[dict, Path]]:
     return [(read_json(f / "run.json")["params"], f) for f in folders]
 
 
-def collect(inputs: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def in_order(order: list[str], *columns: str):
+    """A `sort_values` key that sorts the backbone names of `columns` (default: backbone) in the
+    config's `order`, other columns as they sort."""
+    rank, columns = {b: i for i, b in enumerate(order)}, columns or ("backbone",)
+    return lambda c: c.map(rank) if c.name in columns else c
+
+
+def collect(inputs: dict, order: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(results, transfer, saliency) tables from the input folders of eval, oracle, transfer, analysis
-    and the label-free placements (rows whose prior is the method's name, with their extra_flops)."""
+    and the label-free placements (rows whose prior is the method's name, with their extra_flops),
+    backbones in the config's `order`."""
     rows = []
     for p, f in records(inputs["eval"]):
         m = read_json(f / "metrics.json")
@@ -50,13 +59,13 @@ def collect(inputs: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
                          top1=m["top1"], knn=m["knn"], top1_init=m["top1_init"], top1_snapped=m["top1_snapped"]))
     columns = ["backbone", "prior", "oracle", "budget", "top1", "knn", "top1_init", "top1_snapped", "extra_flops"]
     results = pd.DataFrame(rows, columns=columns).sort_values(["backbone", "oracle", "prior", "budget"],
-                                                              ignore_index=True)
+                                                              key=in_order(order), ignore_index=True)
     trans = [dict(src=p["src"], dst=p["dst"], budget=p["budget"], **read_json(f / "metrics.json"))
              for p, f in records(inputs["transfer"])]
     sal = [dict(backbone=p["backbone"], prior=oracle_prior[p["backbone"], p["budget"]], budget=p["budget"],
                 **read_json(f / "saliency.json")) for p, f in records(inputs["analysis"])]
-    trans.sort(key=lambda r: (r["src"], r["dst"], r["budget"]))
-    sal.sort(key=lambda r: (r["backbone"], r["prior"], r["budget"]))
+    trans.sort(key=lambda r: (order.index(r["src"]), order.index(r["dst"]), r["budget"]))
+    sal.sort(key=lambda r: (order.index(r["backbone"]), r["prior"], r["budget"]))
     return results, pd.DataFrame(trans), pd.DataFrame(sal)
 
 
@@ -92,13 +101,14 @@ def describe_environments(envs: list[dict]) -> str:
             f"({lock}), in {len(envs)} jobs.")
 
 
-def placer_transfers(inputs: dict) -> pd.DataFrame:
-    """src, dst, budget, top1, top1_own (dst's own placer), gain of each placer-transfer job."""
+def placer_transfers(inputs: dict, order: list[str]) -> pd.DataFrame:
+    """src, dst, budget, top1, top1_own (dst's own placer), gain of each placer-transfer job, backbones
+    in the config's `order`."""
     rows = [dict(src=p["src"], dst=p["dst"], budget=p["budget"], **{k: read_json(f / "metrics.json")[k]
                                                                        for k in ("top1", "top1_own", "gain")})
             for p, f in records(inputs.get("placer_transfer", []))]
     return pd.DataFrame(rows, columns=["src", "dst", "budget", "top1", "top1_own", "gain"]).sort_values(
-        ["dst", "budget", "src"], ignore_index=True)
+        ["dst", "budget", "src"], key=in_order(order, "src", "dst"), ignore_index=True)
 
 
 def model_name(prior: str, oracle: bool) -> str:
@@ -114,35 +124,57 @@ def fixed_priors(results: pd.DataFrame) -> pd.DataFrame:
 
 def paper_table(df: pd.DataFrame) -> str:
     """Markdown in the paper's layout for one backbone: rows model . prior . oracle; Acc@1 and kNN per
-    budget in percent; the best non-oracle value of each column in bold."""
+    budget in percent; the best non-oracle value of each column in bold, once: where values tie (as
+    shown, to 0.01), the first row in the table's order, and a line under the table names the ties."""
     budgets = sorted(df.budget.unique())
     rank = {p: i for i, p in enumerate(PAPER_ORDER)}
     keys = sorted(df[["prior", "oracle"]].drop_duplicates().itertuples(index=False),
                   key=lambda r: (r.oracle, r.prior in LABEL_FREE, rank.get(r.prior, len(rank)), r.prior))
-    best = {(n, c): df[(df.budget == n) & ~df.oracle][c].max() for n in budgets for c in ("top1", "knn")}
-    head = ["Model", "Prior", "Oracle"] + [f"{n} T {c}" for n in budgets for c in ("Acc@1", "kNN")]
+    columns = [(n, c) for n in budgets for c in ("top1", "knn")]
+    names = {(n, c): f"{n} T {'Acc@1' if c == 'top1' else 'kNN'}" for n, c in columns}
+    shown = {}                                            # (row, column) -> the value as printed
+    for row in keys:
+        for n, c in columns:
+            v = df[(df.prior == row.prior) & (df.oracle == row.oracle) & (df.budget == n)][c]
+            if not v.empty:
+                shown[row, (n, c)] = f"{100 * v.iloc[0]:.2f}"
+    bold, ties = {}, []
+    for col in columns:
+        cells = [(row, float(shown[row, col])) for row in keys if not row.oracle and (row, col) in shown]
+        if not cells:
+            continue
+        top = max(v for _, v in cells)
+        best = [row for row, v in cells if v == top]
+        bold[col] = best[0]
+        if len(best) > 1:
+            ties.append(f"{names[col]} {top:.2f}: " + ", ".join(row_name(r) for r in best))
+    head = ["Model", "Prior", "Oracle"] + [names[col] for col in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for prior, oracle in keys:
-        cells = [model_name(prior, oracle), "" if prior in LABEL_FREE else prior, "✓" if oracle else ""]
-        for n in budgets:
-            for c in ("top1", "knn"):
-                v = df[(df.prior == prior) & (df.oracle == oracle) & (df.budget == n)][c]
-                if v.empty:
-                    cells.append("")
-                    continue
-                s = f"{100 * v.iloc[0]:.2f}"
-                cells.append(f"**{s}**" if not oracle and v.iloc[0] == best[(n, c)] else s)
+    for row in keys:
+        cells = [model_name(row.prior, row.oracle), "" if row.prior in LABEL_FREE else row.prior,
+                 "✓" if row.oracle else ""]
+        for col in columns:
+            text = shown.get((row, col), "")
+            cells.append(f"**{text}**" if bold.get(col) == row else text)
         lines.append("| " + " | ".join(cells) + " |")
+    if ties:
+        lines += ["", "Tied best values (bold on the first): " + "; ".join(ties) + "."]
     return "\n".join(lines)
+
+
+def row_name(row) -> str:
+    """'SPoT isotropic', 'ViT grid', 'SPoT-placer': a table row of `paper_table` in words."""
+    return " ".join(filter(None, (model_name(row.prior, row.oracle), "" if row.prior in LABEL_FREE else row.prior)))
 
 
 def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
              ptrans: pd.DataFrame | None = None) -> str:
-    """One computed paragraph per case study of the paper, and a fifth: the label-free placements."""
+    """One computed paragraph per case study of the paper, and a fifth: the label-free placements.
+    Backbones in the order of `results` (`collect`: the config's)."""
     ev = fixed_priors(results)
     out = ["# Findings (computed from results.csv)", ""]
     out.append("## 1. Are grids an inherent limitation of ViTs?")
-    for b, g in ev.groupby("backbone"):
+    for b, g in ev.groupby("backbone", sort=False):
         parts = []
         for n, gn in g.groupby("budget"):
             grid, off = gn[gn.prior == "grid"], gn[gn.prior != "grid"]
@@ -153,7 +185,7 @@ def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
                          f"{100 * grid.top1.iloc[0]:.2f} ({100 * (best.top1 - grid.top1.iloc[0]):+.2f} points)")
         out.append(f"- {b}: " + ("; ".join(parts) or "no grid row to compare") + ".")
     out += ["", "## 2. Do object-centric priors improve predictions?"]
-    for b, g in ev.groupby("backbone"):
+    for b, g in ev.groupby("backbone", sort=False):
         budgets = sorted(g.budget.unique())
         parts = []
         for n in (budgets[0], budgets[-1]) if budgets else ():
@@ -173,7 +205,7 @@ def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
             out[-1] = out[-1][:-1] + (f"; under the model's input-gradient maps {r.model_saliency_init:.4f} -> "
                                       f"{r.model_saliency_final:.4f} ({r.model_saliency_delta:+.4f}; "
                                       f"{100 * r.model_frac_images_more_salient:.1f}% more salient).")
-    for (b, n), g in ev[ev.prior.isin(("salient", "model_salient"))].groupby(["backbone", "budget"]):
+    for (b, n), g in ev[ev.prior.isin(("salient", "model_salient"))].groupby(["backbone", "budget"], sort=False):
         top = dict(zip(g.prior, g.top1))
         if len(top) == 2:
             out.append(f"- salient prior {b} N={n}: spectral residual maps {100 * top['salient']:.2f} vs the model's "
@@ -193,9 +225,9 @@ def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
             "extra compute = the method's inference FLOPs over one backbone forward at that budget, minus 1."]
     gaps = gap_closed(results)
     for r in gaps.itertuples():
-        closed = "no SPoT-ON at this budget" if np.isnan(r.gap_closed) else f"{100 * r.gap_closed:.0f}% of the gap"
+        oracle = "no SPoT-ON at this budget" if np.isnan(r.oracle_top1) else f"SPoT-ON {100 * r.oracle_top1:.2f}"
         out.append(f"- {model_name(r.method, False)} {r.backbone} N={r.budget}: top-1 {100 * r.top1:.2f} vs best fixed "
-                   f"prior {r.best_prior} {100 * r.best_fixed:.2f} and SPoT-ON {100 * r.oracle_top1:.2f}: {closed}, "
+                   f"prior {r.best_prior} {100 * r.best_fixed:.2f} and {oracle}: {gap_words(r)}, "
                    f"{100 * r.extra_flops:+.1f}% FLOPs.")
     if gaps.empty:
         out.append("- no label-free placement in this run (placement.methods).")
@@ -218,10 +250,26 @@ def findings(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
     return "\n".join(out) + "\n"
 
 
+def gap_words(r) -> str:
+    """What a `gap_closed` row's numbers say: the fraction of the gap it closes, and in words where it
+    passes SPoT-ON, falls below the best fixed prior, or there is no gap to close."""
+    if np.isnan(r.oracle_top1):
+        return "no gap to measure"
+    if r.oracle_top1 <= r.best_fixed:
+        return (f"no gap to close (SPoT-ON {100 * (r.oracle_top1 - r.best_fixed):+.2f} points from the best fixed "
+                f"prior); {100 * (r.top1 - r.best_fixed):+.2f} points from that prior")
+    closed = f"{100 * r.gap_closed:.0f}% of the gap"
+    if r.top1 > r.oracle_top1:
+        return f"beats SPoT-ON by {100 * (r.top1 - r.oracle_top1):.2f} points ({closed})"
+    if r.top1 < r.best_fixed:
+        return f"falls {100 * (r.best_fixed - r.top1):.2f} points below the best fixed prior ({closed})"
+    return closed
+
+
 def why_label_free(gaps: pd.DataFrame, fixed: pd.DataFrame, starts) -> list[str]:
     """Lines that read the gap numbers: what seeing the image adds (placer over the learned prior),
     and what the entropy search does to its start prior (the search's start, `oracle.prior`)."""
-    top = gaps.pivot_table(index=["backbone", "budget"], columns="method", values="top1")
+    top = gaps.pivot_table(index=["backbone", "budget"], columns="method", values="top1", sort=False)
     lines = []
     for (b, n), row in top.iterrows():
         if {"learned", "placer"} <= set(row.dropna().index):
@@ -237,7 +285,8 @@ def why_label_free(gaps: pd.DataFrame, fixed: pd.DataFrame, starts) -> list[str]
 
 def gap_closed(results: pd.DataFrame) -> pd.DataFrame:
     """Per label-free method, backbone and budget: top1, the best fixed prior (name, top1), SPoT-ON's
-    top1 (NaN without a search at that budget), gap_closed and extra_flops."""
+    top1 (NaN without a search at that budget), gap_closed (NaN where SPoT-ON does not beat the best
+    fixed prior) and extra_flops; backbones in the order of `results`."""
     fixed, orc = fixed_priors(results), results[results.oracle]
     rows = []
     for r in results[results.prior.isin(LABEL_FREE)].itertuples():
@@ -252,36 +301,62 @@ def gap_closed(results: pd.DataFrame) -> pd.DataFrame:
                          if top > best.top1 else np.nan, extra_flops=r.extra_flops))
     columns = ["method", "backbone", "budget", "top1", "best_prior", "best_fixed", "oracle_top1", "gap_closed",
                "extra_flops"]
-    rank = {m: i for i, m in enumerate(LABEL_FREE)}
+    rank = {"method": {m: i for i, m in enumerate(LABEL_FREE)},
+            "backbone": {b: i for i, b in enumerate(results.backbone.unique())}}
     return pd.DataFrame(rows, columns=columns).sort_values(["backbone", "budget", "method"], key=lambda c: c.map(
-        rank) if c.name == "method" else c, ignore_index=True)
+        rank[c.name]) if c.name in rank else c, ignore_index=True)
 
 
-def plot_budgets(results: pd.DataFrame, path: Path) -> None:
-    """Accuracy against token budget, one line per prior (dashed: oracle), one panel per backbone."""
-    backbones, budgets = sorted(results.backbone.unique()), sorted(results.budget.unique())
+MARKERS = "osD^v<>pPXh*"
+
+
+def series_styles(names: list[str]) -> dict[str, dict]:
+    """A colour and a marker per series name, none alike: matplotlib's 10 tab10 colours, then their
+    10 lighter tab20 partners (up to 20 colours), and 12 markers, each cycling."""
+    tab20 = plt.get_cmap("tab20").colors
+    colors = tab20[::2] + tab20[1::2]
+    return {n: dict(color=colors[i % len(colors)], marker=MARKERS[i % len(MARKERS)]) for i, n in enumerate(names)}
+
+
+def series_name(prior: str, oracle: bool) -> str:
+    return f"{prior} (SPoT-ON)" if oracle else prior
+
+
+def plot_budgets(results: pd.DataFrame, path: Path):
+    """Accuracy against token budget, one line per prior (dashed: oracle), one panel per backbone (in
+    the order of `results`); every series has its own colour and marker, the same in every panel.
+    Returns the (closed) figure."""
+    backbones, budgets = list(results.backbone.unique()), sorted(results.budget.unique())
+    rank = {p: i for i, p in enumerate(PAPER_ORDER + LABEL_FREE)}
+    series = sorted(set(zip(results.prior, results.oracle)), key=lambda s: (s[1], rank.get(s[0], len(rank)), s[0]))
+    styles = series_styles([series_name(*s) for s in series])
     fig, axes = plt.subplots(1, max(1, len(backbones)), figsize=(4.5 * max(1, len(backbones)), 3.6), squeeze=False)
     for ax, b in zip(axes[0], backbones):
-        for (prior, oracle), g in results[results.backbone == b].groupby(["prior", "oracle"]):
-            g = g.sort_values("budget")
-            ax.plot(g.budget, 100 * g.top1, "--" if oracle else "-", marker="o", ms=3,
-                    label=f"{prior}{' (SPoT-ON)' if oracle else ''}")
+        mine = results[results.backbone == b]
+        for prior, oracle in series:
+            g = mine[(mine.prior == prior) & (mine.oracle == oracle)].sort_values("budget")
+            if not g.empty:
+                name = series_name(prior, oracle)
+                ax.plot(g.budget, 100 * g.top1, "--" if oracle else "-", ms=4, label=name, **styles[name])
         ax.set(title=b, xlabel="tokens", ylabel="top-1 (%)", xscale="log")
         ax.set_xticks(budgets, [str(n) for n in budgets])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower right")
     save_fig(fig, path)
+    return fig
 
 
-def prior_sheet(inputs: dict, path: Path, priors: list[str], budget: int, pictures: int) -> None:
-    """The first val images with the tokens each prior placed in the evaluation of the first
-    backbone (by name) at `budget`, then those of each label-free placement and SPoT-ON's final
-    positions where they ran at `budget`, drawn as k x k boxes."""
+def prior_sheet(inputs: dict, path: Path, priors: list[str], budget: int, pictures: int):
+    """The first val images, titled with their class names, with the tokens each prior placed in the
+    evaluation of the config's first backbone at `budget`, then those of each label-free placement
+    and SPoT-ON's final positions where they ran at `budget`, drawn as k x k boxes. Returns the
+    (closed) figure."""
     backbone = inputs["backbone"]
     meta = read_meta(backbone)
     dc = meta["data_config"]
-    b = next(Decoded(inputs["decoded"], dc).batches("val", pictures))
+    data = Decoded(inputs["decoded"], dc)
+    b = next(data.batches("val", pictures))
     mine = lambda p: p["backbone"] == backbone.name and p["budget"] == budget
     placed = {p["prior"]: pd.read_parquet(f / "predictions.parquet").set_index("key").positions
               for p, f in records(inputs["eval"]) if mine(p)}
@@ -297,20 +372,24 @@ def prior_sheet(inputs: dict, path: Path, priors: list[str], budget: int, pictur
         for ax, im, key in zip(row, imgs, b.keys):
             draw_tokens(ax, im, np.asarray(placed[name].loc[key]).reshape(-1, 2), meta["patch_size"])
         row[0].set_ylabel(name, fontsize=8)
+    for ax, label in zip(axes[0], b.labels.tolist()):
+        ax.set_title(short_name(data.class_names[label]), fontsize=7)
     fig.suptitle(f"{budget} tokens per prior and placement ({backbone.name})")
     save_fig(fig, path)
+    return fig
 
 
-def learned_sheet(inputs: dict, path: Path, pictures: int) -> None:
-    """The learned global prior's positions, one panel per backbone (rows) and budget (columns),
-    drawn on the mean of the first val images."""
-    found = sorted(((p["backbone"], p["budget"]), f) for p, f in records(inputs.get("learned", [])))
+def learned_sheet(inputs: dict, path: Path, pictures: int, order: list[str]) -> None:
+    """The learned global prior's positions, one panel per backbone (rows, in the config's `order`)
+    and budget (columns), drawn on the mean of the first val images."""
+    found = [((p["backbone"], p["budget"]), f) for p, f in records(inputs.get("learned", []))]
     if not found:
         return
     meta = read_meta(inputs["backbone"])
     dc = meta["data_config"]
     mean = to_display(next(Decoded(inputs["decoded"], dc).batches("val", pictures)).images, dc["mean"], dc["std"]).mean(0)
-    backbones, budgets = sorted({b for (b, _), _ in found}), sorted({n for (_, n), _ in found})
+    backbones = [b for b in order if b in {b for (b, _), _ in found}]
+    budgets = sorted({n for (_, n), _ in found})
     fig, axes = plt.subplots(len(backbones), len(budgets), figsize=(2 * len(budgets), 2.1 * len(backbones)),
                              squeeze=False)
     for ax in axes.flat:
@@ -323,10 +402,11 @@ def learned_sheet(inputs: dict, path: Path, pictures: int) -> None:
     save_fig(fig, path)
 
 
-def trajectory_sheet(inputs: dict, path: Path) -> None:
-    """All analysis trajectory pictures stacked into one sheet, by backbone and budget."""
+def trajectory_sheet(inputs: dict, path: Path, order: list[str]) -> None:
+    """All analysis trajectory pictures stacked into one sheet, by backbone (in the config's `order`)
+    and budget."""
     pics = [f / "trajectories.png" for p, f in sorted(records(inputs["analysis"]),
-                                                      key=lambda r: (r[0]["backbone"], r[0]["budget"]))]
+                                                      key=lambda r: (order.index(r[0]["backbone"]), r[0]["budget"]))]
     if not pics:
         return
     fig, axes = plt.subplots(len(pics), 1, figsize=(12, 2.2 * len(pics)), squeeze=False)
@@ -336,21 +416,22 @@ def trajectory_sheet(inputs: dict, path: Path) -> None:
     save_fig(fig, path)
 
 
-def oracle_curves(inputs: dict) -> pd.DataFrame:
-    """SPoT-ON top-1 per search step: backbone, budget, step, top1 (and top1_snapped, the same on
-    every row of a search)."""
+def oracle_curves(inputs: dict, order: list[str]) -> pd.DataFrame:
+    """SPoT-ON top-1 per search step: backbone (in the config's `order`), budget, step, top1 (and
+    top1_snapped, the same on every row of a search)."""
     rows = []
     for p, f in records(inputs["oracle"]):
         m = read_json(f / "metrics.json")
         rows += [dict(backbone=p["backbone"], budget=p["budget"], step=i, top1=a, top1_snapped=m["top1_snapped"])
                  for i, a in enumerate(m["accuracy_per_step"])]
-    return pd.DataFrame(rows, columns=["backbone", "budget", "step", "top1", "top1_snapped"])
+    return pd.DataFrame(rows, columns=["backbone", "budget", "step", "top1", "top1_snapped"]).sort_values(
+        ["backbone", "budget", "step"], key=in_order(order), ignore_index=True)
 
 
 def plot_oracle_steps(curves: pd.DataFrame, path: Path) -> None:
-    """SPoT-ON top-1 against search step, one line per budget, one panel per backbone; a cross at
-    the last step marks the found positions snapped to the patch grid."""
-    backbones = sorted(curves.backbone.unique()) or ["(no SPoT-ON runs)"]
+    """SPoT-ON top-1 against search step, one line per budget, one panel per backbone (in the order of
+    `curves`); a cross at the last step marks the found positions snapped to the patch grid."""
+    backbones = list(curves.backbone.unique()) or ["(no SPoT-ON runs)"]
     fig, axes = plt.subplots(1, len(backbones), figsize=(4.5 * len(backbones), 3.6), squeeze=False, sharey=True,
                              layout="constrained")
     for ax, b in zip(axes[0], backbones):
@@ -467,7 +548,8 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     plots/accuracy_vs_budget.{png,csv}, plots/oracle_steps.png, pictures/priors.png (priors in
     `eval.priors` order, then the label-free placements and SPoT-ON), pictures/trajectories.png,
     pictures/learned.png (the learned global priors, when stage learned ran)."""
-    results, trans, sal = collect(inputs)
+    order = list(cfg["backbones"])
+    results, trans, sal = collect(inputs, order)
     if results.empty:
         raise FileNotFoundError("no evaluation results: the report needs at least one evaluate job")
     with atomic_path(out / "results.parquet") as tmp:
@@ -476,8 +558,9 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
         results.to_csv(tmp, index=False)
     tables = ["# Results", "", describe_environments(environments(inputs) + [environment()]), "",
               "Top-1 and kNN accuracy (%) per token budget. SPoT-ON rows use labels "
-              "(an oracle upper bound); bold: best non-oracle value per column.", ""]
-    for b, g in results.groupby("backbone"):
+              "(an oracle upper bound); bold: the best non-oracle value per column (ties: the first, and named "
+              "under the table).", ""]
+    for b, g in results.groupby("backbone", sort=False):
         tables += [f"## Backbone: {b}", "", paper_table(g), ""]
     if not trans.empty:
         tables += ["## Transfer of oracle placements", "", trans.to_markdown(index=False, floatfmt=".4f"), ""]
@@ -485,7 +568,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     if not gaps.empty:
         tables += ["## Label-free placement: the oracle gap closed and the extra compute", "",
                    gaps.to_markdown(index=False, floatfmt=".4f"), ""]
-    ptrans = placer_transfers(inputs)
+    ptrans = placer_transfers(inputs, order)
     if not ptrans.empty:
         tables += ["## Transfer of placers", "", ptrans.to_markdown(index=False, floatfmt=".4f"), ""]
     found = findings(results, trans, sal, ptrans)
@@ -495,17 +578,17 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
         with atomic_path(out / f"{name}.html") as tmp:
             tmp.write_text(markdown_html(text, title))
     plot_data = results[["backbone", "prior", "oracle", "budget", "top1", "knn"]].sort_values(
-        ["backbone", "prior", "oracle", "budget"]).assign(series=lambda d: d.backbone + "/" + d.prior +
+        ["backbone", "prior", "oracle", "budget"], key=in_order(order)).assign(series=lambda d: d.backbone + "/" + d.prior +
                                                           np.where(d.oracle, "/oracle", ""))
     with atomic_path(out / "plots" / "accuracy_vs_budget.csv") as tmp:
         plot_data.to_csv(tmp, index=False)
     plot_budgets(results, out / "plots" / "accuracy_vs_budget.png")
-    plot_oracle_steps(oracle_curves(inputs), out / "plots" / "oracle_steps.png")
+    plot_oracle_steps(oracle_curves(inputs, order), out / "plots" / "oracle_steps.png")
     budgets = sorted(results.budget.unique())
     prior_sheet(inputs, out / "pictures" / "priors.png", cfg["eval"]["priors"], int(budgets[len(budgets) // 2]),
                 cfg["report"]["pictures"])
-    trajectory_sheet(inputs, out / "pictures" / "trajectories.png")
-    learned_sheet(inputs, out / "pictures" / "learned.png", cfg["report"]["pictures"])
+    trajectory_sheet(inputs, out / "pictures" / "trajectories.png", order)
+    learned_sheet(inputs, out / "pictures" / "learned.png", cfg["report"]["pictures"], order)
     metrics = {f"{r.backbone}/{r.prior}{'/oracle' if r.oracle else ''}/{r.budget}/{c}": round(float(getattr(r, c)), 6)
                for r in results.itertuples() for c in ("top1", "knn")}
     metrics.update({f"transfer/{r.src}__{r.dst}/{r.budget}/gain": round(float(r.gain), 6) for r in trans.itertuples()})

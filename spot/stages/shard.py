@@ -9,9 +9,9 @@ from spot.outputs import Record
 
 def run(cfg: dict, inputs: dict, out: Path, workers: int | None = None) -> Record:
     d = cfg["data"]
-    manifest = write_shards(d["source"], d["root"], out, splits=d["splits"], shard_count=d["shard_count"],
+    manifest = write_shards(d["source"], d["root"], out, splits=d["splits"], images_per_shard=d["images_per_shard"],
                             shard_bytes=d["shard_bytes"], max_per_class=d["max_per_class"],
-                            max_images=d["max_images"], seed=cfg["seed"], synset_words=d["synset_words"],
-                            workers=workers)
+                            max_images=d["max_images"], seed=cfg["seed"], workers=workers)
     counts = {f"{s}_images": v["count"] for s, v in manifest["splits"].items()}
-    return Record(dict(counts, skipped=len(manifest["skipped"])), ["manifest.json"])
+    empty = sum(len(v["empty_classes"]) for v in manifest["splits"].values())
+    return Record(dict(counts, skipped=len(manifest["skipped"]), empty_classes=empty), ["manifest.json"])

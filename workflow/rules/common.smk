@@ -1,23 +1,29 @@
+import sys
 from functools import partial
 from pathlib import Path
 
 import yaml
 
+from spot.config import read as read_params
 from spot.config import validate as validate_params
 from spot.environment import lock_digest
 from spot.layout import Layout
 from spot.pipeline import STAGES
 
-# A full configuration file replaces params.yaml (Snakemake would merge it key by key).
-if PARAMS != "params.yaml":
-    config.clear()
-    config.update(yaml.safe_load(open(PARAMS)))
-config.pop("params", None)
-validate_params(config, PARAMS)
-if not (workflow.remote_exec or workflow.subprocess_exec):  # once, in the main snakemake, not per job
-    from spot.preflight import check as preflight
+# A bad params file stops Snakemake with one line, as `spot validate` prints it (no traceback).
+try:
+    # A full configuration file replaces params.yaml (Snakemake would merge it key by key).
+    if PARAMS != "params.yaml":
+        config.clear()
+        config.update(read_params(PARAMS))
+    config.pop("params", None)
+    validate_params(config, PARAMS)
+    if not (workflow.remote_exec or workflow.subprocess_exec):  # once, in the main snakemake, not per job
+        from spot.preflight import check as preflight
 
-    preflight(config, PARAMS, devices=workflow.local_exec)  # a cluster's jobs run elsewhere
+        preflight(config, PARAMS, devices=workflow.local_exec)  # a cluster's jobs run elsewhere
+except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"snakemake: error: {e}")
 
 LAYOUT = Layout(config["root"])
 LOCK = lock_digest(Path(workflow.basedir) / "requirements.lock")  # every job's rerun trigger

@@ -5,6 +5,8 @@ import os
 # folders, its params the config values it reads.
 # Files of its folder listed in workflow/report/items.yaml are outputs too, shown by
 # `snakemake --report report.html` with their category, label and caption.
+# A failed job's stderr goes to its log; its last line (the `spot ...: error:` line, or a traceback's
+# last) is printed on Snakemake's console too, with the log's path, and the job keeps its exit status.
 REPORT_ITEMS = yaml.safe_load(open(os.path.join(workflow.basedir, "workflow", "report", "items.yaml")))
 
 
@@ -38,4 +40,5 @@ for stage in STAGES:
         conda:
             "../envs/spot.yaml"
         shell:
-            f"{COMMANDS[locals().get('rule', stage.rule)]} 2> {{log}}"
+            f"{COMMANDS[locals().get('rule', stage.rule)]} 2> {{log}} "
+            '|| (s=$?; echo "{log}: $(tail -n 1 {log})" >&2; exit $s)'
