@@ -34,8 +34,8 @@ def smoke_stages(tmp_path_factory):
     """Shards, saliency maps, decoded images and the two trained backbones of the smoke config, made
     through `spot` in-process: (params path, config dict, output root)."""
     from spot.cli import main
-    from spot.config import load_config
-    from spot.pipeline import geometries
+    from spot.workflow.config import load_config
+    from spot.workflow.table import geometries
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     params = smoke_config(tmp_path_factory.mktemp("smoke"))
     cfg = load_config(params)

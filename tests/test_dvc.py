@@ -255,7 +255,7 @@ def test_a_changed_lock_file_reruns_every_job_in_both_engines(committed):
 
 
 @pytest.mark.parametrize("source, stages", [
-    ("spot/priors.py", {"backbones", "eval", "oracle-parts", "transfer"}),
+    ("spot/core/priors.py", {"backbones", "eval", "oracle-parts", "transfer"}),
     ("spot/stages/report.py", {"report"}),
 ])
 def test_an_edited_source_file_reruns_the_stages_that_import_it(committed, source, stages):

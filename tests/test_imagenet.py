@@ -15,9 +15,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.data import ImageNetInfo
 
-from spot.data.loading import read_shard, shard_paths
+from spot.data.loading import read_shard
 from spot.data.sources import split_key
 from tests.conftest import REPO, copy_repo, snakemake
+from tests.loader import shard_paths
 from tests.test_pipeline import expected_jobs, job_counts
 
 pytestmark = pytest.mark.slow

@@ -212,7 +212,7 @@ def is_number(v) -> bool:
 def test_every_metric_and_every_step_of_every_series_arrived(logged):
     """run.json's numbers are the runs' metrics; each point of series.csv (training curves) and of a
     list (the oracle's accuracy per step) is a step of the run's metric history."""
-    from spot.tracking import metric_name
+    from spot.workflow.tracking import metric_name
     for r in logged.jobs():
         job = r.data.tags["spot.job"]
         folder, record = logged.folders[job]

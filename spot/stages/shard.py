@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from spot.data.shards import write_shards
-from spot.outputs import Record
+from spot.stages import Record
 
 
 def run(cfg: dict, inputs: dict, out: Path, workers: int | None = None) -> Record:
