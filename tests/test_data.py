@@ -430,6 +430,7 @@ def test_fashion_mnist_subset_shards_and_rerun_is_byte_identical(tmp_path):
         s["name"] for split in m3["splits"].values() for s in split["shards"]) == ["train-000000.tar", "val-000000.tar"]
 
 
+@pytest.mark.stage
 def test_killed_run_then_rerun_equals_clean_run(tmp_path):
     """A run over a complete folder (other parameters), its two writer processes killed with their
     main process: readers refuse the half-written folder in one line, a second writer could not

@@ -24,6 +24,7 @@ from tests.conftest import REPO, snakemake
 CONFIGS = ["params.yaml", "config/smoke.yaml"]
 
 
+@pytest.mark.stage
 def test_committed_dvc_yaml_is_the_generated_one(monkeypatch):
     monkeypatch.chdir(REPO)
     assert (REPO / "dvc.yaml").read_text() == dvc_yaml(load_config("params.yaml"), "params.yaml"), \
@@ -31,6 +32,7 @@ def test_committed_dvc_yaml_is_the_generated_one(monkeypatch):
 
 
 @pytest.mark.parametrize("path", CONFIGS)
+@pytest.mark.stage
 def test_dvc_stages_are_the_jobs_with_their_params_and_commands(path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_config(path)
@@ -49,6 +51,7 @@ def test_dvc_stages_are_the_jobs_with_their_params_and_commands(path, monkeypatc
 
 
 @pytest.mark.parametrize("path", CONFIGS)
+@pytest.mark.stage
 def test_snakemake_runs_the_same_commands_as_dvc(path, tmp_path):
     """Every job of a dry run is a DVC stage's command (jobs with their logs redirected)."""
     from tests.conftest import copy_repo
@@ -117,6 +120,7 @@ def test_dvc_tracks_the_report_metrics_and_plots_in_its_cache():
     assert not any(isinstance(o, dict) for o in entry["outs"])              # nothing is `cache: false`
 
 
+@pytest.mark.stage
 def test_dvc_yaml_names_its_params_file_and_a_stage_without_config_watches_none(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     text = dvc_yaml(load_config("config/smoke.yaml"), "config/smoke.yaml")
@@ -189,6 +193,7 @@ def test_report_metric_rows_are_the_paper_table_keyed_by_padded_budget():
     assert re.search(r"<th>a</th>\s*<th>b</th>", page) and "<td><strong>1.00</strong></td>" in page
 
 
+@pytest.mark.stage
 def test_jobs_that_load_no_model_plan_their_inputs_without_timm(tmp_path):
     """Planning a job's input folders needs timm's pretrained configs: the first process reads timm
     and caches them (per timm version, in XDG_CACHE_HOME), later ones import neither timm nor
