@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.common import report, timeit
 from spot import SPoTViT, extract_windows, oracle_search, sample_positions
-from spot.model import compile_features
-from spot.utils import autocast_for, resolve_device
+from spot.core.devices import autocast_for, resolve_device
+from spot.core.model import compile_features
 
 
 def main() -> None:

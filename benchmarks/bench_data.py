@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import SAMPLE, imagenet_layout, report, timeit
-from spot.data.loading import make_loader
+from spot.core.saliency import saliency_maps
+from spot.data.saliency import write_saliency
 from spot.data.shards import default_workers, write_shards
-from spot.saliency import saliency_maps, write_saliency
+from tests.loader import make_loader
 
 
 def count(loader) -> int:

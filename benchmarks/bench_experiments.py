@@ -18,10 +18,10 @@ import yaml
 
 from benchmarks.common import report
 from spot import SPoTViT
-from spot.backbones import describe, save_backbone
 from spot.cli import main as spot
-from spot.layout import Layout
-from spot.utils import write_run_record
+from spot.training.backbones import describe, save_backbone
+from spot.workflow.layout import Layout
+from spot.workflow.outputs import write_run_record
 
 ARCH = dict(img_size=28, patch_size=4, embed_dim=96, depth=4, num_heads=3, num_classes=10)
 BUDGETS = (4, 16, 49)

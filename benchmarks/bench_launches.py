@@ -1,7 +1,7 @@
 """Kernel launches of the GPU jobs' hot loops, counted side by side in one run: an evaluate forward
 (no grad) and one SPoT-ON step (forward, backward to the positions, optimizer step) of a frozen
 ViT under bf16 autocast, with the frozen model's Linear weights cast at every forward (plain
-autocast) and held in bf16 for the block (`spot.model.frozen(model, device)`).
+autocast) and held in bf16 for the block (`spot.core.model.frozen(model, device)`).
 
 A launch is an aten op that is not a view. At small budgets a SPoT-ON step is bound by launches,
 not by the GPU (ViT-B at 25 tokens, batch 256: about 9 µs per launch against 70 ms of GPU work per
@@ -20,12 +20,12 @@ import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import spot.oracle
-import spot.utils
+import spot.core.devices
+import spot.methods.oracle
 from benchmarks.common import report
 from spot import SPoTViT, oracle_search, sample_positions
-from spot.model import frozen
-from spot.utils import autocast_for, resolve_device
+from spot.core.devices import autocast_for, resolve_device
+from spot.core.model import frozen
 
 NO_KERNEL = {"_unsafe_view", "lift_fresh", "detach", "alias", "_record_function_enter_new", "_record_function_exit"}
 
@@ -51,7 +51,7 @@ def main() -> None:
     a = ap.parse_args()
     dev = resolve_device(a.device)
     if dev.type != "cuda":
-        spot.utils.AUTOCAST[dev.type] = spot.utils.AUTOCAST["cuda"]       # emulate CUDA's autocast here
+        spot.core.devices.AUTOCAST[dev.type] = spot.core.devices.AUTOCAST["cuda"]       # emulate CUDA's autocast here
     torch.manual_seed(0)
     model = SPoTViT(timm.create_model(a.model, pretrained=False)).to(dev).eval()
     x = torch.randn(2, 3, *model.img_size, device=dev)
@@ -65,7 +65,7 @@ def main() -> None:
 
     def step(held):                            # a search of 2 steps minus one of 1 step: one step, no fixed part
         def search(steps):
-            with mock.patch.object(spot.oracle, "frozen", frozen if held else lambda m, device: frozen(m)), \
+            with mock.patch.object(spot.methods.oracle, "frozen", frozen if held else lambda m, device: frozen(m)), \
                     Launches() as n:
                 oracle_search(model, x, labels, pos, steps=steps)
             return n.ops

@@ -36,16 +36,18 @@ import yaml
 
 from benchmarks.common import SAMPLE, imagenet_layout, report
 from spot import SPoTViT, oracle_search
-from spot.backbones import describe, load_backbone, save_backbone
 from spot.cli import main as spot
-from spot.config import load_config
-from spot.data.decoded import Decoded, geometry_name
-from spot.data.loading import make_loader
-from spot.layout import Layout
-from spot.model import frozen
-from spot.priors import positions_for
+from spot.core.devices import autocast_for, resolve_device, to_device
+from spot.core.model import frozen
+from spot.core.priors import positions_for
+from spot.data.decoded import Decoded
+from spot.data.geometry import geometry_name
 from spot.stages.oracle import batch_size as oracle_batch_size
-from spot.utils import autocast_for, resolve_device, to_device, write_run_record
+from spot.training.backbones import describe, load_backbone, save_backbone
+from spot.workflow.config import load_config
+from spot.workflow.layout import Layout
+from spot.workflow.outputs import write_run_record
+from tests.loader import make_loader
 
 PRIOR = "isotropic"
 

@@ -17,11 +17,11 @@ import torch
 
 from benchmarks.common import report, timeit
 from spot import SPoTViT
-from spot.cost import count_flops
-from spot.entropy_search import entropy_search
-from spot.learned_prior import initial_positions
-from spot.placer import Placer
-from spot.utils import resolve_device
+from spot.core.cost import count_flops
+from spot.core.devices import resolve_device
+from spot.methods.entropy_search import entropy_search
+from spot.methods.learned_prior import initial_positions
+from spot.methods.placer import Placer
 
 ARCH = dict(img_size=28, patch_size=4, embed_dim=96, depth=4, num_heads=3, num_classes=10)
 

@@ -1,4 +1,4 @@
-"""spot.stats on a report-sized load: CPU seconds (the process's, so other work on the machine
+"""spot.report.stats on a report-sized load: CPU seconds (the process's, so other work on the machine
 counts little) and wall seconds of bootstrap intervals over val images, stacked and one by one.
 
     python -m benchmarks.bench_stats [--images 1000] [--resamples 2000]
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import report
-from spot import stats
+from spot.report import stats
 
 
 def timed(bench: str, fn, **extra) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from spot.environment import environment
+from spot.utils.environment import environment
 
 OUT = Path("out/bench")
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@
 # Installs from requirements.lock into a new virtual environment .venv-gpu (CPython 3.11), then runs
 # the model, tokenizer and oracle tests on the GPU, bench_launches, bench_core (batch 256, bf16) and
 # bench_pipeline at the size of one SPoT-ON part of config/imagenet.yaml, with its GPU-hour estimate.
-# Writes $OUT (default out/bench): the benchmarks' JSON, environment.json (spot.environment), the log.
+# Writes $OUT (default out/bench): the benchmarks' JSON, environment.json (spot.utils.environment), the log.
 # A machine without the registry but with torch installed: SPOT_SYSTEM_TORCH=1 keeps its torch and
 # installs the other packages from the wheels in $SPOT_WHEELS (default .whl/), without the lock.
 # DEVICE=cpu checks the script itself on a CPU, with a tiny model and few images.
@@ -22,7 +22,7 @@ else
     python3 -m venv .venv-gpu && . .venv-gpu/bin/activate
     pip install -q -r requirements.lock && pip install -q --no-deps -e .
 fi
-python3 -c "import json; from spot.environment import environment; print(json.dumps(environment(), indent=1))" \
+python3 -c "import json; from spot.utils.environment import environment; print(json.dumps(environment(), indent=1))" \
     | tee "$OUT/environment.json"
 
 if [ "$DEVICE" = cpu ]; then

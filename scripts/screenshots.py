@@ -242,9 +242,9 @@ def mlflow_pages(store: str, experiment: str) -> tuple[str, str, str]:
 def dvc_plots(params: str, folder: Path) -> str:
     """`dvc plots show` of the report stage's plots (PNG images: the page loads nothing) into `folder`;
     its file:// URL."""
-    from spot.config import load_config
-    from spot.layout import Layout
-    from spot.pipeline import STAGE
+    from spot.workflow.config import load_config
+    from spot.workflow.layout import Layout
+    from spot.workflow.table import STAGE
     cfg = load_config(params)
     report = Layout(cfg["root"])("report")
     targets = [str(report / p) for p in STAGE["report"].plots]
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", choices=list(SHOTS), default=list(SHOTS), help="which pictures")
     ap.add_argument("--wait", type=float, default=90, help="seconds a page may take to render (default 90)")
     a = ap.parse_args(argv)
-    from spot.config import load_config
+    from spot.workflow.config import load_config
     cfg = load_config(a.params)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

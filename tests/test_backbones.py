@@ -11,10 +11,10 @@ import timm
 import torch
 import yaml
 
-from spot.backbones import fetch, load_backbone, uninitialised
 from spot.cli import main
-from spot.train import train
-from spot.utils import read_json
+from spot.training.backbones import fetch, load_backbone, uninitialised
+from spot.training.train import train
+from spot.utils.io import read_json
 from tests.conftest import linked_root
 
 TINY = dict(img_size=32, depth=2, num_classes=7)
@@ -93,9 +93,9 @@ def test_imagenet_config_preprocesses_mae_as_mae_evaluates_it():
     their timm configs (0.5, crop 0.9)."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from spot.config import load_config
-    from spot.data.decoded import geometry_name, planned_data_config
-    from spot.pipeline import geometries
+    from spot.data.geometry import geometry_name
+    from spot.workflow.config import load_config
+    from spot.workflow.table import geometries, planned_data_config
     from tests.conftest import REPO
     cfg = load_config(REPO / "config" / "imagenet.yaml")
     dc = cfg["backbones"]["mae-in1k"]["data_config"]
@@ -138,9 +138,10 @@ def test_unknown_timm_model_is_one_line(tmp_path):
 def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_path):
     """A short run on 1000 Fashion-MNIST images (the smoke shards' 200 are too few to beat chance
     reliably) lowers the loss and ends well above chance on held-out images."""
-    from spot.data.decoded import planned_data_config, write_decoded
+    from spot.data.decoded import write_decoded
+    from spot.data.saliency import write_saliency
     from spot.data.shards import write_shards
-    from spot.saliency import write_saliency
+    from spot.workflow.table import planned_data_config
     from tests.conftest import FASHION_MNIST
     _, cfg, root = smoke_stages
     write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "shards", splits=["train", "val"], images_per_shard=1000,
@@ -156,7 +157,7 @@ def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_pat
     assert hist["val_top1"] > 0.25                                   # 10 classes: chance is 0.1
     model = load_backbone(tmp_path / "t")                          # reads 28 px images, not timm's 224
     assert tuple(model.data_config["input_size"]) == (3, 28, 28)
-    from spot.data.loading import make_loader
+    from tests.loader import make_loader
     assert next(iter(make_loader(root / "shards", "val", model.data_config, 4))).images.shape == (4, 3, 28, 28)
     grid = read_json(root / "backbones" / "grid-b" / "backbone.json")
     assert grid["tokens"] == "grid" and grid["steps"] > 0

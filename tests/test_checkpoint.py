@@ -9,8 +9,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from spot.backbones import fetch, load_backbone
-from spot.checkpoint import digest, fingerprint, load_checkpoint, save_checkpoint
+from spot.training.backbones import fetch, load_backbone
+from spot.training.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from spot.utils.records import digest
 
 TINY = {"img_size": 32, "depth": 1, "num_classes": 5}
 FP = {"timm_name": "vit_tiny_patch16_224", "arch": TINY, "tokens": "spot", "data": "0123abcd", "lr": 3e-3,
@@ -102,7 +103,7 @@ def test_stale_checkpoint_is_not_reused(tmp_path, capsys, change, made, now):
 
 
 def test_checkpoint_without_fingerprint_starts_over(tmp_path, capsys):
-    """What spot/train.py wrote before fingerprints."""
+    """What spot/training/train.py wrote before fingerprints."""
     path = tmp_path / "checkpoint.pt"
     vit, opt = trained()
     torch.save({"model": vit.state_dict(), "optimizer": opt.state_dict(), "step": 3, "history": []}, path)

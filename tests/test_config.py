@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from spot.cli import main
-from spot.config import load_config
+from spot.workflow.config import load_config
 from tests.conftest import REPO
 
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())

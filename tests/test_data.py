@@ -16,11 +16,13 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 
-from spot.data.loading import decode_image, make_loader, read_shard, shard_paths, verify_shards
+from spot.core.saliency import saliency_maps
+from spot.data.loading import decode_image, read_shard, verify_shards
+from spot.data.saliency import write_saliency
 from spot.data.shards import check_image, write_shard, write_shards
 from spot.data.sources import Sample, escape, fashion_mnist_arrays, make_key, make_source, split_key, unescape
-from spot.saliency import saliency_maps, write_saliency
 from tests.conftest import FASHION_MNIST, IMAGENET_SAMPLE
+from tests.loader import make_loader, shard_paths
 
 CFG = dict(input_size=(3, 64, 64), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875,
            crop_mode="center")
@@ -428,6 +430,7 @@ def test_fashion_mnist_subset_shards_and_rerun_is_byte_identical(tmp_path):
         s["name"] for split in m3["splits"].values() for s in split["shards"]) == ["train-000000.tar", "val-000000.tar"]
 
 
+@pytest.mark.stage
 def test_killed_run_then_rerun_equals_clean_run(tmp_path):
     """A run over a complete folder (other parameters), its two writer processes killed with their
     main process: readers refuse the half-written folder in one line, a second writer could not
@@ -473,7 +476,7 @@ def test_a_second_writer_stops_in_one_line_and_leaves_nothing(tmp_path):
     shards, out = tmp_path / "shards", tmp_path / "out"
     write_shards("fashion-mnist", FASHION_MNIST, shards, max_per_class=5, images_per_shard=20)
     shutil.copytree(shards, out)
-    code = (f"import time; from spot.outputs import writing\n"
+    code = (f"import time; from spot.utils.io import writing\n"
             f"with writing({str(out)!r}):\n print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
@@ -561,7 +564,7 @@ def test_saliency_folders_are_complete_and_of_these_image_shards(tmp_path, monke
             raise KeyboardInterrupt
         return saliency_maps(*a)
 
-    monkeypatch.setattr("spot.saliency.saliency_maps", dies_on_the_second_shard)
+    monkeypatch.setattr("spot.data.saliency.saliency_maps", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
         write_saliency(shards, sal, size=32)
     assert not (sal / "manifest.json").exists() and not (sal / "run.json").exists()

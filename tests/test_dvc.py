@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import copy_repo, env, snakemake
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.end_to_end
 SMOKE = "config/smoke.yaml"
 GIT_IDENTITY = dict(GIT_AUTHOR_NAME="spot tests", GIT_AUTHOR_EMAIL="tests@spot.invalid",
                     GIT_COMMITTER_NAME="spot tests", GIT_COMMITTER_EMAIL="tests@spot.invalid")
@@ -255,7 +255,7 @@ def test_a_changed_lock_file_reruns_every_job_in_both_engines(committed):
 
 
 @pytest.mark.parametrize("source, stages", [
-    ("spot/priors.py", {"backbones", "eval", "oracle-parts", "transfer"}),
+    ("spot/core/priors.py", {"backbones", "eval", "oracle-parts", "transfer"}),
     ("spot/stages/report.py", {"report"}),
 ])
 def test_an_edited_source_file_reruns_the_stages_that_import_it(committed, source, stages):

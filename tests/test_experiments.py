@@ -11,9 +11,10 @@ import torch
 from spot.cli import main
 from spot.data import decoded, loading
 from spot.data.loading import decode_image
-from spot.pipeline import all_jobs
 from spot.stages import oracle as oracle_stage
+from spot.workflow.table import all_jobs
 from tests.conftest import linked_root
+from tests.loader import make_loader
 
 
 def spot(params, *argv):
@@ -144,9 +145,9 @@ def test_predictions_and_pictures_name_the_classes_and_the_report_keeps_the_conf
     their class names; tables, findings, results and plot panels follow the config's backbone order
     (spot-a before grid-b, which the alphabet would swap), and the sheet shows the config's first."""
     from spot.data.sources import FASHION_MNIST_CLASSES
-    from spot.layout import Layout
-    from spot.pipeline import STAGE
-    from spot.stages.report import prior_sheet
+    from spot.report.sheets import prior_sheet
+    from spot.workflow.layout import Layout
+    from spot.workflow.table import STAGE
     _, cfg, root, _ = done
     pred = pd.read_parquet(root / "eval" / "grid-b" / "grid" / "16" / "predictions.parquet")
     assert pred.label_name.tolist() == [FASHION_MNIST_CLASSES[i] for i in pred.label]
@@ -169,7 +170,7 @@ def test_a_rerun_removes_the_temporary_files_a_killed_job_left(done, tmp_path):
     in the folder or a subfolder) are gone after the job's next run."""
     import tempfile
 
-    from spot.pipeline import geometries
+    from spot.workflow.table import geometries
     params, cfg, root, _ = done
     again = linked_root(tmp_path, root, *(p.name for p in root.iterdir() if p.name not in ("decoded", "report", "logs")))
     geometry = geometries(cfg)[0]["geometry"]
@@ -216,7 +217,7 @@ def test_every_job_logged_once_to_mlflow(done):
     params, cfg, root, _ = done
     from mlflow.tracking import MlflowClient
 
-    from spot.tracking import metric_name, ms
+    from spot.workflow.tracking import metric_name, ms
     c = MlflowClient(cfg["mlflow"]["tracking_uri"])
     exp = c.get_experiment_by_name(cfg["name"])
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"    # kind: machine learning
@@ -283,11 +284,12 @@ def test_each_image_is_decoded_once_for_its_geometry(done):
 def test_decoded_batches_equal_the_shard_loaders(done):
     """The decoded arrays give the tensors of decoding the shards on the fly (same bytes, same order)."""
     _, _, root, _ = done
-    from spot.backbones import read_meta
-    from spot.data.decoded import Decoded, geometry_name
+    from spot.data.decoded import Decoded
+    from spot.data.geometry import geometry_name
+    from spot.training.backbones import read_meta
     dc = read_meta(root / "backbones" / "spot-a")["data_config"]
     data = Decoded(root / "decoded" / geometry_name(dc), dc)
-    slow = list(loading.make_loader(root / "shards", "val", dc, 16, saliency_dir=root / "saliency"))
+    slow = list(make_loader(root / "shards", "val", dc, 16, saliency_dir=root / "saliency"))
     for a, b in zip(data.batches("val", 16, saliency=True), slow, strict=True):
         assert a.keys == b.keys and torch.equal(a.labels, b.labels)
         assert torch.equal(a.images, b.images) and torch.equal(a.saliency, b.saliency)

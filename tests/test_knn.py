@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from spot.knn import knn_predict
+from spot.core.knn import knn_predict
 
 
 def brute_force(train, labels, query, k, t, classes):

@@ -3,7 +3,7 @@ import tomllib
 
 from packaging.requirements import Requirement
 
-from spot.environment import LOCK_FILE, locked_versions, normalise
+from spot.utils.environment import LOCK_FILE, locked_versions, normalise
 from tests.conftest import REPO
 
 
@@ -50,7 +50,7 @@ def test_every_locked_package_has_sha256_hashes_and_torch_is_the_registry_build(
 
 
 def test_the_environment_names_locked_packages_installed_at_other_versions(tmp_path):
-    from spot.environment import lock_digest, lock_mismatches, package_version
+    from spot.utils.environment import lock_digest, lock_mismatches, package_version
     torch, timm = package_version("torch"), package_version("timm")
     lock = tmp_path / "requirements.lock"
     lock.write_text(f"torch=={torch} \\\n    --hash=sha256:00\ntimm==0.0.1 \\\n    --hash=sha256:00\n"

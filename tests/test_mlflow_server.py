@@ -32,7 +32,7 @@ from tests.conftest import REPO, copy_repo, env, running, snakemake
 
 SCRIPT = REPO / "scripts" / "mlflow-server.sh"
 POSTGRES = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.end_to_end,
               pytest.mark.skipif(POSTGRES is None, reason="PostgreSQL is not installed (no initdb): "
                                                           "apt-get install postgresql")]
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
@@ -203,7 +203,7 @@ def is_number(v) -> bool:
 def test_every_metric_and_every_step_of_every_series_arrived(logged):
     """run.json's numbers are the runs' metrics; each point of series.csv (training curves) and of a
     list (the oracle's accuracy per step) is a step of the run's metric history."""
-    from spot.tracking import metric_name
+    from spot.workflow.tracking import metric_name
     for r in logged.jobs():
         job = r.data.tags["spot.job"]
         folder, record = logged.folders[job]

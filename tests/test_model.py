@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import spot.utils
-from spot.model import SPoTViT, frozen
-from spot.priors import grid_centers
-from spot.utils import autocast_for
+import spot.core.devices
+from spot.core.devices import autocast_for
+from spot.core.model import SPoTViT, frozen
+from spot.core.priors import grid_centers
 
 SMALL = dict(embed_dim=48, depth=2, num_heads=3)
 CASES = {                                                         # name -> (timm name, kwargs)
@@ -131,7 +131,7 @@ def test_frozen_casts_the_linear_weights_once_with_the_same_numbers(monkeypatch)
     the nn.Linear weights in the autocast dtype instead: the same logits and position gradients, one
     cast fewer per Linear weight and bias, the float32 weights back after. CUDA's bf16 autocast is
     emulated on the CPU (the same casting rules)."""
-    monkeypatch.setitem(spot.utils.AUTOCAST, "cpu", "bfloat16")
+    monkeypatch.setitem(spot.core.devices.AUTOCAST, "cpu", "bfloat16")
     torch.manual_seed(0)
     model = SPoTViT(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
                                       num_classes=10))

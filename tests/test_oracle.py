@@ -3,10 +3,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from spot.core.model import SPoTViT
+from spot.core.priors import grid_centers, sample_positions
 from spot.data.sources import fashion_mnist_arrays
-from spot.model import SPoTViT
-from spot.oracle import oracle_search, snap_to_grid
-from spot.priors import grid_centers, sample_positions
+from spot.methods.oracle import oracle_search, snap_to_grid
 from tests.conftest import FASHION_MNIST
 
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO, copy_repo, env, snakemake
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.end_to_end
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
 REPORT_FILES = ["tables.md", "findings.md", "results.csv", "results.parquet", "metrics.json", "run.json",
                 "plots/accuracy_vs_budget.png", "plots/accuracy_vs_budget.csv", "pictures/priors.png",
@@ -33,8 +33,8 @@ def job_counts(output: str) -> Counter:
 
 
 def expected_jobs(cfg: dict) -> Counter:
-    from spot.config import validate
-    from spot.pipeline import geometries
+    from spot.workflow.config import validate
+    from spot.workflow.table import geometries
     cfg = validate(copy.deepcopy(cfg))
     b, place = len(cfg["backbones"]), cfg["placement"]
     return Counter(all=1, shard=1, saliency=1, decode=len(geometries(cfg)), backbone=b, report=1,
@@ -127,7 +127,7 @@ def test_smoke_run_makes_every_job_and_report_file(smoke):
 def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     """One run per job, nested under the invocation's parent run, spanning its job; stage-prefixed
     metrics equal to run.json's; curves of the training and the oracle; the report's table."""
-    from spot.tracking import metric_name, ms
+    from spot.workflow.tracking import metric_name, ms
     cwd, _ = smoke
     c = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
     every = mlflow_runs(cwd, SMOKE["name"])
@@ -177,7 +177,7 @@ def test_every_result_names_the_environment_that_made_it(smoke):
     """run.json, the MLflow run's tags and the report's header: versions, device, CPU, kernels, lock."""
     from importlib.metadata import version
 
-    from spot.environment import cpu_model, lock_digest
+    from spot.utils.environment import cpu_model, lock_digest
     cwd, _ = smoke
     runs = {r.data.tags["spot.job"]: r for r in mlflow_runs(cwd, SMOKE["name"]) if "spot.job" in r.data.tags}
     for path in (cwd / "out").rglob("run.json"):
@@ -234,7 +234,7 @@ def test_killed_job_is_not_complete_and_the_rerun_finishes(slow_training):
 def test_unreachable_tracking_server_then_mlflow_sync(slow_training):
     """The server is down: each job still succeeds, with one warning line in its log; `spot
     mlflow-sync` then logs every record, with the jobs' times and step series."""
-    from spot.tracking import ms
+    from spot.workflow.tracking import ms
     cwd = slow_training
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

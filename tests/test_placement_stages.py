@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from spot.backbones import load_backbone
 from spot.cli import main
-from spot.config import load_config
 from spot.data.decoded import Decoded
-from spot.pipeline import all_jobs
-from spot.placer import load_placer
+from spot.training.backbones import load_backbone
+from spot.training.placers import load_placer
+from spot.workflow.config import load_config
+from spot.workflow.table import all_jobs
 from tests.conftest import REPO, smoke_config
 
 N = 4
@@ -112,11 +112,12 @@ def test_placer_places_n_tokens_inside_the_image_deterministically_and_different
 
 
 def test_placer_transfer_to_its_own_backbone_reproduces_the_placer(placed, tmp_path):
-    from spot.layout import Layout
-    from spot.pipeline import STAGE, declared
+    from spot.workflow.layout import Layout
+    from spot.workflow.stage import declared
+    from spot.workflow.table import STAGE
     _, cfg, root = placed
     stage, w = STAGE["placer-transfer"], dict(src="tiny", dst="tiny", budget=N)
-    record = stage.function()(declared(cfg, stage.params(cfg, w)), stage.input_folders(cfg, Layout(root), w),
+    record = stage.entry_point()(declared(cfg, stage.params(cfg, w)), stage.input_folders(cfg, Layout(root), w),
                               tmp_path, **w)
     own = root / "placer" / "tiny" / str(N)
     assert record.metrics["top1"] == metrics(own)["top1"] and record.metrics["gain"] == 0
@@ -179,7 +180,7 @@ def test_model_saliency_maps_feed_the_model_salient_prior_and_case_study_3(place
     """Maps from the backbone's input gradients: one per bank and val image, in [0, 1], unlike the
     spectral residual maps; the model_salient prior puts its tokens where they are high; the analysis
     and the findings report both maps."""
-    from spot.model_saliency import SaliencyMaps
+    from spot.data.saliency import SaliencyMaps
     from spot.stages.analyze import saliency_at
     _, cfg, root = placed
     folder = root / "model-saliency" / "tiny"

@@ -1,4 +1,4 @@
-"""spot.preflight.check: one-line errors naming the key, for what is knowable without running a job."""
+"""spot.workflow.preflight.check: one-line errors naming the key, for what is knowable without running a job."""
 from pathlib import Path
 
 import pytest
@@ -6,8 +6,8 @@ import timm
 import torch
 import yaml
 
-from spot.config import load_config
-from spot.preflight import check
+from spot.workflow.config import load_config
+from spot.workflow.preflight import check
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = {"img_size": 28, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from spot.priors import PRIORS, grid_centers, sample_positions
+from spot.core.priors import PRIORS, grid_centers, sample_positions
 
 H, W, K = 28, 28, 4
 RANDOM = ("uniform", "gaussian", "sobol", "grid", "salient", "inv_salient", "edge")
@@ -130,14 +130,14 @@ def _mix32_reference(x: int) -> int:
 
 
 def test_the_integer_hash_is_exact_on_all_32_bit_values():
-    from spot.priors import _mix32
+    from spot.core.priors import _mix32
     xs = torch.cat([torch.randint(0, 2**32, (2000,), generator=torch.Generator().manual_seed(0)),
                     torch.tensor([0, 1, 2**16 - 1, 2**31, 2**32 - 1])])
     assert [int(v) for v in _mix32(xs)] == [_mix32_reference(int(v)) for v in xs]
 
 
 def test_keyed_uniforms_are_uniform_and_independent_of_neighbours():
-    from spot.priors import keyed_uniforms
+    from spot.core.priors import keyed_uniforms
     u = keyed_uniforms([f"val_{i:05d}" for i in range(2000)], seed=0, count=64).double()
     assert 0 < u.min() and u.max() < 1
     assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
@@ -149,7 +149,7 @@ def test_keyed_uniforms_are_uniform_and_independent_of_neighbours():
 
 @pytest.mark.parametrize("prior", PRIORS)
 def test_positions_for_an_image_do_not_depend_on_its_batch(prior):
-    from spot.priors import positions_for
+    from spot.core.priors import positions_for
     keys = [f"train_{i}" for i in range(12)]
     m = maps(12)
     whole = positions_for(prior, 9, keys, 3, H, W, K, **m)

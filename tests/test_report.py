@@ -6,7 +6,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_hex
 
-from spot.stages.report import findings, gap_closed, paper_table, plot_budgets
+from spot.report.analyse import gap_closed
+from spot.report.findings import findings
+from spot.report.plots import plot_budgets
+from spot.report.tables import paper_table
 
 COLUMNS = ["backbone", "prior", "oracle", "budget", "top1", "knn", "top1_init", "top1_snapped", "extra_flops"]
 
@@ -21,12 +24,10 @@ def results(rows: list[tuple]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=COLUMNS)
 
 
-def bold_rows(table: str) -> dict[str, list[str]]:
+def bold_rows(table: pd.DataFrame) -> dict[str, list[str]]:
     """Column header -> the rows ('Model prior') whose cell in it is bold."""
-    lines = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("|")]
-    head, rows = [c.strip() for c in lines[0]], lines[2:]
-    return {h: [f"{r[0].strip()} {r[1].strip()}".strip() for r in rows if r[i].strip().startswith("**")]
-            for i, h in enumerate(head)}
+    names = [f"{r.Model} {r.Prior}".strip() for r in table.itertuples()]
+    return {c: [n for n, v in zip(names, table[c]) if v.startswith("**")] for c in table.columns}
 
 
 def test_one_bold_per_column_and_ties_stated():
@@ -34,13 +35,12 @@ def test_one_bold_per_column_and_ties_stated():
     stated under the table; a column with one best value has no tie line."""
     df = results([("b", "grid", False, 49, 0.743), ("b", "isotropic", False, 49, 0.743), ("b", "sobol", False, 49, 0.7),
                   ("b", "grid", False, 4, 0.30), ("b", "sobol", False, 4, 0.45), ("b", "isotropic", True, 49, 0.98)])
-    table = paper_table(df)
+    table, ties = paper_table(df)
     bold = bold_rows(table)
     assert bold["49 T Acc@1"] == ["ViT grid"] and bold["49 T kNN"] == ["ViT grid"] and bold["4 T Acc@1"] == ["SPoT sobol"]
-    assert table.count("**") == 2 * 4                            # one bold cell per column, none on SPoT-ON
-    assert table.splitlines()[-1] == ("Tied best values (bold on the first): 49 T Acc@1 74.30: ViT grid, SPoT "
-                                      "isotropic; 49 T kNN 37.15: ViT grid, SPoT isotropic.")
-    assert "Tied" not in paper_table(df[df.budget == 4])
+    assert sum(len(rows) for rows in bold.values()) == 4          # one bold cell per column, none on SPoT-ON
+    assert ties == ["49 T Acc@1 74.30: ViT grid, SPoT isotropic", "49 T kNN 37.15: ViT grid, SPoT isotropic"]
+    assert paper_table(df[df.budget == 4])[1] == []
 
 
 def gap_lines(df: pd.DataFrame) -> dict[str, str]:

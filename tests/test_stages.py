@@ -14,15 +14,17 @@ import pytest
 import yaml
 
 from spot.cli import parser
-from spot.config import load_config
-from spot.dvc_yaml import commit_after_snakemake, dvc_yaml, generated_for, present
-from spot.layout import Layout, wildcards
-from spot.pipeline import STAGE, STAGES, all_jobs, code_deps, declared
+from spot.workflow.config import load_config
+from spot.workflow.dvc import code_deps, commit_after_snakemake, dvc_yaml, generated_for, present
+from spot.workflow.layout import Layout, wildcards
+from spot.workflow.stage import declared
+from spot.workflow.table import STAGE, STAGES, all_jobs
 from tests.conftest import REPO, snakemake
 
 CONFIGS = ["params.yaml", "config/smoke.yaml"]
 
 
+@pytest.mark.stage
 def test_committed_dvc_yaml_is_the_generated_one(monkeypatch):
     monkeypatch.chdir(REPO)
     assert (REPO / "dvc.yaml").read_text() == dvc_yaml(load_config("params.yaml"), "params.yaml"), \
@@ -30,6 +32,7 @@ def test_committed_dvc_yaml_is_the_generated_one(monkeypatch):
 
 
 @pytest.mark.parametrize("path", CONFIGS)
+@pytest.mark.stage
 def test_dvc_stages_are_the_jobs_with_their_params_and_commands(path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = load_config(path)
@@ -42,12 +45,13 @@ def test_dvc_stages_are_the_jobs_with_their_params_and_commands(path, monkeypatc
         assert sorted(keys) == sorted({present(yaml.safe_load(open(path)), k) for k in stage.params(cfg, w)}), name
         assert entry["cmd"] == stage.command(path, w)
         if not (stage.metrics or stage.plots):           # one out per folder of the job, every folder once
-            assert entry["outs"] == [str(Layout(cfg["root"])(stage.output, **f)) for f in stage.folders(cfg, w)]
+            assert entry["outs"] == [str(Layout(cfg["root"])(stage.output, **f)) for f in stage.output_wildcards(cfg, w)]
         assert set(code_deps(stage)) <= set(entry["deps"])
     assert len({o for e in stages.values() for o in e["outs"]}) == sum(len(e["outs"]) for e in stages.values())
 
 
 @pytest.mark.parametrize("path", CONFIGS)
+@pytest.mark.stage
 def test_snakemake_runs_the_same_commands_as_dvc(path, tmp_path):
     """Every job of a dry run is a DVC stage's command (jobs with their logs redirected)."""
     from tests.conftest import copy_repo
@@ -62,13 +66,13 @@ def test_snakemake_runs_the_same_commands_as_dvc(path, tmp_path):
 
 def test_code_deps_are_the_modules_a_stage_imports():
     deps = {s.name: set(code_deps(s)) for s in STAGES}
-    assert {"spot/stages/evaluate.py", "spot/priors.py", "spot/model.py", "spot/tokenizer.py", "spot/knn.py",
-            "spot/data/loading.py", "spot/backbones.py"} <= deps["evaluate"]
-    assert {"spot/oracle.py", "spot/priors.py"} <= deps["oracle"]
-    assert {"spot/train.py", "spot/priors.py", "spot/checkpoint.py"} <= deps["backbone"]
-    assert "spot/stages/report.py" in deps["report"] and "spot/oracle.py" not in deps["report"]
+    assert {"spot/stages/evaluate.py", "spot/core/priors.py", "spot/core/model.py", "spot/core/tokenizer.py",
+            "spot/core/knn.py", "spot/data/loading.py", "spot/training/backbones.py"} <= deps["evaluate"]
+    assert {"spot/methods/oracle.py", "spot/core/priors.py"} <= deps["oracle"]
+    assert {"spot/training/train.py", "spot/core/priors.py", "spot/training/checkpoint.py"} <= deps["backbone"]
+    assert "spot/stages/report.py" in deps["report"] and "spot/methods/oracle.py" not in deps["report"]
     assert not any(p.startswith("spot/stages/report") for s, d in deps.items() if s != "report" for p in d)
-    assert all("spot/pipeline.py" not in d and "spot/cli.py" not in d for d in deps.values())
+    assert not any(p.startswith("spot/workflow/") or p == "spot/cli.py" for d in deps.values() for p in d)
 
 
 def test_a_stage_imports_no_other_stage():
@@ -76,12 +80,12 @@ def test_a_stage_imports_no_other_stage():
         tree = ast.parse(path.read_text())
         names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module] + \
                 [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        assert not [n for n in names if n.startswith("spot.stages") or n in ("spot.pipeline", "spot.cli")], path
+        assert not [n for n in names if n.startswith(("spot.stages.", "spot.workflow", "spot.cli"))], path
 
 
 def test_stage_functions_take_the_wildcards_and_options_the_table_names():
     for s in STAGES:
-        args = set(inspect.signature(s.function()).parameters)
+        args = set(inspect.signature(s.entry_point()).parameters)
         extra = {o.replace("-", "_") for o in s.options} | ({"state"} if s.state else set())
         per_folder = {"out", *s.each}               # with one_pass: the folders of every value of it at once
         per_pass = {"outs", *(set(s.each) - {s.one_pass})}
@@ -116,6 +120,7 @@ def test_dvc_tracks_the_report_metrics_and_plots_in_its_cache():
     assert not any(isinstance(o, dict) for o in entry["outs"])              # nothing is `cache: false`
 
 
+@pytest.mark.stage
 def test_dvc_yaml_names_its_params_file_and_a_stage_without_config_watches_none(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     text = dvc_yaml(load_config("config/smoke.yaml"), "config/smoke.yaml")
@@ -148,7 +153,6 @@ def test_report_items_are_declared_outputs_with_captions():
             assert item["category"] and item["label"], item
 
 
-@pytest.mark.slow
 def test_snakemake_report_shows_the_results_with_captions(smoke_run, tmp_path):
     cwd = tmp_path / "repo"
     shutil.copytree(smoke_run[0], cwd, symlinks=True)
@@ -169,7 +173,8 @@ def test_snakemake_report_shows_the_results_with_captions(smoke_run, tmp_path):
 def test_report_metric_rows_are_the_paper_table_keyed_by_padded_budget():
     import pandas as pd
 
-    from spot.stages.report import markdown_html, metric_rows
+    from spot.report.analyse import metric_rows
+    from spot.report.render import html_page
     results = pd.DataFrame([
         dict(backbone="b", prior="grid", oracle=False, budget=4, top1=0.5, knn=0.25, top1_init=None, top1_snapped=None),
         dict(backbone="b", prior="grid", oracle=False, budget=16, top1=0.75, knn=0.5, top1_init=None, top1_snapped=None),
@@ -182,17 +187,19 @@ def test_report_metric_rows_are_the_paper_table_keyed_by_padded_budget():
         "b/spot-on-snapped.json": {"04": {"top1": 0.7}},
         "b/spot-on.json": {"04": {"top1": 0.9, "knn": 0.6, "saliency": 0.2}},
         "b/transfer-from-a.json": {"04": {"top1": 0.8}}}
-    page = markdown_html("# T\n\nSome **bold** <text>.\n\n| a | b |\n|---|---|\n| x | **1.00** |\n\n- item\n", "t")
-    assert "<h1>T</h1>" in page and "<b>bold</b> &lt;text&gt;" in page and "<li>item</li>" in page
-    assert "<th>a</th><th>b</th>" in page and "<td class=num><b>1.00</b></td>" in page
+    page = html_page("# T\n\nSome **bold** <text>.\n\n| a | b |\n|---|---|\n| x | **1.00** |\n\n- item\n", "t <t>")
+    assert page.startswith("<!DOCTYPE html>") and "<title>t &lt;t&gt;</title>" in page
+    assert "<h1>T</h1>" in page and "<strong>bold</strong> &lt;text&gt;" in page and "<li>item</li>" in page
+    assert re.search(r"<th>a</th>\s*<th>b</th>", page) and "<td><strong>1.00</strong></td>" in page
 
 
+@pytest.mark.stage
 def test_jobs_that_load_no_model_plan_their_inputs_without_timm(tmp_path):
     """Planning a job's input folders needs timm's pretrained configs: the first process reads timm
     and caches them (per timm version, in XDG_CACHE_HOME), later ones import neither timm nor
     torchvision, and plan the same folders."""
-    probe = ("import sys; from spot.config import load_config; from spot.layout import Layout; "
-             "from spot.pipeline import STAGE; cfg = load_config('params.yaml'); "
+    probe = ("import sys; from spot.workflow.config import load_config; from spot.workflow.layout import Layout; "
+             "from spot.workflow.table import STAGE; cfg = load_config('params.yaml'); "
              "print(STAGE['report'].job_inputs(cfg, Layout('out'), {})['decoded'], "
              "'timm' in sys.modules or 'torchvision' in sys.modules)")
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
@@ -210,9 +217,9 @@ def test_jobs_that_load_no_model_plan_their_inputs_without_timm(tmp_path):
 def test_a_job_covers_its_stages_budgets_and_no_job_has_none():
     cfg = load_config(REPO / "params.yaml")
     for s, w in all_jobs(cfg):
-        folders = s.folders(cfg, w)
+        folders = s.output_wildcards(cfg, w)
         assert folders and {tuple(f[k] for k in s.wildcards) for f in folders} == {tuple(w.values())}, s.name
-    assert len(STAGE["evaluate"].outputs(cfg)) == len(cfg["backbones"]) * len(cfg["eval"]["priors"]) * \
+    assert len(STAGE["evaluate"].all_output_wildcards(cfg)) == len(cfg["backbones"]) * len(cfg["eval"]["priors"]) * \
         len(cfg["eval"]["budgets"])
     cfg["placement"].update(budgets=[], transfer=[])                  # methods on, no budget: no job
     assert not [s.name for s, _ in all_jobs(cfg) if s.name in ("learned", "placer", "entropy", "placer-transfer")]

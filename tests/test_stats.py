@@ -1,4 +1,4 @@
-"""spot.stats: bootstrap intervals over images, paired comparisons, the oracle gap closed, the best
+"""spot.report.stats: bootstrap intervals over images, paired comparisons, the oracle gap closed, the best
 prior chosen on held-out images, replicates. Fast unit tests (not marked slow): no pipeline runs."""
 import time
 import warnings
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spot import stats
+from spot.report import stats
 
 
 def fixed(correct: int, n: int) -> np.ndarray:

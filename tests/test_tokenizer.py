@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spot.priors import grid_centers
-from spot.tokenizer import extract_windows
+from spot.core.priors import grid_centers
+from spot.core.tokenizer import extract_windows
 
 
 def patchify(images: torch.Tensor, k: int) -> torch.Tensor:

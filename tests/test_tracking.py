@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from spot import tracking
-from spot.utils import write_json, write_run_record
+from spot.utils import live
+from spot.utils.io import write_json
+from spot.workflow import tracking
+from spot.workflow.mlflow_run import metric_name, ms
+from spot.workflow.outputs import write_run_record
+from spot.workflow.series import read_series
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +26,6 @@ def uri(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_parent(monkeypatch):
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
-    monkeypatch.setenv(tracking.FLUSH_ENV, "0")            # live: every log_metrics call reaches the store
 
 
 def record(d, job="evaluate/b/uniform/4", top1=0.5, stage="evaluate", metrics=None, **fields):
@@ -59,20 +62,21 @@ def closed_port() -> str:
 
 def job(out, uri, name, stage="backbone", job_id="backbone/b", steps=range(1, 4), inputs=None, fail=False,
         resume=None, pause=0.0):
-    """A job as `spot.cli.run_stage` runs it, whose stage logs a loss per step; returns (JobRun, record)."""
+    """A job as `spot.workflow.runner.run_job` runs it, whose stage logs a loss per step; returns (its
+    run id, its record)."""
     with tracking.JobRun(out, experiment=name, uri=uri, stage=stage, job=job_id, params={"backbone": "b"},
-                         inputs=inputs) as live:
+                         inputs=inputs) as run:
         if resume is not None:
-            tracking.start_series(resume)
+            live.start_series(resume)
         for s in steps:
-            tracking.log_metrics({"train/loss": 1.0 / s, "train/lr": 0.1}, step=s)
+            live.log_metrics({"train/loss": 1.0 / s, "train/lr": 0.1}, step=s)
         time.sleep(pause)
         if fail:
             raise RuntimeError("stage failed")
         rec = write_run_record(out, stage=stage, job=job_id, params={"backbone": "b"}, metrics={"val_top1": 0.25},
-                               artifacts=[], inputs=inputs, **live.record_fields())
-        live.finish()
-    return live, rec
+                               artifacts=[], inputs=inputs, **run.record_fields())
+        run_id = run.finish()
+    return run_id, rec
 
 
 def test_log_is_idempotent_and_a_changed_record_replaces_the_run(tmp_path, uri):
@@ -97,23 +101,24 @@ def test_live_run_spans_the_job_and_shows_its_series_while_it_runs(tmp_path, uri
                                                      "val": {"count": 2, "shards": [{"sha256": "cd" * 32}]}}})
     out, seen = tmp_path / "out", {}
     with tracking.JobRun(out, experiment="live", uri=uri, stage="backbone", job="backbone/b", params={"seed": 0},
-                         inputs={"shards": shards}) as live:
+                         inputs={"shards": shards}) as run:
         for s in (1, 2, 3):
-            tracking.log_metrics({"train/loss": 1.0 / s}, step=s)
+            live.log_metrics({"train/loss": 1.0 / s}, step=s)
+        run.flush()                                                # MLflow's async queue, drained
         (r,) = runs(uri, "live")                                   # while the job runs
         seen = dict(status=r.info.status, loss=history(uri, r.info.run_id, "train/loss"), params=r.data.params)
         time.sleep(1.0)
-        tracking.log_metrics({"train_loss": 0.4, "val_top1": 0.5, "step": 3, "epoch": 0}, step=3)
+        live.log_metrics({"train_loss": 0.4, "val_top1": 0.5, "step": 3, "epoch": 0}, step=3)
         rec = write_run_record(out, stage="backbone", job="backbone/b", params={"seed": 0},
                                metrics={"train_loss": 0.4, "val_top1": 0.5, "step": 3}, artifacts=[],
-                               inputs={"shards": shards}, **live.record_fields())
-        assert live.finish() == r.info.run_id
+                               inputs={"shards": shards}, **run.record_fields())
+        assert run.finish() == r.info.run_id
     assert seen == dict(status="RUNNING", loss=[(1, 1.0), (2, 0.5), (3, 1 / 3)], params={"seed": "0", **{
         "code_version": rec["code_version"]}})
     (r,) = runs(uri, "live")
     assert r.info.status == "FINISHED" and rec["series"] == "series.csv"
-    assert r.info.start_time == tracking.ms(rec["started"])                   # ends when its logging is done
-    assert tracking.ms(rec["ended"]) <= r.info.end_time < tracking.ms(rec["ended"]) + 3000
+    assert r.info.start_time == ms(rec["started"])                   # ends when its logging is done
+    assert ms(rec["ended"]) <= r.info.end_time < ms(rec["ended"]) + 3000
     assert 1000 <= r.info.end_time - r.info.start_time < 4000
     assert r.data.metrics["val/top1"] == 0.5 and r.data.metrics["train/epoch_loss"] == 0.4
     assert "step" not in r.data.metrics and "train/steps" not in r.data.metrics
@@ -140,9 +145,9 @@ def test_list_metrics_are_step_series_and_names_say_their_stage(tmp_path, uri):
     assert history(uri, rid, "oracle/accuracy") == [(0, 0.5), (1, 0.6), (2, 0.7)]
     assert MlflowClient(uri).get_run(rid).data.metrics == {"oracle/top1": 0.7, "oracle/top1_init": 0.5,
                                                            "oracle/accuracy": 0.7, "oracle/steps": 2}
-    assert tracking.metric_name("transfer", "top1_transfer") == "transfer/top1_transfer"
-    assert tracking.metric_name("evaluate", "top1") == "evaluate/top1"
-    assert tracking.metric_name("backbone", "train_loss") == "train/epoch_loss"
+    assert metric_name("transfer", "top1_transfer") == "transfer/top1_transfer"
+    assert metric_name("evaluate", "top1") == "evaluate/top1"
+    assert metric_name("backbone", "train_loss") == "train/epoch_loss"
 
 
 def test_failed_job_ends_its_run_failed_and_the_rerun_replaces_it(tmp_path, uri):
@@ -150,22 +155,22 @@ def test_failed_job_ends_its_run_failed_and_the_rerun_replaces_it(tmp_path, uri)
         job(tmp_path / "b", uri, "fail", fail=True)
     (r,) = runs(uri, "fail")
     assert r.info.status == "FAILED" and "stage failed" in r.data.tags["spot.error"]
-    live, _ = job(tmp_path / "b", uri, "fail")
+    run_id, _ = job(tmp_path / "b", uri, "fail")
     (r,) = runs(uri, "fail")
-    assert r.info.run_id == live.run_id and r.info.status == "FINISHED"
+    assert r.info.run_id == run_id and r.info.status == "FINISHED"
 
 
 def test_resumed_job_keeps_its_series_up_to_the_checkpoint(tmp_path, uri):
     """A killed training resumed from step 3: steps 1-3 of the first attempt, 4-6 of the second, once each."""
     with pytest.raises(RuntimeError):
         job(tmp_path / "b", uri, "resume", steps=range(1, 6), fail=True)
-    live, _ = job(tmp_path / "b", uri, "resume", steps=range(4, 7), resume=3)
+    run_id, _ = job(tmp_path / "b", uri, "resume", steps=range(4, 7), resume=3)
     expected = [(s, 1.0 / s) for s in range(1, 7)]
-    assert same_series(history(uri, live.run_id, "train/loss"), expected)
-    rows = tracking.read_series(tmp_path / "b" / "series.csv")
+    assert same_series(history(uri, run_id, "train/loss"), expected)
+    rows = read_series(tmp_path / "b" / "series.csv")
     assert same_series(sorted((s, v) for k, s, v, _ in rows if k == "train/loss"), expected)
     job(tmp_path / "b", uri, "resume", steps=range(1, 3))                     # a fresh start drops them all
-    assert [s for k, s, *_ in tracking.read_series(tmp_path / "b" / "series.csv") if k == "train/loss"] == [1, 2]
+    assert [s for k, s, *_ in read_series(tmp_path / "b" / "series.csv") if k == "train/loss"] == [1, 2]
 
 
 def test_unreachable_server_one_warning_then_sync_replays_series_and_times(tmp_path, uri, capsys):
@@ -173,20 +178,20 @@ def test_unreachable_server_one_warning_then_sync_replays_series_and_times(tmp_p
     _, rec = job(tmp_path / "out" / "b", down, "sync", pause=0.5)
     err = capsys.readouterr().err
     assert err.count("spot: warning:") == 1 and "mlflow-sync" in err, err
-    others = [record(tmp_path / "out" / f"r{i}", job=f"evaluate/b/uniform/{i}") for i in range(2)]
-    assert tracking.safe_log(others[0], "sync", down) is None
+    for i in range(2):
+        record(tmp_path / "out" / f"r{i}", job=f"evaluate/b/uniform/{i}")
     ids = tracking.sync(tmp_path / "out", "sync", uri)
     assert len(set(ids)) == 3 and len(runs(uri, "sync")) == 3
     r = next(r for r in runs(uri, "sync") if r.data.tags["spot.job"] == "backbone/b")
     assert same_series(history(uri, r.info.run_id, "train/loss"), [(1, 1.0), (2, 0.5), (3, 1 / 3)])
-    assert r.info.start_time == tracking.ms(rec["started"]) and r.info.end_time == tracking.ms(rec["ended"])
+    assert r.info.start_time == ms(rec["started"]) and r.info.end_time == ms(rec["ended"])
     assert r.info.end_time - r.info.start_time >= 500
     assert tracking.sync(tmp_path / "out", "sync", uri) == ids       # a second sync adds nothing
 
 
 def test_runs_of_one_job_warn_once_when_the_server_is_down(tmp_path, capsys):
     """A job writing several folders (evaluate: one per budget) has one run each: with the server
-    down the first warns and the others go offline without trying again."""
+    down the job warns once, and no run logs anything (their records stay for mlflow-sync)."""
     down = closed_port()
     with contextlib.ExitStack() as stack:
         runs = [stack.enter_context(tracking.JobRun(tmp_path / str(n), experiment="x", uri=down, stage="evaluate",
@@ -195,17 +200,16 @@ def test_runs_of_one_job_warn_once_when_the_server_is_down(tmp_path, capsys):
         write_run_record(r.out, stage="evaluate", job=r.job, params={}, metrics={"top1": 0.5}, artifacts=[],
                          **r.record_fields())
         assert r.finish() is None
-    assert [r.quiet for r in runs] == [False, True]
     assert capsys.readouterr().err.count("spot: warning:") == 1
 
 
 def test_parent_run_nests_the_jobs_and_an_empty_one_is_deleted(tmp_path, uri):
     cfg = {"name": "nest", "mlflow": {"tracking_uri": uri}, "seed": 0}
     parent = tracking.start_pipeline(cfg, "params.yaml")
-    live, _ = job(tmp_path / "b", uri, "nest")
+    run_id, _ = job(tmp_path / "b", uri, "nest")
     tracking.end_pipeline(cfg)
     c = MlflowClient(uri)
-    assert c.get_run(live.run_id).data.tags["mlflow.parentRunId"] == parent
+    assert c.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
     p = c.get_run(parent)
     assert p.info.status == "FINISHED" and p.data.tags["spot.pipeline"] == "snakemake" and p.data.params["seed"] == "0"
     assert "spot.job" not in p.data.tags
@@ -239,7 +243,8 @@ def test_tracking_uri_environment_overrides_params(monkeypatch):
 
 def test_stages_depend_on_the_logging_interface_not_on_mlflow_code():
     """Changing how results are logged reruns no stage (DVC's deps are the modules a stage imports)."""
-    from spot.pipeline import STAGES, code_deps
+    from spot.workflow.dvc import code_deps
+    from spot.workflow.table import STAGES
     deps = {s.name: code_deps(s) for s in STAGES}
-    assert "spot/live.py" in deps["backbone"]
-    assert not any("spot/tracking.py" in d or "spot/cli.py" in d for d in deps.values())
+    assert "spot/utils/live.py" in deps["backbone"]
+    assert not any(p.startswith("spot/workflow/") or p == "spot/cli.py" for d in deps.values() for p in d)

@@ -1,1 +1,1 @@
-"""Data: sources (ImageNet, Fashion-MNIST, class folders) -> WebDataset shards -> batches."""
+"""Data: sources (ImageNet, Fashion-MNIST, class folders) -> WebDataset shards -> saliency maps -> decoded arrays."""

@@ -11,12 +11,8 @@ str, and `decoded.json` {geometry, class_names (the shards', in label order), sp
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import importlib.metadata
 import io
 import multiprocessing
-import os
 import queue
 import random
 import threading
@@ -28,82 +24,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from spot.core.devices import to_device
+from spot.data.geometry import geometry
 from spot.data.loading import Batch, Preprocess, class_names, decode_image, manifest_shards, read_shard, verify_shards
 from spot.data.shards import default_workers
-from spot.utils import atomic_path, read_json, to_device, write_json
+from spot.utils.io import atomic_path, read_json, write_json
 
-GEOMETRY = ("input_size", "interpolation", "crop_pct", "crop_mode")
 ARRAYS = ("images", "saliency", "labels", "keys")                 # <split>-<what>.npy of a decoded folder
-
-
-def geometry(data_config: dict) -> dict:
-    """The keys of a timm data config that decide the decoded pixels (not mean and std)."""
-    return {k: list(data_config[k]) if k == "input_size" else data_config[k] for k in GEOMETRY}
-
-
-def geometry_name(data_config: dict) -> str:
-    """A folder name for a geometry, e.g. '28x28-bilinear-crop1-center'."""
-    g = geometry(data_config)
-    return f"{g['input_size'][1]}x{g['input_size'][2]}-{g['interpolation']}-crop{g['crop_pct']:g}-{g['crop_mode']}"
-
-
-def parse_geometry(name: str) -> dict:
-    """The geometry a `geometry_name` names (its inverse)."""
-    size, interpolation, crop, mode = name.split("-")
-    h, w = size.split("x")
-    return dict(input_size=(3, int(h), int(w)), interpolation=interpolation, crop_pct=float(crop.removeprefix("crop")),
-                crop_mode=mode)
-
-
-def overlay(data_config: dict, *overrides: dict) -> dict:
-    """`data_config` with the keys of each of `overrides` in turn replacing its own (lists as tuples,
-    as timm gives them)."""
-    out = dict(data_config)
-    for o in overrides:
-        out.update({k: tuple(v) if isinstance(v, list) else v for k, v in o.items()})
-    return out
-
-
-def planned_data_config(cfg: dict, backbone: str) -> dict:
-    """The geometry backbone `backbone` of `cfg` will have (what `spot.model.SPoTViT`, `fetch` and
-    training give it), known before it exists: timm's pretrained config of its model at its image
-    size (a fine-tuned one: its `init`'s), then `train.data_config` for trained backbones, then the
-    backbone's own `data_config`."""
-    spec = cfg["backbones"][backbone]
-    if spec["init"]:
-        dc = planned_data_config(cfg, spec["init"])
-    else:
-        pre = pretrained_geometry(spec["model"])
-        if pre is None:
-            raise ValueError(f"backbones.{backbone}.model: unknown timm model {spec['model']!r}")
-        size = spec["arch"].get("img_size", pre["input_size"][1:])
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        dc = dict(pre, input_size=(3, *size))
-    dc = overlay(dc, cfg["train"]["data_config"] if spec["make"] == "train" else {}, spec["data_config"])
-    return {k: dc[k] for k in GEOMETRY}
-
-
-@functools.cache
-def pretrained_geometry(model: str) -> dict | None:
-    """The geometry of timm model `model`'s pretrained config (None: no such model), kept per timm
-    version in `$XDG_CACHE_HOME/spot/` (default ~/.cache) and per process: every job plans its input
-    folders with it, and reading the cache spares the jobs that load no model the import of timm (2 s)."""
-    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spot" / \
-        f"timm-{importlib.metadata.version('timm')}-pretrained.json"
-    try:
-        cache = read_json(path)
-    except (OSError, ValueError):
-        cache = {}
-    if model not in cache:
-        import timm
-        pre = timm.models.get_pretrained_cfg(model)
-        if pre is None:
-            return None
-        cache[model] = dict(input_size=list(pre.input_size), interpolation=pre.interpolation,
-                            crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
-        with contextlib.suppress(OSError):                       # a read-only home: no cache, same answer
-            write_json(path, cache)
-    return cache[model]
 
 
 def decode_shard(job: tuple) -> int:

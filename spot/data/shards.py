@@ -32,8 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from spot.data.sources import Sample, Unreadable, make_source
-from spot.outputs import writing
-from spot.utils import atomic_path, write_json
+from spot.utils.io import atomic_path, write_json, writing
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9-]+-[0-9]{6,}\.tar")      # <split>-NNNNNN.tar
 
@@ -229,7 +228,7 @@ def check_keys(sources: dict) -> None:
 
 def remove_unlisted(out: Path, names: set[str]) -> None:
     """Remove the shards of `out` not in `names`: left by an earlier run with other parameters (a
-    killed run's temporary files go when the folder is taken, `spot.outputs.writing`). Call while
+    killed run's temporary files go when the folder is taken, `spot.workflow.outputs.writing`). Call while
     holding the folder's lock."""
     with os.scandir(out) as entries:
         stale = [e.name for e in entries if SHARD_NAME.fullmatch(e.name) and e.name not in names]

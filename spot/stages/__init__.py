@@ -1,6 +1,18 @@
-"""Pipeline stages, one module each: `fn(cfg, inputs, out, **wildcards) -> Record`.
+"""Pipeline stages, one thin module each: `run(cfg, inputs, out, **wildcards) -> Record`.
 
-`cfg` holds only the config keys the stage declares in `spot.pipeline.STAGES`, `inputs` its input
-folders (complete), `out` its output folder (locked, markers removed). A stage imports the maths
-and the layout, never another stage.
+`cfg` holds only the config keys the stage declares in `spot.workflow.table.STAGES`, `inputs` its
+input folders (complete), `out` its output folder (locked, markers removed). A stage calls the
+libraries (`spot.core`, `spot.methods`, `spot.data`, `spot.training`, `spot.report`), never
+another stage.
 """
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Record(NamedTuple):
+    """What a stage reports about its job: metrics (name -> number, or a list: one value per step)
+    and artifacts (files in its folder, relative paths). The runner adds the job's identity and
+    params and writes them as run.json, last."""
+    metrics: dict
+    artifacts: list[str]

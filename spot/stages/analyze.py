@@ -10,13 +10,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from spot.backbones import read_meta
 from spot.data.decoded import Decoded
 from spot.data.imagenet import short_name
-from spot.figures import draw_trajectories, save_fig, to_display
-from spot.model_saliency import SaliencyMaps
-from spot.outputs import Record
-from spot.utils import read_json, write_json
+from spot.data.saliency import SaliencyMaps
+from spot.stages import Record
+from spot.training.backbones import read_meta
+from spot.utils.figures import draw_trajectories, save_fig, to_display
+from spot.utils.io import read_json, write_json
 
 
 def saliency_at(maps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spot.backbones import fetch
-from spot.outputs import Record
-from spot.train import train
+from spot.stages import Record
+from spot.training.backbones import fetch
+from spot.training.train import train
 
 
 def run(cfg: dict, inputs: dict, out: Path, backbone: str, state: Path, resume: bool | None = None) -> Record:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spot.data.decoded import parse_geometry, write_decoded
-from spot.outputs import Record
+from spot.data.decoded import write_decoded
+from spot.data.geometry import parse_geometry
+from spot.stages import Record
 
 
 def run(cfg: dict, inputs: dict, out: Path, geometry: str, workers: int | None = None) -> Record:

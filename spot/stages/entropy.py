@@ -7,37 +7,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spot.backbones import load_backbone
-from spot.cost import relative_flops
+from spot.core.cost import relative_flops
+from spot.core.devices import resolve_device
+from spot.core.priors import NEEDS_SALIENCY, check_budget, positions_for, split_seed
 from spot.data.decoded import Decoded
-from spot.entropy_search import entropy_search
-from spot.evaluation import evaluate_placement
-from spot.outputs import Record
-from spot.priors import NEEDS_SALIENCY, check_budget, positions_for
-from spot.utils import atomic_path, resolve_device, write_json
+from spot.methods.entropy_search import entropy_search
+from spot.stages import Record
+from spot.training.backbones import load_backbone
+from spot.training.evaluation import evaluate_placement
+from spot.utils.io import atomic_path, write_json
 
 
 def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
     """Start every image (bank and val) at the positions `evaluate` draws for prior `oracle.prior`
-    (seed for train, seed + 1 for val), run `placement.entropy.steps` entropy-lowering AdamW steps
+    (`split_seed`), run `placement.entropy.steps` entropy-lowering AdamW steps
     of lr `placement.entropy.lr` on the positions (the search never sees a label), evaluate the
-    final positions (`spot.evaluation.evaluate_placement`). Writes metrics.json (with extra_flops:
+    final positions (`spot.training.evaluation.evaluate_placement`). Writes metrics.json (with extra_flops:
     the search's FLOPs over one backbone forward; entropy_per_step and accuracy_per_step on val, labels
     used for scoring only), trajectories.npz (val keys, trajectory (n, steps+1, N, 2) float16),
     predictions.parquet, bank.npz."""
-    e, prior, device = cfg["placement"]["entropy"], cfg["oracle"]["prior"], resolve_device(cfg["device"])
+    search, prior, device = cfg["placement"]["entropy"], cfg["oracle"]["prior"], resolve_device(cfg["device"])
     model = load_backbone(inputs["backbone"], device)
     check_budget(prior, budget, *model.img_size, model.k)
-    seed = {"train": cfg["seed"], "val": cfg["seed"] + 1}
     data = Decoded(inputs["decoded"], model.data_config)
     found = {"keys": [], "trajectory": [], "entropy": [], "correct": []}
 
     def start(b, split):
-        return positions_for(prior, budget, b.keys, seed[split], *model.img_size, model.k, b.saliency,
-                             b.images, device)
+        return positions_for(prior, budget, b.keys, split_seed(cfg["seed"], split), *model.img_size, model.k,
+                             b.saliency, b.images, device)
 
     def place(b, split):
-        r = entropy_search(model, b.images.to(device), start(b, split), steps=e["steps"], lr=e["lr"])
+        r = entropy_search(model, b.images.to(device), start(b, split), steps=search["steps"], lr=search["lr"])
         if split == "val":
             found["keys"] += b.keys
             found["trajectory"].append(r.trajectory.half().cpu().numpy())
@@ -51,8 +51,8 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
         np.savez(f, keys=np.asarray(found["keys"]), trajectory=np.concatenate(found["trajectory"]))
     b = next(data.batches("val", 16, saliency=prior in NEEDS_SALIENCY, device=device))
     x, s0 = b.images.to(device), start(b, "val")
-    cost = relative_flops(lambda: entropy_search(model, x, s0, steps=e["steps"], lr=e["lr"]), model, x, s0)
-    metrics |= dict(extra_flops=cost["extra"], start_prior=prior, steps=e["steps"],
+    cost = relative_flops(lambda: entropy_search(model, x, s0, steps=search["steps"], lr=search["lr"]), model, x, s0)
+    metrics |= dict(extra_flops=cost["extra"], start_prior=prior, steps=search["steps"],
                     entropy_per_step=[round(v, 6) for v in torch.cat(found["entropy"]).mean(0).tolist()],
                     accuracy_per_step=[round(v, 6) for v in torch.cat(found["correct"]).float().mean(0).tolist()])
     write_json(out / "metrics.json", metrics)

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spot import live
-from spot.backbones import load_backbone
+from spot.core.devices import resolve_device
 from spot.data.decoded import Decoded
-from spot.evaluation import SplitBatches, evaluate_placement
-from spot.learned_prior import fit_global_prior
-from spot.outputs import Record
-from spot.utils import resolve_device, write_json
+from spot.methods.learned_prior import fit_global_prior
+from spot.stages import Record
+from spot.training.backbones import load_backbone
+from spot.training.evaluation import SplitBatches, evaluate_placement
+from spot.utils import live
+from spot.utils.io import write_json
 
 
 def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
     """Fit `budget` positions (`placement.learned`: steps, lr, init prior) on batches of
-    `placement.batch_size` train images, then evaluate them as `spot.evaluation.evaluate_placement`
+    `placement.batch_size` train images, then evaluate them as `spot.training.evaluation.evaluate_placement`
     does. Writes positions.json (positions (budget, 2) (y, x) in [0, 1], loss per step),
     metrics.json (with extra_flops 0: shared positions cost nothing at inference),
     predictions.parquet and bank.npz."""
-    p, device = cfg["placement"], resolve_device(cfg["device"])
+    placement, device = cfg["placement"], resolve_device(cfg["device"])
     model = load_backbone(inputs["backbone"], device)
     data = Decoded(inputs["decoded"], model.data_config)
     losses = []
@@ -28,9 +29,9 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
         losses.append(round(m["loss"], 6))
         live.log_metrics({"learned/loss": m["loss"]}, step)
 
-    pos = fit_global_prior(model, SplitBatches(data, "train", p["batch_size"], device), n=budget,
-                           steps=p["learned"]["steps"], lr=p["learned"]["lr"], init=p["learned"]["init"],
-                           seed=cfg["seed"], log=log)
+    fit = placement["learned"]
+    pos = fit_global_prior(model, SplitBatches(data, "train", placement["batch_size"], device), n=budget,
+                           steps=fit["steps"], lr=fit["lr"], init=fit["init"], seed=cfg["seed"], log=log)
     write_json(out / "positions.json", dict(positions=pos.tolist(), loss=losses))
     metrics = evaluate_placement(model, data, lambda b, split: pos.expand(len(b.keys), -1, -1), out,
                                  batch_size=cfg["eval"]["batch_size"], knn=cfg["eval"]["knn"], device=device,

@@ -1,5 +1,5 @@
 """Stage model-saliency: a saliency map per image from a trained backbone of the pipeline
-(`spot.model_saliency.input_gradient`), for the `model_salient` prior and case study 3."""
+(`spot.methods.model_saliency.input_gradient`), for the `model_salient` prior and case study 3."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spot.backbones import load_backbone
+from spot.core.devices import resolve_device
 from spot.data.decoded import Decoded
-from spot.figures import to_display
-from spot.model_saliency import input_gradient
-from spot.outputs import Record
-from spot.saliency import save_preview
-from spot.utils import atomic_path, resolve_device
+from spot.methods.model_saliency import input_gradient
+from spot.stages import Record
+from spot.training.backbones import load_backbone
+from spot.utils.figures import save_preview, to_display
+from spot.utils.io import atomic_path
 
 
 def run(cfg: dict, inputs: dict, out: Path, backbone: str) -> Record:

@@ -7,51 +7,52 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spot.backbones import load_backbone
+from spot.core.devices import resolve_device, to_device
+from spot.core.model import compile_features
+from spot.core.priors import NEEDS_SALIENCY, check_budget, positions_for, split_seed
 from spot.data.decoded import Decoded
-from spot.model import compile_features
-from spot.oracle import oracle_search
-from spot.outputs import Record
-from spot.priors import NEEDS_SALIENCY, check_budget, positions_for
-from spot.utils import atomic_path, resolve_device, to_device
+from spot.methods.oracle import oracle_search
+from spot.stages import Record
+from spot.training.backbones import load_backbone
+from spot.utils.io import atomic_path
 
 FIELDS = ("init", "final", "trajectory", "correct", "snapped", "snapped_correct", "features")
 
 
-def batch_size(o: dict, budget: int) -> int:
-    """Images per SPoT-ON batch at `budget` tokens under config section `o` (oracle): batch_size, or
-    with batch_tokens the same tokens per batch at every budget."""
-    return o["batch_size"] if o["batch_tokens"] is None else max(1, o["batch_tokens"] // budget)
+def batch_size(oracle: dict, budget: int) -> int:
+    """Images per SPoT-ON batch at `budget` tokens under config section `oracle`: batch_size, or with
+    batch_tokens the same tokens per batch at every budget."""
+    return oracle["batch_size"] if oracle["batch_tokens"] is None else max(1, oracle["batch_tokens"] // budget)
 
 
-def search(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part: int) -> Record:
+def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part: int) -> Record:
     """SPoT-ON for every image of the val shards `part::oracle.parts`, each shard in batches of its
     own (`batch_size`: a batch never spans two shards, so the batches do not depend on the parts),
-    starting from the positions `evaluate` draws for val (prior `oracle.prior`, seed + 1). Writes part.npz:
+    starting from the positions `evaluate` draws for val (prior `oracle.prior`, `split_seed`). Writes part.npz:
     keys, labels, init and final positions (n, N, 2) float32, trajectory (n, T, N, 2) float16 (every
     `oracle.save_every`-th step and the last), correct (n, steps+1), snapped (n, N, 2),
     snapped_correct (n,), features (n, D) at the final positions."""
-    o = cfg["oracle"]
+    oracle = cfg["oracle"]
     device = resolve_device(cfg["device"])
-    model = compile_features(load_backbone(inputs["backbone"], device), o["compile"])
-    check_budget(o["prior"], budget, *model.img_size, model.k)
+    model = compile_features(load_backbone(inputs["backbone"], device), oracle["compile"])
+    check_budget(oracle["prior"], budget, *model.img_size, model.k)
     data = Decoded(inputs["decoded"], model.data_config)
     data.require_head(model.num_classes)
     every = [e["name"] for e in data.index["splits"]["val"]["shards"]]
-    shards = every[part::o["parts"]]
+    shards = every[part::oracle["parts"]]
     if not shards:
-        raise ValueError(f"part {part} of oracle.parts {o['parts']} gets none of the {len(every)} val shards: "
+        raise ValueError(f"part {part} of oracle.parts {oracle['parts']} gets none of the {len(every)} val shards: "
                          f"set oracle.parts to at most {len(every)} (or write more, smaller shards: data.images_per_shard)")
-    kept = sorted(set(range(0, o["steps"] + 1, o["save_every"])) | {o["steps"]})
+    kept = sorted(set(range(0, oracle["steps"] + 1, oracle["save_every"])) | {oracle["steps"]})
     found: dict[str, list] = {k: [] for k in ("keys", "labels", *FIELDS)}
     # one reading thread for all the part's shards: it runs ahead across their boundaries
-    batches = data.batches("val", batch_size(o, budget), saliency=o["prior"] in NEEDS_SALIENCY, shards=shards,
-                           device=device)
+    batches = data.batches("val", batch_size(oracle, budget), saliency=oracle["prior"] in NEEDS_SALIENCY,
+                           shards=shards, device=device)
     for b in tqdm(batches, desc=f"oracle {backbone}/{budget} part {part}", unit="batch"):
-        init = positions_for(o["prior"], budget, b.keys, cfg["seed"] + 1, *model.img_size, model.k, b.saliency,
-                             b.images, device)
-        r = oracle_search(model, b.images, to_device(b.labels, device), init, steps=o["steps"], lr=o["lr"],
-                          optimizer=o["optimizer"])
+        init = positions_for(oracle["prior"], budget, b.keys, split_seed(cfg["seed"], "val"), *model.img_size,
+                             model.k, b.saliency, b.images, device)
+        r = oracle_search(model, b.images, to_device(b.labels, device), init, steps=oracle["steps"], lr=oracle["lr"],
+                          optimizer=oracle["optimizer"])
         found["keys"] += b.keys
         found["labels"].append(b.labels)
         found["init"].append(r.trajectory[:, 0])

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from spot.knn import knn_predict
-from spot.outputs import Record
-from spot.utils import atomic_path, write_json
+from spot.core.knn import knn_predict
+from spot.stages import Record
+from spot.utils.io import atomic_path, write_json
 
 
 def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:

@@ -6,37 +6,40 @@ from pathlib import Path
 
 import torch
 
-from spot import live
-from spot.backbones import load_backbone
-from spot.cost import relative_flops
+from spot.core.cost import relative_flops
+from spot.core.devices import resolve_device
 from spot.data.decoded import Decoded
-from spot.evaluation import SplitBatches, evaluate_placement
-from spot.learned_prior import initial_positions
-from spot.outputs import Record
-from spot.placer import Placer, save_placer, train_placer
-from spot.utils import read_json, resolve_device, write_json
+from spot.methods.learned_prior import initial_positions
+from spot.methods.placer import Placer, train_placer
+from spot.stages import Record
+from spot.training.backbones import load_backbone
+from spot.training.evaluation import SplitBatches, evaluate_placement
+from spot.training.placers import save_placer
+from spot.utils import live
+from spot.utils.io import read_json, write_json
 
 
 def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
-    """Train a `spot.placer.Placer` for `budget` tokens (`placement.placer`: steps, lr, in_size,
+    """Train a `spot.methods.placer.Placer` for `budget` tokens (`placement.placer`: steps, lr, in_size,
     width; it starts at the learned global prior of this backbone and budget when `init` is
     'learned', else at that prior's positions) on batches of `placement.batch_size` train images
-    with the classification loss, then evaluate it (`spot.evaluation.evaluate_placement`). Writes
-    placer.safetensors + placer.json (`spot.placer.save_placer`), metrics.json (with extra_flops:
+    with the classification loss, then evaluate it (`spot.training.evaluation.evaluate_placement`). Writes
+    placer.safetensors + placer.json (`spot.methods.placer.save_placer`), metrics.json (with extra_flops:
     the placer's FLOPs over the backbone's forward at `budget` tokens), predictions.parquet, bank.npz."""
-    p, device = cfg["placement"], resolve_device(cfg["device"])
-    pp = p["placer"]
+    placement, device = cfg["placement"], resolve_device(cfg["device"])
+    settings = placement["placer"]
     model = load_backbone(inputs["backbone"], device)
     data = Decoded(inputs["decoded"], model.data_config)
     x = next(data.batches("val", 16, device=device)).images.to(device)     # also the images the cost is counted on
-    init = (torch.tensor(read_json(inputs["learned"] / "positions.json")["positions"]) if pp["init"] == "learned"
-            else initial_positions(pp["init"], budget, model.img_size, model.k, cfg["seed"]))
-    placer = Placer(budget, in_chans=x.shape[1], in_size=pp["in_size"], width=pp["width"],
+    init = (torch.tensor(read_json(inputs["learned"] / "positions.json")["positions"]) if settings["init"] == "learned"
+            else initial_positions(settings["init"], budget, model.img_size, model.k, cfg["seed"]))
+    placer = Placer(budget, in_chans=x.shape[1], in_size=settings["in_size"], width=settings["width"],
                     init=init, seed=cfg["seed"]).to(device)
-    losses = train_placer(model, placer, SplitBatches(data, "train", p["batch_size"], device), steps=pp["steps"],
-                          lr=pp["lr"], log=lambda step, m: live.log_metrics({"placer/loss": m["loss"]}, step))
+    losses = train_placer(model, placer, SplitBatches(data, "train", placement["batch_size"], device),
+                          steps=settings["steps"], lr=settings["lr"],
+                          log=lambda step, m: live.log_metrics({"placer/loss": m["loss"]}, step))
     save_placer(placer, out, meta=dict(backbone=backbone, budget=budget, loss=[round(v, 6) for v in losses.tolist()],
-                                       **{f"placer.{k}": v for k, v in pp.items()}))
+                                       **{f"placer.{k}": v for k, v in settings.items()}))
 
     @torch.no_grad()
     def place(b, split):

@@ -5,16 +5,17 @@ from pathlib import Path
 
 import torch
 
-from spot.backbones import load_backbone
+from spot.core.devices import resolve_device
 from spot.data.decoded import Decoded
-from spot.evaluation import evaluate_placement
-from spot.outputs import Record
-from spot.placer import load_placer
-from spot.utils import read_json, resolve_device, write_json
+from spot.stages import Record
+from spot.training.backbones import load_backbone
+from spot.training.evaluation import evaluate_placement
+from spot.training.placers import load_placer
+from spot.utils.io import read_json, write_json
 
 
 def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> Record:
-    """Evaluate `dst` with `budget` tokens placed by `src`'s placer (`spot.evaluation.evaluate_placement`),
+    """Evaluate `dst` with `budget` tokens placed by `src`'s placer (`spot.training.evaluation.evaluate_placement`),
     beside `dst`'s own placer. Writes metrics.json (top1, knn, top1_own: dst's own placer,
     gain = top1 - top1_own), predictions.parquet, bank.npz."""
     device = resolve_device(cfg["device"])

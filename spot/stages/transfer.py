@@ -8,11 +8,12 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from spot.backbones import load_backbone
+from spot.core.devices import autocast_for, resolve_device, to_device
+from spot.core.model import frozen
 from spot.data.decoded import Decoded
-from spot.model import frozen
-from spot.outputs import Record
-from spot.utils import autocast_for, read_json, resolve_device, to_device, write_json
+from spot.stages import Record
+from spot.training.backbones import load_backbone
+from spot.utils.io import read_json, write_json
 
 
 @torch.no_grad()

@@ -4,11 +4,12 @@ from pathlib import Path
 
 import yaml
 
-from spot.config import read as read_params
-from spot.config import validate as validate_params
-from spot.environment import lock_digest
-from spot.layout import Layout
-from spot.pipeline import STAGES
+from spot.utils.environment import lock_digest
+from spot.utils.records import as_list
+from spot.workflow.config import read as read_params
+from spot.workflow.config import validate as validate_params
+from spot.workflow.layout import Layout
+from spot.workflow.table import STAGES
 
 # A bad params file stops Snakemake with one line, as `spot validate` prints it (no traceback).
 try:
@@ -19,7 +20,7 @@ try:
     config.pop("params", None)
     validate_params(config, PARAMS)
     if not (workflow.remote_exec or workflow.subprocess_exec):  # once, in the main snakemake, not per job
-        from spot.preflight import check as preflight
+        from spot.workflow.preflight import check as preflight
 
         preflight(config, PARAMS, devices=workflow.local_exec)  # a cluster's jobs run elsewhere
 except (ValueError, FileNotFoundError) as e:
@@ -43,13 +44,13 @@ wildcard_constraints:
 # MLflow: a parent run per invocation that runs jobs (it creates the store and the experiment before
 # the fan-out); its id goes to the jobs in SPOT_MLFLOW_PARENT_RUN, so their runs nest under it.
 onstart:
-    from spot import tracking
+    from spot.workflow import tracking
 
     tracking.start_pipeline(config, PARAMS)
 
 
 onerror:
-    from spot import tracking
+    from spot.workflow import tracking
 
     tracking.end_pipeline(config, "FAILED")
 
@@ -57,8 +58,8 @@ onerror:
 # After a run, `dvc commit` records the outputs of its jobs in dvc.lock when dvc.yaml was generated
 # for this params file, so `dvc status` agrees with Snakemake (SPOT_DVC_COMMIT=0 turns it off).
 onsuccess:
-    from spot import tracking
-    from spot.dvc_yaml import commit_after_snakemake
+    from spot.workflow import tracking
+    from spot.workflow.dvc import commit_after_snakemake
 
     tracking.end_pipeline(config, "FINISHED")  # (Snakemake keeps one onsuccess: MLflow's parent run ends here)
     print(commit_after_snakemake(PARAMS, [(job.rule.name, job.wildcards_dict) for job in workflow.dag.jobs]))
@@ -67,7 +68,7 @@ onsuccess:
 def stage_inputs(stage, wildcards):
     """The run.json files of a job's input folders."""
     folders = stage.job_inputs(config, LAYOUT, stage.typed(wildcards))
-    return [f"{f}/run.json" for v in folders.values() for f in (v if isinstance(v, list) else [v])]
+    return [f"{f}/run.json" for v in folders.values() for f in as_list(v)]
 
 
 def stage_params(stage, wildcards):
@@ -75,6 +76,6 @@ def stage_params(stage, wildcards):
     return stage.param_values(config, stage.typed(wildcards))
 
 
-# Snakemake evaluates `shell:` twice: when the rule is defined (for -n -p), and at job time, where
-# the loop variable of stages.smk is the last stage; there the job's `rule` name picks the command.
-COMMANDS = {s.rule: s.command(PARAMS, {w: f"{{wildcards.{w}}}" for w in s.wildcards}) for s in STAGES}
+def stage_command(stage, wildcards):
+    """The job's `spot` command line."""
+    return stage.command(PARAMS, stage.typed(wildcards))

@@ -1,6 +1,6 @@
 import os
 
-# One rule per stage of spot.pipeline.STAGES: its output is the job folder's run.json (written
+# One rule per stage of spot.workflow.table.STAGES: its output is the job folder's run.json (written
 # last; a stage with `each` writes one folder per value), its inputs the run.json of its input
 # folders, its params the config values it reads.
 # Files of its folder listed in workflow/report/items.yaml are outputs too, shown by
@@ -27,11 +27,12 @@ for stage in STAGES:
         input:
             partial(stage_inputs, stage),
         output:
-            *[f"{LAYOUT.pattern(stage.output, **f)}/run.json" for f in stage.folders(config, {})],
+            *[f"{LAYOUT.pattern(stage.output, **f)}/run.json" for f in stage.output_wildcards(config, {})],
             *[report_output(stage, n, i) for n, i in REPORT_ITEMS.get(stage.name, {}).items()],
         params:
             values=partial(stage_params, stage),
             lock=LOCK,
+            cmd=partial(stage_command, stage),
         threads: stage.threads
         resources:
             gpu=GPU if stage.gpu else 0,
@@ -40,5 +41,4 @@ for stage in STAGES:
         conda:
             "../envs/spot.yaml"
         shell:
-            f"{COMMANDS[locals().get('rule', stage.rule)]} 2> {{log}} "
-            '|| (s=$?; echo "{log}: $(tail -n 1 {log})" >&2; exit $s)'
+            '{params.cmd} 2> {log} || (s=$?; echo "{log}: $(tail -n 1 {log})" >&2; exit $s)'

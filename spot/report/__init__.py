@@ -1,0 +1,1 @@
+"""The report: results collected from the job folders, analysed, rendered as tables, findings, plots and picture sheets."""

@@ -1,0 +1,72 @@
+"""Plots: accuracy against token budget, and SPoT-ON's accuracy per search step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.ticker import NullLocator
+
+from spot.methods import LABEL_FREE
+from spot.report.analyse import PAPER_ORDER
+from spot.utils.figures import save_fig
+
+MARKERS = "osD^v<>pPXh*"
+
+
+def series_styles(names: list[str]) -> dict[str, dict]:
+    """A colour and a marker per series name, none alike: matplotlib's 10 tab10 colours, then their
+    10 lighter tab20 partners (up to 20 colours), and 12 markers, each cycling."""
+    tab20 = plt.get_cmap("tab20").colors
+    colors = tab20[::2] + tab20[1::2]
+    return {n: dict(color=colors[i % len(colors)], marker=MARKERS[i % len(MARKERS)]) for i, n in enumerate(names)}
+
+
+def series_name(prior: str, oracle: bool) -> str:
+    return f"{prior} (SPoT-ON)" if oracle else prior
+
+
+def plot_budgets(results: pd.DataFrame, path: Path):
+    """Accuracy against token budget, one line per prior (dashed: oracle), one panel per backbone (in
+    the order of `results`); every series has its own colour and marker, the same in every panel.
+    Returns the (closed) figure."""
+    backbones, budgets = list(results.backbone.unique()), sorted(results.budget.unique())
+    rank = {p: i for i, p in enumerate(PAPER_ORDER + LABEL_FREE)}
+    series = sorted(set(zip(results.prior, results.oracle)), key=lambda s: (s[1], rank.get(s[0], len(rank)), s[0]))
+    styles = series_styles([series_name(*s) for s in series])
+    fig, axes = plt.subplots(1, max(1, len(backbones)), figsize=(4.5 * max(1, len(backbones)), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], backbones):
+        mine = results[results.backbone == b]
+        for prior, oracle in series:
+            g = mine[(mine.prior == prior) & (mine.oracle == oracle)].sort_values("budget")
+            if not g.empty:
+                name = series_name(prior, oracle)
+                ax.plot(g.budget, 100 * g.top1, "--" if oracle else "-", ms=4, label=name, **styles[name])
+        ax.set(title=b, xlabel="tokens", ylabel="top-1 (%)", xscale="log")
+        ax.set_xticks(budgets, [str(n) for n in budgets])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    save_fig(fig, path)
+    return fig
+
+
+def plot_oracle_steps(curves: pd.DataFrame, path: Path) -> None:
+    """SPoT-ON top-1 against search step, one line per budget, one panel per backbone (in the order of
+    `curves`); a cross at the last step marks the found positions snapped to the patch grid."""
+    backbones = list(curves.backbone.unique()) or ["(no SPoT-ON runs)"]
+    fig, axes = plt.subplots(1, len(backbones), figsize=(4.5 * len(backbones), 3.6), squeeze=False, sharey=True,
+                             layout="constrained")
+    for ax, b in zip(axes[0], backbones):
+        for i, (n, g) in enumerate(curves[curves.backbone == b].groupby("budget")):
+            g = g.sort_values("step")
+            color = f"C{i}"
+            ax.plot(g.step, 100 * g.top1, "-", marker="o", ms=3, color=color, label=f"{n} tokens")
+            ax.plot(g.step.iloc[-1], 100 * g.top1_snapped.iloc[-1], "x", ms=7, color=color)
+        ax.set(title=b, xlabel="SPoT-ON step", ylabel="top-1 (%)" if ax is axes[0][0] else None)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.plot([], [], "x", color="grey", label="snapped to grid")
+            ax.legend(fontsize=7, loc="best")
+    save_fig(fig, path)

@@ -1,0 +1,75 @@
+"""Tables: the paper's table per backbone (pandas pivot), the transfer and gap tables (pandas
+`to_markdown`), and the line naming the environments, as tables.md (`templates/tables.md.j2`)."""
+from __future__ import annotations
+
+import pandas as pd
+
+from spot.methods import LABEL_FREE
+from spot.report.analyse import PAPER_ORDER, model_name
+from spot.report.render import render
+
+INTRO = ("Top-1 and kNN accuracy (%) per token budget. SPoT-ON rows use labels (an oracle upper bound); bold: the "
+         "best non-oracle value per column (ties: the first, and named under the table).")
+
+
+def paper_table(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """One backbone's rows of `results` in the paper's layout: rows model . prior . oracle, Acc@1 and
+    kNN per budget in percent, as strings. The best non-oracle value of each column is in bold, once:
+    where values tie (as shown, to 0.01), the first row in the table's order. Returns the table and
+    a line per tie ('4 T Acc@1 20.00: SPoT isotropic, SPoT-placer')."""
+    rank = {p: i for i, p in enumerate(PAPER_ORDER)}
+    values = df.pivot(index=["prior", "oracle"], columns="budget", values=["top1", "knn"])
+    rows = sorted(values.index, key=lambda r: (r[1], r[0] in LABEL_FREE, rank.get(r[0], len(rank)), r[0]))
+    columns = [(c, n) for n in sorted(df.budget.unique()) for c in ("top1", "knn")]
+    shown = values.loc[rows, columns].map(lambda v: "" if pd.isna(v) else f"{100 * v:.2f}")
+    names = [f"{n} T {'Acc@1' if c == 'top1' else 'kNN'}" for c, n in columns]
+    ties = []
+    for name, col in zip(names, columns):
+        printed = {r: float(shown.at[r, col]) for r in rows if not r[1] and shown.at[r, col]}   # non-oracle cells
+        if not printed:
+            continue
+        top = max(printed.values())
+        best = [r for r, v in printed.items() if v == top]
+        shown.at[best[0], col] = f"**{shown.at[best[0], col]}**"
+        if len(best) > 1:
+            ties.append(f"{name} {top:.2f}: " + ", ".join(row_name(*r) for r in best))
+    shown.columns = names
+    labels = pd.DataFrame([(model_name(p, o), "" if p in LABEL_FREE else p, "✓" if o else "") for p, o in rows],
+                          columns=["Model", "Prior", "Oracle"], index=shown.index)
+    return pd.concat([labels, shown], axis=1), ties
+
+
+def row_name(prior: str, oracle: bool) -> str:
+    """'SPoT isotropic', 'ViT grid', 'SPoT-placer': a row of `paper_table` in words."""
+    return " ".join(filter(None, (model_name(prior, oracle), "" if prior in LABEL_FREE else prior)))
+
+
+def describe_environments(envs: list[dict]) -> str:
+    """One line naming the machines and software of `envs` (run.json `environment`s): each value,
+    with its job count where the jobs differ ('threads 1 (30 jobs) / 2 (3 jobs)')."""
+    def values(key, fmt=str):
+        counts = pd.Series([fmt(e.get(key)) for e in envs]).value_counts(sort=False)
+        if len(counts) == 1:
+            return counts.index[0]
+        return " / ".join(f"{v} ({n} jobs)" for v, n in counts.items())
+    software = ", ".join(f"{k} {values(k)}" for k in ("python", "torch", "timm", "numpy", "mlflow", "snakemake", "dvc"))
+    lock = values("lock_mismatches", lambda m: "as installed" if not m else "installed: " + ", ".join(m))
+    return (f"Computed on {values('device')} (CPU {values('cpu')}, torch kernels {values('cpu_capability')}, "
+            f"threads {values('threads')}, kernel settings {values('kernels', lambda k: k or 'default')}; "
+            f"CUDA {values('cuda')}, cuDNN {values('cudnn')}) with {software}; lock file {values('lock')} "
+            f"({lock}), in {len(envs)} jobs.")
+
+
+def tables_markdown(results: pd.DataFrame, trans: pd.DataFrame, gaps: pd.DataFrame, ptrans: pd.DataFrame,
+                    envs: list[dict]) -> str:
+    """tables.md: the environments, the paper's table of each backbone (in the order of `results`),
+    then the transfer, gap and placer-transfer tables that have rows."""
+    backbones = []
+    for name, rows in results.groupby("backbone", sort=False):
+        table, ties = paper_table(rows)
+        backbones.append(dict(name=name, head=list(table.columns), rows=table.to_numpy().tolist(), ties=ties))
+    extra = [(title, t.to_markdown(index=False, floatfmt=".4f")) for title, t in (
+        ("Transfer of oracle placements", trans), ("Label-free placement: the oracle gap closed and the extra compute",
+                                                   gaps), ("Transfer of placers", ptrans)) if not t.empty]
+    return render("tables.md.j2", environment=describe_environments(envs), intro=INTRO, backbones=backbones,
+                  extra=extra)

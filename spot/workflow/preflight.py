@@ -1,0 +1,271 @@
+"""Preflight: what is wrong with a schema-validated configuration that is knowable without running a
+job (device, data folders, files, architectures and their heads, checkpoints' tensors, token
+budgets, SPoT-ON parts). `check` raises at the first problem, a one-line ValueError or
+FileNotFoundError '<source>: <dotted.key>: <problem>'."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import timm
+import torch
+
+from spot.data.imagenet import SOURCE as IMAGENET_SOURCE
+from spot.data.imagenet import imagenet_classes
+from spot.data.shards import per_split
+from spot.data.sources import FASHION_MNIST_FILES, class_folder, make_source, source_classes
+from spot.training.backbones import checkpoint_shapes
+from spot.training.checkpoint import misfit
+from spot.utils.text import describe_error, one_line
+from spot.workflow.config import TRAIN_MODEL
+
+
+
+class Problem(Exception):
+    """One problem at one config key; `check` turns it into its ValueError / FileNotFoundError."""
+
+    def __init__(self, key: str, message: str, kind: type[Exception] = ValueError):
+        super().__init__(message)
+        self.key, self.message, self.kind = key, message, kind
+
+
+def check(cfg: dict, source: str, devices: bool = True) -> None:
+    """Raise a one-line ValueError / FileNotFoundError '<source>: <key>: <problem>' for the first
+    problem of the validated configuration `cfg` (from `load_config`); return None if there is none.
+    `devices=False` leaves out the device check (jobs run on other machines, e.g. SLURM nodes)."""
+    try:
+        if devices:
+            check_device(cfg["device"])
+        check_data(cfg["data"])
+        check_checkpoints(cfg["backbones"])
+        models = backbone_models(cfg)
+        shapes = {name: shape_of(cfg, name, model) for name, model in models.items()}
+        check_heads(cfg, models)
+        check_weights(cfg, models)
+        check_budgets(cfg, shapes)
+        check_parts(cfg)
+    except Problem as p:
+        raise p.kind(f"{source}: {p.key}: {one_line(p.message)}") from None
+
+
+# --- device -----------------------------------------------------------------------------------------
+
+def check_device(device: str) -> None:
+    """'cuda' / 'cuda:N' must name a CUDA device of this machine."""
+    if not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if count == 0:
+        raise Problem("device", f"{device!r} but CUDA is not available on this machine (use auto or cpu)")
+    if index >= count:
+        raise Problem("device", f"{device!r} but this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def check_data(data: dict) -> None:
+    """Splits distinct and including 'train'; data.root, its split folders or files; a folder tree
+    has classes (an ImageNet tree: folders named by ImageNet-1k wnids)."""
+    splits = data["splits"]
+    dup = sorted({s for s in splits if splits.count(s) > 1})
+    if dup:
+        raise Problem("data.splits", f"{', '.join(dup)} listed more than once")
+    if "train" not in splits:
+        raise Problem("data.splits", "needs 'train' (the kNN bank of eval and the data of make: train)")
+    root = Path(data["root"])
+    if not root.is_dir():
+        raise Problem("data.root", f"folder {root} does not exist", FileNotFoundError)
+    for split in splits:
+        if data["source"] == "fashion-mnist":
+            check_fashion_mnist(root, split)
+        elif not (root / split).is_dir():
+            raise Problem("data.root", f"split folder {root / split} does not exist (data.splits: {split})",
+                          FileNotFoundError)
+    if data["source"] == "folder" and not source_classes("folder", root):
+        raise Problem("data.root", f"{class_folder(root)} holds no class folder", FileNotFoundError)
+    if data["source"] == "imagenet":
+        wnids = set(source_classes("folder", root)) & set(imagenet_classes()[0])
+        if not wnids:
+            raise Problem("data.root", f"no folder of {class_folder(root)} is an ImageNet-1k wnid ({IMAGENET_SOURCE}); "
+                          "for other classes use data.source: folder", FileNotFoundError)
+
+
+def fashion_mnist_missing(root: Path, split: str) -> list[str]:
+    """Names of the IDX files of `split` that are in none of the places `fashion_mnist_arrays` reads."""
+    stem = FASHION_MNIST_FILES[split]
+    names = [f"{stem}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+    return [n for n in names if not any(p.is_file() for p in
+                                        (root / f"{n}.gz", root / n, root / "FashionMNIST" / "raw" / n))]
+
+
+def check_fashion_mnist(root: Path, split: str) -> None:
+    """`split` is a Fashion-MNIST split whose IDX files are in `root` (nothing is downloaded)."""
+    if split not in FASHION_MNIST_FILES:
+        raise Problem("data.splits", f"fashion-mnist has splits {', '.join(FASHION_MNIST_FILES)}, not {split!r}")
+    missing = fashion_mnist_missing(root, split)
+    if missing:
+        raise Problem("data.root", f"Fashion-MNIST file(s) {', '.join(m + '[.gz]' for m in missing)} of split "
+                      f"{split!r} not in {root}; install them with 'apt-get install dataset-fashion-mnist' "
+                      "(/usr/share/datasets/fashion-mnist)", FileNotFoundError)
+
+
+# --- backbones --------------------------------------------------------------------------------------
+
+def check_checkpoints(backbones: dict) -> None:
+    """Every backbone's `checkpoint:` file exists."""
+    for name, spec in backbones.items():
+        if spec.get("checkpoint") and not Path(spec["checkpoint"]).is_file():
+            raise Problem(f"backbones.{name}.checkpoint", f"file {spec['checkpoint']} does not exist",
+                          FileNotFoundError)
+
+
+def model_spec(cfg: dict, name: str, seen: tuple = ()) -> tuple[str, str, dict]:
+    """(backbone whose spec defines the architecture, timm name, create_model kwargs) of backbone
+    `name`: a `make: train` with `init` has the architecture of its init backbone."""
+    spec = cfg["backbones"][name]
+    if spec["make"] == "train" and spec.get("init"):
+        if spec["init"] in (*seen, name):
+            chain = " -> ".join((*seen, name, spec["init"]))
+            raise Problem(f"backbones.{(*seen, name)[0]}.init", f"init cycle {chain}")
+        return model_spec(cfg, spec["init"], (*seen, name))
+    arch = dict(spec.get("arch") or {})
+    if spec["make"] == "fetch":
+        return name, spec["model"], arch
+    return name, spec.get("model", TRAIN_MODEL), {"num_classes": len(classes_of(cfg["data"])), **arch}
+
+
+def build_meta(name: str, timm_name: str, kwargs: dict, has_arch: bool) -> torch.nn.Module:
+    """The timm model, built without weights on the meta device (on the CPU if meta is refused)."""
+    if not timm.is_model(timm_name.split(".")[0]):
+        raise Problem(f"backbones.{name}.model", f"unknown timm model {timm_name!r}")
+    key = f"backbones.{name}.arch" if has_arch else f"backbones.{name}.model"
+    try:
+        with torch.device("meta"):
+            return timm.create_model(timm_name, pretrained=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any failure of timm is a bad architecture
+        if "meta" not in str(e):
+            raise Problem(key, f"timm cannot build {timm_name!r} ({describe_error(e)})") from None
+    try:
+        return timm.create_model(timm_name, pretrained=False, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise Problem(key, f"timm cannot build {timm_name!r} ({describe_error(e)})") from None
+
+
+def shape_of(cfg: dict, name: str, model: torch.nn.Module) -> tuple[int, int, int]:
+    """(height, width, patch) that SPoTViT reads from backbone `name`'s `model`; Problem where SPoTViT
+    would refuse it."""
+    owner, timm_name, _ = model_spec(cfg, name)
+    arch = cfg["backbones"][owner].get("arch") or {}
+    pe = getattr(model, "patch_embed", None)
+    if not isinstance(getattr(pe, "proj", None), torch.nn.Conv2d):
+        raise Problem(f"backbones.{owner}.model", f"{timm_name!r} is not a timm VisionTransformer with a conv "
+                      "patch embedding (SPoTViT needs one)")
+    (h, w), (ph, pw) = tuple(pe.img_size), tuple(pe.patch_size)
+    if ph != pw:
+        raise Problem(arch_key(owner, arch, "patch_size"), f"patch_size {ph}x{pw} is not square "
+                      "(SPoTViT needs square patches)")
+    if h % ph or w % pw:
+        raise Problem(arch_key(owner, arch, "img_size", "patch_size"),
+                      f"img_size {h}x{w} is not divisible by patch_size {ph}")
+    return h, w, ph
+
+
+def arch_key(name: str, arch: dict, *keys: str) -> str:
+    """'backbones.<name>.arch.<key>' for the first of `keys` set in `arch`, else 'backbones.<name>.model'."""
+    return next((f"backbones.{name}.arch.{k}" for k in keys if k in arch), f"backbones.{name}.model")
+
+
+def backbone_models(cfg: dict) -> dict[str, torch.nn.Module]:
+    """Backbone name -> its timm model without weights (meta device), each distinct architecture
+    built once (a fine-tuned backbone shares its init's)."""
+    built: dict[str, torch.nn.Module] = {}
+    models = {}
+    for name in cfg["backbones"]:
+        owner, timm_name, kwargs = model_spec(cfg, name)
+        if owner not in built:
+            built[owner] = build_meta(owner, timm_name, kwargs, bool(cfg["backbones"][owner].get("arch")))
+        models[name] = built[owner]
+    return models
+
+
+def classes_of(data: dict) -> list[str]:
+    """The data source's class names in label order (`spot.data.sources.source_classes`)."""
+    return source_classes(data["source"], data["root"])
+
+
+def check_heads(cfg: dict, models: dict[str, torch.nn.Module]) -> None:
+    """Every head has one logit per class of the source, in its order: an ImageNet source is
+    labelled with the 1 000 classes of ImageNet-1k, a folder source with its class folders."""
+    data = cfg["data"]
+    classes = len(classes_of(data))
+    why = {"imagenet": f"its labels are ImageNet-1k's index ({IMAGENET_SOURCE})",
+           "folder": f"the class folders of {class_folder(Path(data['root']))}"}.get(data["source"], "its classes")
+    for name, model in models.items():
+        owner, timm_name, _ = model_spec(cfg, name)
+        if model.num_classes != classes:
+            arch = cfg["backbones"][owner].get("arch") or {}
+            raise Problem(arch_key(owner, arch, "num_classes"),
+                          f"{timm_name!r} has a head of {model.num_classes} classes, the {data['source']} source "
+                          f"{classes} ({why}): a head must read the source's labels")
+
+
+def check_weights(cfg: dict, models: dict[str, torch.nn.Module]) -> None:
+    """Every `checkpoint:` holds the tensors of its backbone's architecture, names and shapes, read
+    without their data (`spot.training.backbones.checkpoint_shapes`); .npz files, which timm reads with the
+    model's own loader, are left to the job."""
+    for name, spec in cfg["backbones"].items():
+        path = spec.get("checkpoint")
+        if not path or Path(path).suffix.lower() in (".npz", ".npy"):
+            continue
+        key = f"backbones.{name}.checkpoint"
+        try:
+            have = checkpoint_shapes(path)
+        except ValueError as e:
+            raise Problem(key, str(e)) from None
+        model = models[name]
+        if why := misfit(model.state_dict(), have, path, f"{spec['model']} ({type(model).__name__})"):
+            raise Problem(key, why)
+
+
+# --- token budgets ----------------------------------------------------------------------------------
+
+def check_budgets(cfg: dict, shapes: dict[str, tuple[int, int, int]]) -> None:
+    """Budgets fit every backbone: at most its patch cells under the grid prior, at most its pixels
+    always; train.token_range's lower bound at most the cells of each `make: train` backbone."""
+    grid = {"eval": "grid" in cfg["eval"]["priors"] and "eval.priors",
+            "oracle": cfg["oracle"]["prior"] == "grid" and "oracle.prior",
+            "transfer": cfg["oracle"]["prior"] == "grid" and "oracle.prior"}
+    for stage, why in grid.items():
+        for budget in cfg[stage]["budgets"]:
+            for name, (h, w, k) in shapes.items():
+                cells = (h // k) * (w // k)
+                if why and budget > cells:
+                    raise Problem(f"{stage}.budgets", f"{budget} tokens exceed the {cells} patch cells of backbone "
+                                  f"{name!r} ({h}x{w} px, patch {k}) under the grid prior ({why})")
+                if budget > h * w:
+                    raise Problem(f"{stage}.budgets", f"{budget} tokens exceed the {h * w} pixels of backbone "
+                                  f"{name!r}'s {h}x{w} images")
+    low = cfg["train"]["token_range"][0]
+    for name, (h, w, k) in shapes.items():
+        if cfg["backbones"][name]["make"] == "train" and low > (h // k) * (w // k):
+            raise Problem("train.token_range", f"lower bound {low} exceeds the {(h // k) * (w // k)} patch cells "
+                          f"of backbone {name!r} ({h}x{w} px, patch {k})")
+
+
+# --- SPoT-ON parts ----------------------------------------------------------------------------------
+
+def check_parts(cfg: dict) -> None:
+    """oracle.parts at most the val shards the shard stage will write (each part gets whole shards):
+    the val images listed as the shard stage lists them, data.images_per_shard to a shard (more
+    shards where data.shard_bytes comes first, never fewer)."""
+    data, parts = cfg["data"], cfg["oracle"]["parts"]
+    images = len(make_source(data["source"], data["root"], "val", seed=cfg["seed"],
+                             max_per_class=per_split(data["max_per_class"], "val"),
+                             max_images=per_split(data["max_images"], "val")))
+    shards = math.ceil(images / data["images_per_shard"])
+    if parts > shards:
+        raise Problem("oracle.parts", f"{parts} SPoT-ON jobs per backbone and budget, but the val split makes "
+                      f"{shards} shard(s) ({images} images, data.images_per_shard {data['images_per_shard']}) and a "
+                      f"job gets whole shards: set oracle.parts to at most {shards}"
+                      + (f" or data.images_per_shard to at most {images // parts}" if images >= parts else ""))

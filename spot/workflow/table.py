@@ -1,0 +1,225 @@
+"""The stage table: every pipeline stage declared once, with the planners of its jobs and inputs.
+
+From this table come the `spot` subcommands (`spot.cli`), the Snakemake rules
+(`workflow/rules/stages.smk`) and `dvc.yaml` (`spot.workflow.dvc`). So the engines run the same
+jobs with the same commands, and rerun them on the same parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.metadata
+import os
+from pathlib import Path
+
+from spot.data.geometry import GEOMETRY, geometry_name, overlay
+from spot.methods import LABEL_FREE
+from spot.utils.io import read_json, write_json
+from spot.workflow.stage import Stage, lookup, product
+
+def backbone_params(cfg, w):
+    spec = cfg["backbones"][w["backbone"]]
+    return [f"backbones.{w['backbone']}", "seed", "device"] + (["train"] if spec["make"] == "train" else [])
+
+
+def backbone_inputs(cfg, w):
+    spec = cfg["backbones"][w["backbone"]]
+    inputs = {"shards": ("shards", {}), "decoded": decoded(cfg, w["backbone"])} if spec["make"] == "train" else {}
+    if spec.get("init"):
+        inputs["init"] = ("backbone", {"backbone": spec["init"]})
+    return inputs
+
+
+def decoded(cfg, backbone):
+    """The decoded images a backbone reads (its data geometry, planned from the config)."""
+    return ("decoded", {"geometry": geometry_name(planned_data_config(cfg, backbone))})
+
+
+def planned_data_config(cfg: dict, backbone: str) -> dict:
+    """The geometry backbone `backbone` of `cfg` will have (what `spot.core.model.SPoTViT`, `fetch` and
+    training give it), known before it exists: timm's pretrained config of its model at its image
+    size (a fine-tuned one: its `init`'s), then `train.data_config` for trained backbones, then the
+    backbone's own `data_config`."""
+    spec = cfg["backbones"][backbone]
+    if spec["init"]:
+        dc = planned_data_config(cfg, spec["init"])
+    else:
+        pre = pretrained_geometry(spec["model"])
+        if pre is None:
+            raise ValueError(f"backbones.{backbone}.model: unknown timm model {spec['model']!r}")
+        size = spec["arch"].get("img_size", pre["input_size"][1:])
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        dc = dict(pre, input_size=(3, *size))
+    dc = overlay(dc, cfg["train"]["data_config"] if spec["make"] == "train" else {}, spec["data_config"])
+    return {k: dc[k] for k in GEOMETRY}
+
+
+@functools.cache
+def pretrained_geometry(model: str) -> dict | None:
+    """The geometry of timm model `model`'s pretrained config (None: no such model), kept per timm
+    version in `$XDG_CACHE_HOME/spot/` (default ~/.cache) and per process: every job plans its input
+    folders with it, and reading the cache spares the jobs that load no model the import of timm (2 s)."""
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spot" / \
+        f"timm-{importlib.metadata.version('timm')}-pretrained.json"
+    try:
+        cache = read_json(path)
+    except (OSError, ValueError):
+        cache = {}
+    if model not in cache:
+        import timm
+        pre = timm.models.get_pretrained_cfg(model)
+        if pre is None:
+            return None
+        cache[model] = dict(input_size=list(pre.input_size), interpolation=pre.interpolation,
+                            crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
+        with contextlib.suppress(OSError):                       # a read-only home: no cache, same answer
+            write_json(path, cache)
+    return cache[model]
+
+
+def geometries(cfg) -> list[dict]:
+    return [dict(t) for t in dict.fromkeys(tuple(decoded(cfg, b)[1].items()) for b in cfg["backbones"])]
+
+
+def eval_of(cfg, backbone, budget):
+    """The evaluation an oracle job starts from (its prior supplies the start and the kNN bank)."""
+    return ("eval", {"backbone": backbone, "prior": cfg["oracle"]["prior"], "budget": budget})
+
+
+def report_inputs(cfg, w):
+    jobs = {name: [(STAGE[name].output, f) for f in STAGE[name].all_output_wildcards(cfg)]
+            for name in ("evaluate", "oracle-gather", "transfer", "analyze", "placer-transfer", *LABEL_FREE)}
+    first = next(iter(cfg["backbones"]))                  # the config's first: its evaluations make the prior sheet
+    return dict(backbone=("backbone", {"backbone": first}), decoded=decoded(cfg, first), eval=jobs["evaluate"],
+                oracle=jobs["oracle-gather"], transfer=jobs["transfer"], analysis=jobs["analyze"],
+                placer_transfer=jobs["placer-transfer"], **{m: jobs[m] for m in LABEL_FREE})
+
+
+
+def placement_jobs(method):
+    """The jobs of a label-free placement stage: every backbone (each at `placement.budgets`), if the
+    method is on and has budgets."""
+    return lambda cfg: (product(backbone=list(cfg["backbones"]))
+                        if method in cfg["placement"]["methods"] and cfg["placement"]["budgets"] else [])
+
+
+def placer_transfers(cfg) -> list[dict]:
+    """Every ordered pair of different backbones (each at `placement.transfer`), if placers run."""
+    if "placer" not in cfg["placement"]["methods"] or not cfg["placement"]["transfer"]:
+        return []
+    return [j for j in product(src=list(cfg["backbones"]), dst=list(cfg["backbones"])) if j["src"] != j["dst"]]
+
+
+def model_inputs(cfg, w):
+    """A job's backbone `w["backbone"]` and the decoded images it reads."""
+    return {"backbone": ("backbone", {"backbone": w["backbone"]}), "decoded": decoded(cfg, w["backbone"])}
+
+
+def model_maps(cfg, wanted: bool) -> dict:
+    """The model-saliency maps as an input, if `wanted` and the config makes them (`saliency.model`)."""
+    model = cfg["saliency"]["model"]
+    return {"model_saliency": ("model-saliency", {"backbone": model})} if wanted and model else {}
+
+
+def covering(**axes: str) -> dict:
+    """`each` and `values` of a stage whose jobs cover every combination of the wildcards `axes`,
+    each with its values at a dotted config key (a dict: its keys), e.g. budget="oracle.budgets"."""
+    return dict(each=tuple(axes), values=lambda cfg: product(**{w: list(lookup(cfg, k)) for w, k in axes.items()}))
+
+
+PER_BUDGET = covering(budget="placement.budgets")                # label-free placement jobs
+ORACLE_BUDGETS = covering(budget="oracle.budgets")
+ORACLE = ["oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size", "oracle.batch_tokens",
+          "oracle.parts", "oracle.save_every", "oracle.compile", "seed", "device"]
+
+STAGES = [
+    Stage("shard", "write the dataset into WebDataset shards", (),
+          params=lambda cfg, w: ["data", "seed"], inputs=lambda cfg, w: {}, jobs=lambda cfg: [{}],
+          output="shards", threads=32,
+          options={"workers": dict(type=int, help="writer processes (default: the CPUs it may use, at most "
+                                                  "OMP_NUM_THREADS, which Snakemake sets to the job's threads)")}),
+    Stage("saliency", "precompute a saliency map per image", (),
+          params=lambda cfg, w: ["saliency.method", "saliency.size", "report.pictures", "device"],
+          inputs=lambda cfg, w: {"shards": ("shards", {})}, jobs=lambda cfg: [{}], output="saliency", threads=32,
+          gpu=True, options={"workers": dict(type=int, help="decoding processes (default: the CPUs it may use, at "
+                                                           "most OMP_NUM_THREADS); the maps are computed on `device`")}),
+    Stage("decode", "decode every image (and saliency map) once for a data geometry", ("geometry",),
+          params=lambda cfg, w: [], inputs=lambda cfg, w: {"shards": ("shards", {}), "saliency": ("saliency", {})},
+          jobs=geometries, output="decoded", threads=32,
+          options={"workers": dict(type=int, help="decoding processes (default: the CPUs it may use, at most "
+                                                  "OMP_NUM_THREADS)")}),
+    Stage("backbone", "fetch (timm) or train one backbone of the config", ("backbone",),
+          params=backbone_params, inputs=backbone_inputs, jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
+          output="backbone", state="checkpoint", threads=2, gpu=True,
+          options={"resume": dict(action=argparse.BooleanOptionalAction, default=None,
+                                  help="--resume: continue the checkpoint, stop if another config made it; "
+                                       "--no-resume: start over (default: continue it if this config made it)")}),
+    Stage("model-saliency", "saliency maps from a trained backbone (input gradients)",
+          ("backbone",),
+          params=lambda cfg, w: ["saliency.size", "eval.knn.bank_size", "eval.batch_size", "report.pictures", "device"],
+          inputs=model_inputs, jobs=lambda cfg: [{"backbone": cfg["saliency"]["model"]}] if cfg["saliency"]["model"]
+          else [], output="model-saliency", gpu=True),
+    Stage("evaluate", "top-1 and kNN of one backbone, every prior x budget (a pass per prior)",
+          ("backbone",),
+          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "seed", "device"],
+          inputs=lambda cfg, w: model_inputs(cfg, w) | model_maps(cfg, w["prior"] == "model_salient"),
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"])), output="eval", gpu=True,
+          **covering(prior="eval.priors", budget="eval.budgets"), one_pass="budget"),
+    Stage("oracle", "SPoT-ON search on one part of the val shards at every budget",
+          ("backbone", "part"), params=lambda cfg, w: ORACLE,
+          inputs=lambda cfg, w: {"backbone": ("backbone", {"backbone": w["backbone"]}),
+                                 "decoded": decoded(cfg, w["backbone"])},
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"]), part=list(range(cfg["oracle"]["parts"]))),
+          output="oracle-part", gpu=True, **ORACLE_BUDGETS),
+    Stage("oracle-gather", "join the oracle parts, kNN of the found features", ("backbone",),
+          params=lambda cfg, w: ["oracle.prior", "eval.knn"],
+          inputs=lambda cfg, w: {"parts": [("oracle-part", dict(w, part=p)) for p in range(cfg["oracle"]["parts"])],
+                                 "eval": eval_of(cfg, w["backbone"], w["budget"])},
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
+          output="oracle", **ORACLE_BUDGETS),
+    Stage("transfer", "every backbone's oracle placements evaluated on --dst", ("dst",),
+          params=lambda cfg, w: ["oracle.prior", "eval.batch_size", "device"],
+          inputs=lambda cfg, w: {"oracle": ("oracle", {"backbone": w["src"], "budget": w["budget"]}),
+                                 "eval": eval_of(cfg, w["dst"], w["budget"]),
+                                 "backbone": ("backbone", {"backbone": w["dst"]}), "decoded": decoded(cfg, w["dst"])},
+          jobs=lambda cfg: product(dst=list(cfg["backbones"])), output="transfer", gpu=True,
+          **covering(src="backbones", budget="transfer.budgets")),
+    Stage("analyze", "saliency under the oracle positions, trajectory pictures", ("backbone",),
+          params=lambda cfg, w: ["report.pictures"],
+          inputs=lambda cfg, w: {"oracle": ("oracle", w)} | model_inputs(cfg, w) | model_maps(cfg, True),
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
+          output="analysis", **ORACLE_BUDGETS),
+    Stage("learned", "fit N positions shared by all images (label-free at inference)",
+          ("backbone",),
+          params=lambda cfg, w: ["placement.batch_size", "placement.learned", "eval.batch_size", "eval.knn", "seed",
+                                 "device"],
+          inputs=model_inputs, jobs=placement_jobs("learned"), output="learned", gpu=True, **PER_BUDGET),
+    Stage("placer", "train a network that places N tokens per image, evaluate it", ("backbone",),
+          params=lambda cfg, w: ["placement.batch_size", "placement.placer", "eval.batch_size", "eval.knn", "seed",
+                                 "device"],
+          inputs=lambda cfg, w: model_inputs(cfg, w) | ({"learned": ("learned", w)}
+                                                        if cfg["placement"]["placer"]["init"] == "learned" else {}),
+          jobs=placement_jobs("placer"), output="placer", gpu=True, **PER_BUDGET),
+    Stage("placer-transfer", "the placer of --src placing the tokens of --dst",
+          ("src", "dst"),
+          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "device"],
+          inputs=lambda cfg, w: {"placer": ("placer", {"backbone": w["src"], "budget": w["budget"]}),
+                                 "own": ("placer", {"backbone": w["dst"], "budget": w["budget"]}),
+                                 **model_inputs(cfg, {"backbone": w["dst"]})},
+          jobs=placer_transfers, output="placer-transfer", gpu=True, **covering(budget="placement.transfer")),
+    Stage("entropy", "label-free test-time search: lower the prediction's entropy", ("backbone",),
+          params=lambda cfg, w: ["placement.entropy", "oracle.prior", "eval.batch_size", "eval.knn", "seed", "device"],
+          inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True, **PER_BUDGET),
+    Stage("report", "the paper's tables, plots, pictures and findings", (),
+          params=lambda cfg, w: ["report", "eval.priors", "backbones"], inputs=report_inputs, jobs=lambda cfg: [{}],
+          output="report", metrics=("metrics",), plots=("plots/accuracy_vs_budget.png", "plots/oracle_steps.png"),
+          files=("tables.md", "tables.html", "findings.md", "findings.html", "results.csv", "results.parquet",
+                 "metrics.json", "plots/accuracy_vs_budget.csv", "pictures", "run.json")),
+]
+STAGE = {s.name: s for s in STAGES}
+
+
+def all_jobs(cfg: dict) -> list[tuple[Stage, dict]]:
+    """Every (stage, wildcards) job of a config, upstream stages first."""
+    return [(s, w) for s in STAGES for w in s.jobs(cfg)]
