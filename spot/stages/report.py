@@ -46,8 +46,8 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
         results.to_csv(tmp, index=False)
     gaps, ptrans = gap_closed(results), placer_transfers(inputs, order)
     tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()], reps)
-    text = findings(results, ev, replicas, start=cfg["oracle"]["prior"], **options)
-    for name, text, title in (("tables", tables, "SPoT results"), ("findings", text, "SPoT findings")):
+    found = findings(results, ev, replicas, start=cfg["oracle"]["prior"], **options)
+    for name, text, title in (("tables", tables, "SPoT results"), ("findings", found, "SPoT findings")):
         with atomic_path(out / f"{name}.md") as tmp:
             tmp.write_text(text)
         with atomic_path(out / f"{name}.html") as tmp:
