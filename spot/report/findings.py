@@ -149,7 +149,7 @@ def label_free(c: Claims, start: str) -> list[str]:
     """Case study 5: each label-free method against the best fixed prior (chosen held out) and the
     fraction of the oracle gap it closes; what seeing the image adds; the entropy search against
     its start; another backbone's placer against the destination's own."""
-    lines = []
+    lines, gaps = [], []
     for r in c.results[c.results.prior.isin(LABEL_FREE) & c.results.backbone.isin(list(c.replicas))].itertuples():
         def best(b, r=r):
             priors = c.priors(b, r.budget, c.fixed.prior.unique())
@@ -162,10 +162,12 @@ def label_free(c: Claims, start: str) -> list[str]:
         gap = ("no SPoT-ON at this budget" if res.gap is None else "no gap to close (SPoT-ON does not beat it)"
                if pd.isna(res.gap.value) else f"gap closed {percent_pm(res.gap.value, res.gap.low, res.gap.high, 0)} %"
                + ("" if not pd.isna(res.gap.low) else " (the gap holds 0 in some resamples: unbounded)"))
+        flops = "" if pd.isna(r.extra_flops) else f", {100 * r.extra_flops:+.1f}% FLOPs"
         lines.append(f"{model_name(r.prior, False)} {r.backbone} N={r.budget} vs the best fixed prior "
                      f"{res.choice.name}, " + c.sentence(res.difference, lambda b: getattr(best(b), "difference", None),
-                                                         r.backbone)
-                     + f"; {gap}, {100 * r.extra_flops:+.1f}% FLOPs")
+                                                         r.backbone) + f"; {gap}{flops}")
+        if res.gap is not None and r.extra_flops <= 0.25:
+            gaps.append((r.budget, r.backbone, r.prior, res.gap))
         if r.prior == "placer":
             lines.append(f"what seeing the image adds, {r.backbone} N={r.budget}: placer vs learned prior, "
                          + c.sentence(c.diff(c.correct(r.backbone, "placer", r.budget),
@@ -175,6 +177,12 @@ def label_free(c: Claims, start: str) -> list[str]:
             lines.append(f"entropy search vs its start ({start}), {r.backbone} N={r.budget}: " + c.sentence(
                 c.diff(c.correct(r.backbone, "entropy", r.budget), c.correct(r.backbone, start, r.budget)),
                 lambda b: c.diff(c.correct(b, "entropy", r.budget), c.correct(b, start, r.budget)), r.backbone))
+    if gaps:
+        n = min(g[0] for g in gaps)
+        verdicts = [f"{model_name(m, False)} {b} {'holds' if g.low >= 0.3 else 'not shown' if g.high >= 0.3 else 'fails'}"
+                    for budget, b, m, g in gaps if budget == n]
+        lines.append(f"closes >= 30% of the gap at <= 25% extra FLOPs, {n} tokens (holds: the whole interval is above "
+                     f"30%; not shown: it holds 30%; fails: below): " + ", ".join(verdicts))
     for (src, dst, n), t in c.ev.placer_transfer.items():
         lines.append(f"placer transfer {src} -> {dst}, N={n}: {src}'s placer vs {dst}'s own, "
                      + c.sentence(c.diff(t, c.correct(dst, "placer", n)), lambda r: None, dst))
