@@ -13,7 +13,7 @@ from spot.utils.environment import pin_cpu_kernels
 from spot.utils.text import one_line
 from spot.workflow.config import load_config
 from spot.workflow.stage import INT_WILDCARDS, Stage
-from spot.workflow.table import STAGES
+from spot.workflow.table import STAGE, STAGES
 
 
 def run_stage(stage: Stage, cfg: dict, a: argparse.Namespace) -> None:
@@ -95,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     pin_cpu_kernels()                                  # before torch loads: the same CPU kernels on any x86-64
     a = parser().parse_args(argv)
+    if a.command in STAGE:
+        from spot.workflow.runner import job_threads
+        job_threads(STAGE[a.command])
     try:
         a.fn(load_config(a.params), a)
     except Exception as e:  # noqa: BLE001 - every error a user can cause ends here as one line

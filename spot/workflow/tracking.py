@@ -28,8 +28,8 @@ from spot.utils.environment import code_version, environment
 from spot.utils.io import read_json
 from spot.utils.records import digest, flatten
 from spot.utils.text import describe_error, warn
-from spot.workflow.mlflow_run import (HASH_TAG, JOB_TAG, complete, is_number, job_tags, log_inputs, log_params,
-                                      log_rows, metric_name, ms, source_tags)
+from spot.workflow.mlflow_run import (HASH_TAG, JOB_TAG, complete, in_experiment, is_number, job_tags, log_inputs,
+                                      log_params, log_rows, metric_name, ms, source_tags, system_metrics)
 from spot.workflow.outputs import now_iso
 from spot.workflow.series import SeriesFile, read_series
 
@@ -130,14 +130,6 @@ def new_run(c, exp: str, record: dict, out) -> str:
     return run_id
 
 
-def in_experiment(c, run_id: str, exp: str) -> bool:
-    """Whether `run_id` is a run of experiment `exp` (a stale parent id of another store is not)."""
-    try:
-        return c.get_run(run_id).info.experiment_id == exp
-    except Exception:  # noqa: BLE001 - no such run here
-        return False
-
-
 def retire(c, exp: str, job: str, keep: str | None = None) -> None:
     """Delete the runs of job `job` but `keep`: a job folder has one run."""
     for r in c.search_runs([exp], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=1000):
@@ -226,12 +218,6 @@ class JobRun:
         done = self.call(self.flush) and self.call(lambda: complete(self.client, run_id, self.out,
                                                                     read_json(self.out / "run.json")))
         return run_id if done and self.call(lambda: self.end("FINISHED")) else None
-
-
-def system_metrics() -> bool:
-    """MLflow's system metrics (CPU, memory, disk, network, GPU): on unless
-    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says false."""
-    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("false", "0")
 
 
 def log_record(run_dir: str | Path, experiment: str, uri: str) -> str:
