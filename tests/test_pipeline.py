@@ -161,7 +161,7 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     records = {json.loads(p.read_text())["job"]: p.parent for p in (cwd / "out").rglob("run.json")}
     assert sorted(r.data.tags["spot.job"] for r in runs) == sorted(records)
     stages = Counter(r.data.tags["spot.stage"] for r in runs)
-    b = len(SMOKE["backbones"])
+    b = sum(len(spec.get("seeds", [0])) for spec in SMOKE["backbones"].values())    # a backbone per training seed
     assert stages["evaluate"] == b * len(SMOKE["eval"]["priors"]) * len(SMOKE["eval"]["budgets"])
     assert parent.info.status == "FINISHED" and parent.data.params["name"] == SMOKE["name"]
     first = {}                                          # Snakemake job -> its runs' and its own start
