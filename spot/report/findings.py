@@ -179,10 +179,12 @@ def label_free(c: Claims, start: str) -> list[str]:
                 lambda b: c.diff(c.correct(b, "entropy", r.budget), c.correct(b, start, r.budget)), r.backbone))
     if gaps:
         n = min(g[0] for g in gaps)
-        verdicts = [f"{model_name(m, False)} {b} {'holds' if g.low >= 0.3 else 'not shown' if g.high >= 0.3 else 'fails'}"
-                    for budget, b, m, g in gaps if budget == n]
+        verdicts = [f"{model_name(m, False)} {b} " + ("no gap" if pd.isna(g.value) else "unbounded" if pd.isna(g.low)
+                                                      else "holds" if g.low >= 0.3 else "not shown" if g.high >= 0.3
+                                                      else "fails") for budget, b, m, g in gaps if budget == n]
         lines.append(f"closes >= 30% of the gap at <= 25% extra FLOPs, {n} tokens (holds: the whole interval is above "
-                     f"30%; not shown: it holds 30%; fails: below): " + ", ".join(verdicts))
+                     f"30%; not shown: it holds 30%; fails: below; no gap: SPoT-ON does not beat the prior): "
+                     + ", ".join(verdicts))
     for (src, dst, n), t in c.ev.placer_transfer.items():
         lines.append(f"placer transfer {src} -> {dst}, N={n}: {src}'s placer vs {dst}'s own, "
                      + c.sentence(c.diff(t, c.correct(dst, "placer", n)), lambda r: None, dst))
