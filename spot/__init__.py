@@ -5,8 +5,9 @@ need torch start fast and each stage runs only the modules it imports.
 """
 import importlib
 
-_EXPORTS = {"extract_windows": "tokenizer", "sample_positions": "priors", "PRIORS": "priors", "SPoTViT": "model",
-            "oracle_search": "oracle", "OracleResult": "oracle", "knn_predict": "knn"}
+_EXPORTS = {"extract_windows": "core.tokenizer", "sample_positions": "core.priors", "PRIORS": "core.priors",
+            "SPoTViT": "core.model", "oracle_search": "methods.oracle", "OracleResult": "methods.oracle",
+            "knn_predict": "core.knn"}
 __all__ = list(_EXPORTS)
 
 

@@ -14,6 +14,25 @@ IMAGENET_SAMPLE = REPO / "tests" / "data"   # 8 small ImageNet photos: 5 RGB JPE
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+KINDS = ("unit", "stage", "end_to_end")      # the test markers of pyproject.toml, fastest first
+TRAINING = {"smoke_stages", "trained", "placed"}   # fixtures that train a model (seconds to minutes)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Every test gets one kind. An explicit mark wins. A test that uses the whole smoke DAG
+    (`smoke_run`) is end-to-end, one that uses a fixture that trains (`TRAINING`) is a stage test, any
+    other a unit test. `pytest -m unit` is then the fast loop: no fixture trains."""
+    for item in items:
+        kinds = [k for k in KINDS if item.get_closest_marker(k)]
+        if len(kinds) > 1:
+            raise pytest.UsageError(f"{item.nodeid}: marked {' and '.join(kinds)}; a test has one kind")
+        if not kinds:
+            kind = "end_to_end" if "smoke_run" in item.fixturenames else \
+                "stage" if TRAINING & set(item.fixturenames) else "unit"
+            item.add_marker(kind)
+
+
 @pytest.fixture
 def imagenet_sample() -> Path:
     """The folder of small `<wnid>_<name>.JPEG` test images kept in the repo."""

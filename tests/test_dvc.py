@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import copy_repo, env, snakemake
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.end_to_end
 SMOKE = "config/smoke.yaml"
 GIT_IDENTITY = dict(GIT_AUTHOR_NAME="spot tests", GIT_AUTHOR_EMAIL="tests@spot.invalid",
                     GIT_COMMITTER_NAME="spot tests", GIT_COMMITTER_EMAIL="tests@spot.invalid")

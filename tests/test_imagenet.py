@@ -21,7 +21,7 @@ from tests.conftest import REPO, copy_repo, snakemake
 from tests.loader import shard_paths
 from tests.test_pipeline import expected_jobs, job_counts
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.end_to_end
 INDICES = (7, 150, 420, 777, 999)                 # ImageNet-1k classes of the tree: labels, not 0..4
 SMALL = dict(embed_dim=32, depth=1, num_heads=2, img_size=64)
 MAE = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=0.875, interpolation="bicubic")

@@ -93,3 +93,12 @@ def test_the_walk_sees_function_local_and_relative_imports(tmp_path):
     module.parent.mkdir(parents=True)
     module.write_text("def f():\n    from ..workflow import layout\n    import spot.data.shards\n")
     assert set(imports(module, tmp_path)) == {"spot.workflow", "spot.workflow.layout", "spot.data.shards"}
+
+
+def test_the_public_api_comes_from_this_tree():
+    """spot.SPoTViT, spot.oracle_search, ...: each name is there, from a module of this repository."""
+    import spot
+    for name in spot.__all__:
+        assert getattr(spot, name) is not None
+        source = Path(sys.modules[f"spot.{spot._EXPORTS[name]}"].__file__).resolve()
+        assert source.is_relative_to(REPO / "spot"), (name, source)

@@ -32,7 +32,7 @@ from tests.conftest import REPO, copy_repo, env, running, snakemake
 
 SCRIPT = REPO / "scripts" / "mlflow-server.sh"
 POSTGRES = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.end_to_end,
               pytest.mark.skipif(POSTGRES is None, reason="PostgreSQL is not installed (no initdb): "
                                                           "apt-get install postgresql")]
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO, copy_repo, env, snakemake
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.end_to_end
 SMOKE = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
 REPORT_FILES = ["tables.md", "findings.md", "results.csv", "results.parquet", "metrics.json", "run.json",
                 "plots/accuracy_vs_budget.png", "plots/accuracy_vs_budget.csv", "pictures/priors.png",

@@ -28,7 +28,7 @@ CLIENTS = ["sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun", "sacct"]
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])   # where Debian puts the daemons
 MISSING = [b for b in DAEMONS + CLIENTS if shutil.which(b, path=SBIN) is None]
 # checked before any fixture runs (the local smoke run takes minutes)
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.end_to_end,
               pytest.mark.skipif(os.geteuid() != 0, reason="starting SLURM's daemons needs root (as a cluster's "
                                                            "sysadmin would)"),
               pytest.mark.skipif(bool(MISSING), reason=f"SLURM and munge are not installed (missing "

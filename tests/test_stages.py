@@ -149,7 +149,6 @@ def test_report_items_are_declared_outputs_with_captions():
             assert item["category"] and item["label"], item
 
 
-@pytest.mark.slow
 def test_snakemake_report_shows_the_results_with_captions(smoke_run, tmp_path):
     cwd = tmp_path / "repo"
     shutil.copytree(smoke_run[0], cwd, symlinks=True)

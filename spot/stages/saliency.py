@@ -10,7 +10,7 @@ from spot.stages import Record
 
 
 def run(cfg: dict, inputs: dict, out: Path, workers: int | None = None) -> Record:
-    s = cfg["saliency"]
-    manifest = write_saliency(inputs["shards"], out, s["method"], s["size"], preview=cfg["report"]["pictures"],
+    saliency = cfg["saliency"]
+    manifest = write_saliency(inputs["shards"], out, saliency["method"], saliency["size"], preview=cfg["report"]["pictures"],
                               workers=workers or default_workers(), device=resolve_device(cfg["device"]))
     return Record(dict(maps=sum(sh["count"] for sh in manifest["shards"])), ["manifest.json", "preview.png"])

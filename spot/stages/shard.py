@@ -8,10 +8,11 @@ from spot.stages import Record
 
 
 def run(cfg: dict, inputs: dict, out: Path, workers: int | None = None) -> Record:
-    d = cfg["data"]
-    manifest = write_shards(d["source"], d["root"], out, splits=d["splits"], images_per_shard=d["images_per_shard"],
-                            shard_bytes=d["shard_bytes"], max_per_class=d["max_per_class"],
-                            max_images=d["max_images"], seed=cfg["seed"], workers=workers)
+    data = cfg["data"]
+    manifest = write_shards(data["source"], data["root"], out, splits=data["splits"],
+                            images_per_shard=data["images_per_shard"], shard_bytes=data["shard_bytes"],
+                            max_per_class=data["max_per_class"], max_images=data["max_images"], seed=cfg["seed"],
+                            workers=workers)
     counts = {f"{s}_images": v["count"] for s, v in manifest["splits"].items()}
     empty = sum(len(v["empty_classes"]) for v in manifest["splits"].values())
     return Record(dict(counts, skipped=len(manifest["skipped"]), empty_classes=empty), ["manifest.json"])
