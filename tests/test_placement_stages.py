@@ -54,7 +54,7 @@ def placed(tmp_path_factory):
     smoke = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
     params = smoke_config(
         tmp, data=dict(smoke["data"], max_per_class={"train": 250, "val": 40}, images_per_shard=1000),
-        backbones={"tiny": dict(smoke["backbones"]["spot-a"], seed=0)},
+        backbones={"tiny": dict({k: v for k, v in smoke["backbones"]["spot-a"].items() if k != "seeds"}, seed=0)},
         train=dict(smoke["train"], epochs=3, lr=3e-3, batch_size=100, token_range=[4, 8], priors=["uniform", "sobol"]),
         saliency=dict(smoke["saliency"], model="tiny"),
         eval=dict(smoke["eval"], priors=["isotropic", "uniform", "salient", "model_salient"], budgets=[N]),

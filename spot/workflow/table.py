@@ -100,11 +100,11 @@ def report_inputs(cfg, w):
 
 
 def placement_jobs(method):
-    """The jobs of a label-free placement stage, if the method is on: every backbone at each of
+    """The jobs of a label-free placement stage, if the method is on and has budgets: every backbone at each of
     `placement.budgets`, a replicate (`spot.workflow.config.expand_seeds`) at
     `replicates.placement_budgets` (null: the same)."""
     def jobs(cfg):
-        if method not in cfg["placement"]["methods"]:
+        if method not in cfg["placement"]["methods"] or not cfg["placement"]["budgets"]:
             return []
         few = cfg["replicates"]["placement_budgets"]
         return [dict(backbone=b, budget=n) for b, spec in cfg["backbones"].items()
