@@ -118,3 +118,31 @@ def test_retired_keys_point_to_what_replaced_them(tmp_path, capsys, old, value, 
     assert main(["validate", "--params", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"spot validate: error: {path}: {old}: {pointer}"), err
+
+
+def test_seeds_plan_a_replicate_per_seed_with_its_own_jobs(tmp_path):
+    """params.yaml's `backbones.spot.seeds: [0, 1, 2]`: spot trains with seed 0, spot-s1 and spot-s2
+    with 1 and 2, each with its own backbone, evaluate and oracle jobs and label-free placement at
+    replicates.placement_budgets only; transfers, analyses and placer transfers leave replicates out;
+    DVC watches the key the params file spells (backbones.spot)."""
+    from collections import Counter
+
+    from spot.workflow.dvc import dvc_yaml
+    from spot.workflow.table import all_jobs
+    cfg = load_config(REPO / "params.yaml")
+    assert DEFAULT["backbones"]["spot"]["seeds"] == [0, 1, 2]
+    assert {b: (s["seed"], s["replicate_of"]) for b, s in cfg["backbones"].items() if s.get("replicate_of")} == \
+        {"spot-s1": (1, "spot"), "spot-s2": (2, "spot")} and cfg["backbones"]["spot"]["seed"] == 0
+    jobs = Counter((s.name, w.get("backbone") or w.get("dst")) for s, w in all_jobs(cfg))
+    for name in ("backbone", "evaluate", "oracle-gather"):
+        assert jobs[name, "spot-s1"] == jobs[name, "spot-s2"] == jobs[name, "spot"] == 1
+    for name in ("learned", "placer", "entropy"):
+        assert jobs[name, "spot"] == len(cfg["placement"]["budgets"]) and jobs[name, "spot-s1"] == 1
+    assert not {"spot-s1", "spot-s2"} & {b for (name, b) in jobs if name in ("transfer", "analyze", "placer-transfer")}
+    stages = yaml.safe_load(dvc_yaml(cfg))["stages"]
+    assert stages["backbone_spot-s2"]["params"] == sorted(["backbones.spot", "device", "seed", "train"])
+    both = copy.deepcopy(DEFAULT)
+    both["backbones"]["spot"]["seed"] = 0
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(both))
+    with pytest.raises(ValueError, match="backbones.spot: give seed or seeds, not both"):
+        load_config(tmp_path / "p.yaml")

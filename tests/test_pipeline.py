@@ -33,14 +33,19 @@ def job_counts(output: str) -> Counter:
 
 
 def expected_jobs(cfg: dict) -> Counter:
+    """Jobs per rule: every backbone and replicate (training seed) trains, evaluates and searches; a
+    replicate places tokens at replicates.placement_budgets only and makes no transfer or analysis."""
     from spot.workflow.config import validate
     from spot.workflow.table import geometries
+    raw = copy.deepcopy(cfg)
     cfg = validate(copy.deepcopy(cfg))
-    b, place = len(cfg["backbones"]), cfg["placement"]
+    p, place = len(raw["backbones"]), cfg["placement"]
+    b = sum(len(spec.get("seeds", [0])) for spec in raw["backbones"].values())
+    few = len(cfg["replicates"]["placement_budgets"] or place["budgets"])
     return Counter(all=1, shard=1, saliency=1, decode=len(geometries(cfg)), backbone=b, report=1,
-                   evaluate=b, oracle=b * cfg["oracle"]["parts"], oracle_gather=b, analyze=b, transfer=b,
-                   **{m: b for m in place["methods"] if place["budgets"]},             # jobs cover every budget
-                   **({"placer_transfer": b * (b - 1)} if "placer" in place["methods"] and place["transfer"] else {}),
+                   evaluate=b, oracle=b * cfg["oracle"]["parts"], oracle_gather=b, analyze=p, transfer=p,
+                   **{m: p * len(place["budgets"]) + (b - p) * few for m in place["methods"]},  # a job per budget
+                   **({"placer_transfer": p * (p - 1)} if "placer" in place["methods"] and place["transfer"] else {}),
                    **({"model_saliency": 1} if cfg["saliency"].get("model") else {}))
 
 
@@ -124,6 +129,26 @@ def test_smoke_run_makes_every_job_and_report_file(smoke):
         assert (cwd / "out" / "report" / f).stat().st_size > 0, f
 
 
+def test_smoke_report_has_intervals_and_replicate_spread(smoke):
+    """results.csv: every accuracy's 95% interval is about as wide as the binomial one for its n (60
+    val images: a 6-point tolerance on the full width); the replicate of spot-a (seed 1) has its own
+    folders and rows; replicates.csv has the spread over the two training seeds and the prior draws."""
+    import pandas as pd
+    cwd, _ = smoke
+    results = pd.read_csv(cwd / "out" / "report" / "results.csv")
+    n = len(pd.read_parquet(cwd / "out" / "eval" / "spot-a" / "grid" / "4" / "predictions.parquet"))
+    for c in ("top1", "knn"):
+        binomial = 2 * 1.96 * np.sqrt(results[c] * (1 - results[c]) / n)
+        assert ((results[f"{c}_high"] - results[f"{c}_low"]) - binomial).abs().max() < 0.06, c
+        assert (results[f"{c}_low"] <= results[c]).all() and (results[c] <= results[f"{c}_high"]).all()
+    assert set(results[results.replicate_of == "spot-a"].backbone) == {"spot-a-s1"}
+    assert (cwd / "out" / "backbones" / "spot-a-s1" / "run.json").is_file()
+    reps = pd.read_csv(cwd / "out" / "report" / "replicates.csv")
+    assert set(reps.kind) == {"training seeds", "prior seeds"} and (reps.r == 2).all()
+    found = (cwd / "out" / "report" / "findings.md").read_text()
+    assert re.search(r"in (all 2|1 of 2) replicates", found)
+
+
 def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     """One run per job, nested under the invocation's parent run, spanning its job; stage-prefixed
     metrics equal to run.json's; curves of the training and the oracle; the report's table."""
@@ -136,7 +161,7 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     records = {json.loads(p.read_text())["job"]: p.parent for p in (cwd / "out").rglob("run.json")}
     assert sorted(r.data.tags["spot.job"] for r in runs) == sorted(records)
     stages = Counter(r.data.tags["spot.stage"] for r in runs)
-    b = len(SMOKE["backbones"])
+    b = sum(len(spec.get("seeds", [0])) for spec in SMOKE["backbones"].values())    # a backbone per training seed
     assert stages["evaluate"] == b * len(SMOKE["eval"]["priors"]) * len(SMOKE["eval"]["budgets"])
     assert parent.info.status == "FINISHED" and parent.data.params["name"] == SMOKE["name"]
     first = {}                                          # Snakemake job -> its runs' and its own start

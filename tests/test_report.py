@@ -6,9 +6,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_hex
 
-from spot.report.analyse import gap_closed
+from spot.report.analyse import metric_rows
+from spot.report.evidence import Evidence, with_intervals
 from spot.report.findings import findings
 from spot.report.plots import plot_budgets
+from spot.report.stats import selection_slice
 from spot.report.tables import paper_table
 
 COLUMNS = ["backbone", "prior", "oracle", "budget", "top1", "knn", "top1_init", "top1_snapped", "extra_flops"]
@@ -39,35 +41,54 @@ def test_one_bold_per_column_and_ties_stated():
     bold = bold_rows(table)
     assert bold["49 T Acc@1"] == ["ViT grid"] and bold["49 T kNN"] == ["ViT grid"] and bold["4 T Acc@1"] == ["SPoT sobol"]
     assert sum(len(rows) for rows in bold.values()) == 4          # one bold cell per column, none on SPoT-ON
-    assert ties == ["49 T Acc@1 74.30: ViT grid, SPoT isotropic", "49 T kNN 37.15: ViT grid, SPoT isotropic"]
+    assert ties == ["49 T Acc@1 74.3: ViT grid, SPoT isotropic", "49 T kNN 37.1: ViT grid, SPoT isotropic"]
+    assert table["49 T Acc@1"].iloc[0] == "**74.3 ±n/a**"          # no per-image data: no interval
     assert paper_table(df[df.budget == 4])[1] == []
 
 
-def gap_lines(df: pd.DataFrame) -> dict[str, str]:
-    """'<method> <backbone> N=<budget>' -> its line in the findings' case study 5."""
-    text = findings(df, pd.DataFrame(), pd.DataFrame()).split("## 5.")[1]
-    return {m[1]: m[0] for m in re.finditer(r"^- (SPoT-\w+ \w+ N=\d+): .*$", text, re.M)}
+def evidence(cells: dict[tuple, float], n: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, Evidence]:
+    """Results and per-image evidence from {(backbone, prior, oracle, budget): accuracy}: each row's
+    images 0/1 with exactly that accuracy, shuffled independently (so rows share no per-image pattern)."""
+    rng, keys = np.random.default_rng(seed), [f"img{i:05d}" for i in range(n)]
+    ev, rows = Evidence(), []
+    for (b, prior, oracle, budget), acc in cells.items():
+        v = rng.permutation(np.arange(n) < round(acc * n)).astype(float)
+        ev.rows[b, prior, oracle, budget] = pd.DataFrame(dict(correct=v, knn_correct=v) | (
+            dict(correct_init=rng.permutation(v), snapped_correct=v) if oracle else {}), index=keys)
+        rows.append((b, prior, oracle, budget, acc, 0.1) if prior in ("placer", "learned") else
+                    (b, prior, oracle, budget, acc))
+    return results(rows), ev
 
 
-def test_gap_wording_fits_the_numbers():
-    """Above SPoT-ON: 'beats SPoT-ON'; below the best fixed prior: 'falls ... below'; SPoT-ON itself
-    below the best prior: no gap to close (not 'no SPoT-ON at this budget', which is for budgets
-    without a search)."""
-    df = results([("b", "sobol", False, 4, 0.45), ("b", "isotropic", True, 4, 0.80),
-                  ("b", "placer", False, 4, 0.85, 0.06), ("b", "entropy", False, 4, 0.40, 10.0),
-                  ("b", "learned", False, 4, 0.60, 0.0),
-                  ("b", "sobol", False, 16, 0.70), ("b", "isotropic", True, 16, 0.65),
-                  ("b", "learned", False, 16, 0.72, 0.0),
-                  ("b", "sobol", False, 49, 0.70), ("b", "learned", False, 49, 0.71, 0.0)])
-    lines = gap_lines(df)
-    assert "beats SPoT-ON by 5.00 points (114% of the gap)" in lines["SPoT-placer b N=4"]
-    assert "falls 5.00 points below the best fixed prior (-14% of the gap)" in lines["SPoT-entropy b N=4"]
-    assert lines["SPoT-learned b N=4"].endswith(": 43% of the gap, +0.0% FLOPs.")
-    assert "no gap to close (SPoT-ON -5.00 points from the best fixed prior); +2.00 points from that prior" in \
-        lines["SPoT-learned b N=16"]
-    assert "no SPoT-ON at this budget: no gap to measure" in lines["SPoT-learned b N=49"]
-    assert not any("no SPoT-ON" in v for k, v in lines.items() if "N=49" not in k)
-    assert len(gap_closed(df)) == 5
+def test_intervals_of_results_match_the_binomial_standard_error():
+    """with_intervals: at n = 4000 every interval's half-width is 1.96 sqrt(p(1-p)/n) within 0.15
+    points, for p from 0.1 to 0.9; the metrics files carry the bounds beside the point values."""
+    df, ev = evidence({("b", p, False, 4): a for p, a in (("grid", 0.1), ("sobol", 0.5), ("center", 0.9))}, n=4000)
+    out = with_intervals(df, ev, seed=0, resamples=2000)
+    half = (out.top1_high - out.top1_low) / 2
+    assert np.allclose(half, 1.96 * np.sqrt(out.top1 * (1 - out.top1) / 4000), atol=0.0015)
+    assert out.top1_init_low.isna().all()                      # fixed priors have no start accuracy
+    rows = metric_rows(out, pd.DataFrame(), pd.DataFrame())
+    assert set(rows["b/grid.json"]["4"]) == {"top1", "knn", "top1_low", "top1_high", "knn_low", "knn_high"}
+
+
+def test_findings_classify_each_claim_and_a_close_winner_is_not_distinguishable():
+    """Constructed per-image data: at 4 tokens sobol beats grid by 15 points (holds); at 16 tokens the
+    'winner' center is 1 point above grid on independent images (not distinguishable); the placer
+    falls 10 points below the best fixed prior (reversed); the best prior is chosen held out."""
+    df, ev = evidence({("b", "grid", False, 4): 0.40, ("b", "sobol", False, 4): 0.55,
+                       ("b", "isotropic", False, 4): 0.45, ("b", "grid", False, 16): 0.70,
+                       ("b", "center", False, 16): 0.71, ("b", "sobol", False, 16): 0.60,
+                       ("b", "isotropic", False, 16): 0.61, ("b", "isotropic", True, 4): 0.90,
+                       ("b", "placer", False, 4): 0.45, ("b", "learned", False, 4): 0.70})
+    text = findings(df, ev, seed=0, resamples=1000)
+    lines = {m[1]: m[2] for m in re.finditer(r"^- (.*?), (?:[+-][\d.]+ \[.*?\] points): (.*?)[.;]", text, re.M)}
+    assert lines["b, 4 tokens: best off-grid prior sobol vs grid"] == "holds at n = " + str(len(ev.rows[
+        "b", "grid", False, 4].index[~selection_slice(ev.rows["b", "grid", False, 4].index)]))
+    assert lines["b, 16 tokens: best off-grid prior center vs grid"].startswith("not distinguishable at n = ")
+    assert lines["SPoT-placer b N=4 vs the best fixed prior sobol"].startswith("reversed")
+    assert lines["what seeing the image adds, b N=4: placer vs learned prior"].startswith("reversed")
+    assert "chosen on 30% of the images" in text and "gap closed" in text
 
 
 def test_every_series_of_the_budget_plot_has_its_own_colour_and_marker(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from spot.cli import parser
-from spot.workflow.config import load_config
+from spot.workflow.config import load_config, written_key
 from spot.workflow.dvc import code_deps, commit_after_snakemake, dvc_yaml, generated_for, present
 from spot.workflow.layout import Layout, wildcards
 from spot.workflow.stage import declared
@@ -42,7 +42,8 @@ def test_dvc_stages_are_the_jobs_with_their_params_and_commands(path, monkeypatc
     for (stage, w), (name, entry) in zip(jobs, stages.items(), strict=True):
         params = entry.get("params", [])                  # none: the stage reads no config value
         keys = params if path == "params.yaml" else [k for p in params for k in p[path]]
-        assert sorted(keys) == sorted({present(yaml.safe_load(open(path)), k) for k in stage.params(cfg, w)}), name
+        written = {present(yaml.safe_load(open(path)), written_key(cfg, k)) for k in stage.params(cfg, w)}
+        assert sorted(keys) == sorted(written), name                      # a replicate: its backbone's key
         assert entry["cmd"] == stage.command(path, w)
         if not (stage.metrics or stage.plots):           # one out per folder of the job, every folder once
             assert entry["outs"] == [str(Layout(cfg["root"])(stage.output, **f)) for f in stage.output_wildcards(cfg, w)]

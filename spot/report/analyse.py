@@ -53,11 +53,16 @@ def flat_metrics(results: pd.DataFrame, trans: pd.DataFrame, gaps: pd.DataFrame)
     """Every number, flat ('<backbone>/<prior>[/oracle]/<budget>/top1', 'transfer/<src>__<dst>/<budget>/gain',
     '<backbone>/<method>/<budget>/gap_closed'), rounded to 6 digits: the report's metrics.json."""
     flat = {f"{r.backbone}/{r.prior}{'/oracle' if r.oracle else ''}/{r.budget}/{c}": round(float(getattr(r, c)), 6)
-            for r in results.itertuples() for c in ("top1", "knn")}
+            for r in results.itertuples() for c in ("top1", "knn", *bounds(r, "top1", "knn"))}
     flat |= {f"transfer/{r.src}__{r.dst}/{r.budget}/gain": round(float(r.gain), 6) for r in trans.itertuples()}
     flat |= {f"{r.backbone}/{r.method}/{r.budget}/{c}": round(float(getattr(r, c)), 6)
              for r in gaps.itertuples() for c in ("gap_closed", "extra_flops") if not np.isnan(getattr(r, c))}
     return flat
+
+
+def bounds(row, *columns: str) -> list[str]:
+    """The interval columns of `columns` a results row has and fills (`<c>_low`, `<c>_high`)."""
+    return [f"{c}_{b}" for c in columns for b in ("low", "high") if not pd.isna(getattr(row, f"{c}_{b}", np.nan))]
 
 
 def metric_rows(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
@@ -82,11 +87,11 @@ def metric_rows(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
         cell.update({k: round(float(v), 6) for k, v in values.items()})
 
     for r in results.itertuples():
-        if r.oracle:
-            put(r.backbone, "spot-on", r.budget, top1=r.top1, knn=r.knn)
-            put(r.backbone, "spot-on-snapped", r.budget, top1=r.top1_snapped)
-        else:
-            put(r.backbone, r.prior, r.budget, top1=r.top1, knn=r.knn)
+        row = ((("spot-on", ("top1", "knn")), ("spot-on-snapped", ("top1_snapped",))) if r.oracle
+               else ((r.prior, ("top1", "knn")),))
+        for name, columns in row:
+            put(r.backbone, name, r.budget, **{c.replace("_snapped", ""): getattr(r, c)
+                                               for c in (*columns, *bounds(r, *columns))})
     for r in trans.itertuples() if not trans.empty else ():
         if r.src != r.dst:
             put(r.dst, f"transfer-from-{r.src}", r.budget, top1=r.top1_transfer)

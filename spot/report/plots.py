@@ -26,10 +26,14 @@ def series_name(prior: str, oracle: bool) -> str:
     return f"{prior} (SPoT-ON)" if oracle else prior
 
 
-def plot_budgets(results: pd.DataFrame, path: Path):
-    """Accuracy against token budget, one line per prior (dashed: oracle), one panel per backbone (in
-    the order of `results`); every series has its own colour and marker, the same in every panel.
-    Returns the (closed) figure."""
+def plot_budgets(results: pd.DataFrame, path: Path, reps: pd.DataFrame | None = None):
+    """Accuracy against token budget, one line per prior (dashed: oracle) with its 95% interval as a
+    band (`top1_low`, `top1_high`, where results has them), one panel per backbone that replicates
+    none (in the order of `results`); every series has its own colour and marker, the same in every
+    panel. With replicates (`reps`, `spot.report.evidence.replicates`), error bars show the mean ± sd
+    over training seeds. Returns the (closed) figure."""
+    if "replicate_of" in results:
+        results = results[results.replicate_of.isna()]
     backbones, budgets = list(results.backbone.unique()), sorted(results.budget.unique())
     rank = {p: i for i, p in enumerate(PAPER_ORDER + LABEL_FREE)}
     series = sorted(set(zip(results.prior, results.oracle)), key=lambda s: (s[1], rank.get(s[0], len(rank)), s[0]))
@@ -42,7 +46,17 @@ def plot_budgets(results: pd.DataFrame, path: Path):
             if not g.empty:
                 name = series_name(prior, oracle)
                 ax.plot(g.budget, 100 * g.top1, "--" if oracle else "-", ms=4, label=name, **styles[name])
-        ax.set(title=b, xlabel="tokens", ylabel="top-1 (%)", xscale="log")
+                if "top1_low" in g:
+                    ax.fill_between(g.budget, 100 * g.top1_low, 100 * g.top1_high, color=styles[name]["color"],
+                                    alpha=0.15, lw=0)
+                seeds = None if reps is None else reps[(reps.group == b) & (reps.kind == "training seeds") & (
+                    reps.prior == prior) & (reps.oracle == oracle)].sort_values("budget")
+                if seeds is not None and not seeds.empty:
+                    ax.errorbar(seeds.budget, 100 * seeds.top1_mean, 100 * seeds.top1_sd, fmt="none", capsize=3,
+                                color=styles[name]["color"], lw=1)
+        spread = reps is not None and (reps.group == b).any()
+        ax.set(title=b + (" (bars: mean ± sd over seeds)" if spread else ""), xlabel="tokens",
+               ylabel="top-1 (%), band: 95% interval", xscale="log")
         ax.set_xticks(budgets, [str(n) for n in budgets])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(alpha=0.3)

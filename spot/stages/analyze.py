@@ -16,7 +16,7 @@ from spot.data.saliency import SaliencyMaps
 from spot.stages import Record
 from spot.training.backbones import read_meta
 from spot.utils.figures import draw_trajectories, save_fig, to_display
-from spot.utils.io import read_json, write_json
+from spot.utils.io import atomic_path, read_json, write_json
 
 
 def saliency_at(maps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,9 @@ def saliency_at(maps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
-    """Writes saliency.json (mean saliency at the start and the end, the fraction of images whose
+    """Writes saliency.parquet (per image: key, the mean saliency under the tokens at the start `init`
+    and the end `final`, and `model_init`, `model_final` under the model's maps), saliency.json (mean
+    saliency at the start and the end, the fraction of images whose
     tokens moved to more salient pixels; the same prefixed `model_` under the maps of stage
     model-saliency, when the config makes them) and trajectories.png (`report.pictures` images, titled
     with their class names)."""
@@ -39,8 +41,10 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
     sums: dict[str, list] = {}                            # "<prefix><init|final>" -> per-batch (B,) means
     shown = []
     data = Decoded(inputs["decoded"], dc)
+    keys = []
     for b in data.batches("val", 256, saliency=True):
         rows = found.loc[b.keys]
+        keys += b.keys
         init, final = (torch.from_numpy(np.stack(rows[c].to_numpy()).astype(np.float32)).view(len(b.keys), -1, 2)
                        for c in ("init", "final"))
         maps = {"": b.saliency} | ({"model_": model_maps("val", b.keys)} if model_maps else {})
@@ -51,9 +55,9 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
             imgs = to_display(b.images[:pictures - len(shown)], dc["mean"], dc["std"])
             shown += [(im, np.stack([i, f]), short_name(data.class_names[y]))
                       for im, i, f, y in zip(imgs, init.numpy(), final.numpy(), b.labels.tolist())]
-    metrics = {}
+    metrics, per_image = {}, {k: torch.cat(v).numpy() for k, v in sums.items()}
     for prefix in ("", "model_") if model_maps else ("",):
-        init_s, final_s = torch.cat(sums[prefix + "init"]), torch.cat(sums[prefix + "final"])
+        init_s, final_s = torch.from_numpy(per_image[prefix + "init"]), torch.from_numpy(per_image[prefix + "final"])
         metrics |= {f"{prefix}saliency_init": init_s.mean().item(), f"{prefix}saliency_final": final_s.mean().item(),
                     f"{prefix}saliency_delta": (final_s - init_s).mean().item(),
                     f"{prefix}frac_images_more_salient": (final_s > init_s).float().mean().item()}
@@ -65,4 +69,6 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
     fig.suptitle(f"SPoT-ON {backbone} {prior} N={budget}: start (cyan) -> end (red)")
     save_fig(fig, out / "trajectories.png")
     write_json(out / "saliency.json", metrics)
-    return Record(metrics, ["saliency.json", "trajectories.png"])
+    with atomic_path(out / "saliency.parquet") as tmp:
+        pd.DataFrame(dict(key=keys, **per_image)).to_parquet(tmp, index=False)
+    return Record(metrics, ["saliency.json", "saliency.parquet", "trajectories.png"])

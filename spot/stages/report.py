@@ -9,6 +9,7 @@ import numpy as np
 
 from spot.report.analyse import flat_metrics, gap_closed, metric_rows
 from spot.report.collect import collect, environments, in_order, oracle_curves, placer_transfers
+from spot.report.evidence import read_evidence, replicates, with_intervals
 from spot.report.findings import findings
 from spot.report.plots import plot_budgets, plot_oracle_steps
 from spot.report.render import html_page
@@ -20,33 +21,43 @@ from spot.utils.io import atomic_path, write_json
 
 
 def run(cfg: dict, inputs: dict, out: Path) -> Record:
-    """Gather every result into `out`: results.{parquet,csv}, tables.{md,html}, findings.{md,html},
+    """Gather every result into `out`: results.{parquet,csv} (each accuracy with its bootstrap
+    interval `<c>_low`, `<c>_high`; `replicate_of`, `seed`), replicates.csv (mean and sd over training
+    seeds and prior draws: `spot.report.evidence.replicates`), tables.{md,html}, findings.{md,html},
     metrics.json (every number, flat), metrics/<backbone>/<row>.json (the DVC metrics:
     `spot.report.analyse.metric_rows`), plots/accuracy_vs_budget.{png,csv}, plots/oracle_steps.png,
     pictures/priors.png (priors in `eval.priors` order, then the label-free placements and SPoT-ON),
     pictures/trajectories.png, pictures/learned.png (the learned global priors, when stage learned ran)."""
-    order = list(cfg["backbones"])
+    order, specs = list(cfg["backbones"]), cfg["backbones"]
     results, trans, sal = collect(inputs, order)
     if results.empty:
         raise FileNotFoundError("no evaluation results: the report needs at least one evaluate job")
+    ev, options = read_evidence(inputs), dict(seed=cfg["report"]["seed"], resamples=cfg["report"]["resamples"])
+    replicate_of = {b: s["replicate_of"] for b, s in specs.items() if s.get("replicate_of")}
+    results = with_intervals(results, ev, **options).assign(
+        replicate_of=lambda d: d.backbone.map(replicate_of), seed=lambda d: d.backbone.map(lambda b: specs[b]["seed"]))
+    reps = replicates(results, ev, replicate_of)
+    with atomic_path(out / "replicates.csv") as tmp:
+        reps.to_csv(tmp, index=False)
+    replicas = {b: [b, *(r for r, of in replicate_of.items() if of == b)] for b in order if b not in replicate_of}
     with atomic_path(out / "results.parquet") as tmp:
         results.to_parquet(tmp, index=False)
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
     gaps, ptrans = gap_closed(results), placer_transfers(inputs, order)
-    tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()])
-    for name, text, title in (("tables", tables, "SPoT results"),
-                              ("findings", findings(results, trans, sal, ptrans), "SPoT findings")):
+    tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()], reps)
+    found = findings(results, ev, replicas, start=cfg["oracle"]["prior"], **options)
+    for name, text, title in (("tables", tables, "SPoT results"), ("findings", found, "SPoT findings")):
         with atomic_path(out / f"{name}.md") as tmp:
             tmp.write_text(text)
         with atomic_path(out / f"{name}.html") as tmp:
             tmp.write_text(html_page(text, title))
-    plot_data = results[["backbone", "prior", "oracle", "budget", "top1", "knn"]].sort_values(
+    plot_data = results[["backbone", "prior", "oracle", "budget", "top1", "top1_low", "top1_high", "knn"]].sort_values(
         ["backbone", "prior", "oracle", "budget"], key=in_order(order)).assign(
         series=lambda d: d.backbone + "/" + d.prior + np.where(d.oracle, "/oracle", ""))
     with atomic_path(out / "plots" / "accuracy_vs_budget.csv") as tmp:
         plot_data.to_csv(tmp, index=False)
-    plot_budgets(results, out / "plots" / "accuracy_vs_budget.png")
+    plot_budgets(results, out / "plots" / "accuracy_vs_budget.png", reps)
     plot_oracle_steps(oracle_curves(inputs, order), out / "plots" / "oracle_steps.png")
     budgets = sorted(results.budget.unique())
     prior_sheet(inputs, out / "pictures" / "priors.png", cfg["eval"]["priors"], int(budgets[len(budgets) // 2]),

@@ -13,19 +13,20 @@ from spot.core.model import frozen
 from spot.data.decoded import Decoded
 from spot.stages import Record
 from spot.training.backbones import load_backbone
-from spot.utils.io import read_json, write_json
+from spot.utils.io import atomic_path, read_json, write_json
 
 
 @torch.no_grad()
 def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> Record:
     """Top-1 of `dst` with the final oracle positions of `src`, against `dst` on the prior the
     search started from (same images, same budget) and `src`'s own oracle top-1. With src == dst it
-    reproduces the oracle's top-1. Writes metrics.json."""
+    reproduces the oracle's top-1. Writes metrics.json and predictions.parquet (key, label, pred,
+    correct per image)."""
     found = pd.read_parquet(inputs["oracle"] / "results.parquet")
     final = {k: np.asarray(v, dtype=np.float32).reshape(-1, 2) for k, v in zip(found["key"], found["final"])}
     device = resolve_device(cfg["device"])
     model = load_backbone(inputs["backbone"], device)
-    hits, n = torch.zeros((), dtype=torch.int64, device=device), 0      # counted on the device: no wait per batch
+    keys, labels, preds = [], [], []                 # per batch, kept on the device: no wait per batch
     batches = Decoded(inputs["decoded"], model.data_config).batches("val", cfg["eval"]["batch_size"], device=device)
     with frozen(model, device):
         for b in tqdm(batches, desc=f"transfer {src} -> {dst}/{budget}", unit="batch"):
@@ -35,14 +36,19 @@ def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> 
             pos = to_device(torch.from_numpy(np.stack([final[b.keys[i]] for i in keep])), device)
             with autocast_for(device):                                 # as the oracle ran it
                 logits = model(b.images[to_device(torch.tensor(keep), device)], pos)
-            hits += (logits.argmax(1) == to_device(b.labels[keep], device)).sum()
-            n += len(keep)
-    hits = hits.item()
+            keys += [b.keys[i] for i in keep]
+            labels.append(b.labels[keep])
+            preds.append(logits.argmax(1))
+    n = len(keys)
     if n != len(final):
         raise ValueError(f"transfer: {len(final) - n} oracle images of {inputs['oracle']} are not among the val "
                          f"images of {inputs['decoded']}")
-    metrics = dict(top1_transfer=hits / n, top1_prior=read_json(inputs["eval"] / "metrics.json")["top1"],
+    labels, preds = torch.cat(labels).numpy(), torch.cat(preds).cpu().numpy()
+    per_image = pd.DataFrame(dict(key=keys, label=labels, pred=preds, correct=labels == preds))
+    with atomic_path(out / "predictions.parquet") as tmp:
+        per_image.to_parquet(tmp, index=False)
+    metrics = dict(top1_transfer=per_image.correct.mean(), top1_prior=read_json(inputs["eval"] / "metrics.json")["top1"],
                    top1_src_oracle=read_json(inputs["oracle"] / "metrics.json")["top1"], n=n)
     metrics["gain"] = metrics["top1_transfer"] - metrics["top1_prior"]
     write_json(out / "metrics.json", metrics)
-    return Record(metrics, ["metrics.json"])
+    return Record(metrics, ["metrics.json", "predictions.parquet"])

@@ -115,11 +115,47 @@ def validate(cfg: dict, source: str = "params.yaml") -> dict:
                          "use 'salient')")
     if "placer" in place["methods"] and place["placer"]["init"] == "learned" and "learned" not in place["methods"]:
         raise ValueError(f"{source}: placement.placer.init: 'learned' needs 'learned' in placement.methods")
+    if 0 not in cfg["eval"]["prior_seeds"]:
+        raise ValueError(f"{source}: eval.prior_seeds: must hold 0 (the reported draw of the priors' positions)")
+    extra = set(cfg["replicates"]["placement_budgets"] or []) - set(place["budgets"])
+    if extra:
+        raise ValueError(f"{source}: replicates.placement_budgets: {sorted(extra)} not in placement.budgets")
+    cfg["backbones"] = expand_seeds(cfg["backbones"], cfg["seed"], source)
     for spec in cfg["backbones"].values():
-        spec.setdefault("seed", cfg["seed"])
         if spec["make"] == "train":
             spec.setdefault("model", TRAIN_MODEL)
     return cfg
+
+
+def expand_seeds(backbones: dict, seed: int, source: str) -> dict:
+    """The backbones with each `seeds: [s0, s1, ...]` expanded: the backbone itself trains with s0,
+    and a replicate `<name>-s<s>` (its own folders, jobs and MLflow runs; `replicate_of` the
+    backbone) with each other seed, right after it. Every backbone gets its `seed` (default `seed`)."""
+    out = {}
+    for name, spec in backbones.items():
+        seeds = spec.pop("seeds", None)
+        if seeds is not None and "seed" in spec:
+            raise ValueError(f"{source}: backbones.{name}: give seed or seeds, not both")
+        spec.setdefault("seed", seeds[0] if seeds else seed)
+        out[name] = spec
+        for s in (seeds or [])[1:]:
+            if f"{name}-s{s}" in backbones:
+                raise ValueError(f"{source}: backbones.{name}-s{s}: the name of {name}'s replicate with seed {s}")
+            out[f"{name}-s{s}"] = dict(copy.deepcopy(spec), seed=s, replicate_of=name)
+    return out
+
+
+def primaries(cfg: dict) -> list[str]:
+    """The backbones that replicate no other (`expand_seeds`), in the config's order."""
+    return [b for b, spec in cfg["backbones"].items() if not spec.get("replicate_of")]
+
+
+def written_key(cfg: dict, key: str) -> str:
+    """`key` as the params file spells it: a replicate's `backbones.<name>-s<s>...` is its backbone's."""
+    parts = key.split(".")
+    if parts[0] == "backbones" and len(parts) > 1 and cfg["backbones"].get(parts[1], {}).get("replicate_of"):
+        parts[1] = cfg["backbones"][parts[1]]["replicate_of"]
+    return ".".join(parts)
 
 
 def read(path: str | Path) -> dict:

@@ -23,7 +23,7 @@ import yaml
 from spot.utils.environment import LOCK_FILE
 from spot.utils.io import atomic_path
 from spot.utils.records import as_list
-from spot.workflow.config import read
+from spot.workflow.config import read, written_key
 from spot.workflow.layout import Layout
 from spot.workflow.stage import Stage, lookup
 from spot.workflow.table import STAGES, all_jobs
@@ -57,7 +57,7 @@ def dvc_stage(stage: Stage, wildcards: dict, cfg: dict, raw: dict, params_file: 
     layout = Layout(cfg["root"])
     inputs = stage.job_inputs(cfg, layout, wildcards)
     folders = [str(f) for v in inputs.values() for f in as_list(v)]
-    keys = sorted({present(raw, k) for k in stage.params(cfg, wildcards)})
+    keys = sorted({present(raw, written_key(cfg, k)) for k in stage.params(cfg, wildcards)})
     outs = [layout(stage.output, **f) for f in stage.output_wildcards(cfg, wildcards)]
     entry = dict(cmd=stage.command(params_file, wildcards), deps=folders + code + [LOCK_DEP])
     if keys:                              # (an empty key list would make DVC watch the whole file)

@@ -16,7 +16,9 @@ from pathlib import Path
 from spot.data.geometry import GEOMETRY, geometry_name, overlay
 from spot.methods import LABEL_FREE
 from spot.utils.io import read_json, write_json
+from spot.workflow.config import primaries
 from spot.workflow.stage import Stage, lookup, product
+
 
 def backbone_params(cfg, w):
     spec = cfg["backbones"][w["backbone"]]
@@ -98,17 +100,24 @@ def report_inputs(cfg, w):
 
 
 def placement_jobs(method):
-    """The jobs of a label-free placement stage: every backbone (each at `placement.budgets`), if the
-    method is on and has budgets."""
-    return lambda cfg: (product(backbone=list(cfg["backbones"]))
-                        if method in cfg["placement"]["methods"] and cfg["placement"]["budgets"] else [])
+    """The jobs of a label-free placement stage, if the method is on and has budgets: every backbone at each of
+    `placement.budgets`, a replicate (`spot.workflow.config.expand_seeds`) at
+    `replicates.placement_budgets` (null: the same)."""
+    def jobs(cfg):
+        if method not in cfg["placement"]["methods"] or not cfg["placement"]["budgets"]:
+            return []
+        few = cfg["replicates"]["placement_budgets"]
+        return [dict(backbone=b, budget=n) for b, spec in cfg["backbones"].items()
+                for n in (few if spec.get("replicate_of") and few is not None else cfg["placement"]["budgets"])]
+    return jobs
 
 
 def placer_transfers(cfg) -> list[dict]:
-    """Every ordered pair of different backbones (each at `placement.transfer`), if placers run."""
+    """Every ordered pair of different backbones, replicates left out (each at `placement.transfer`),
+    if placers run."""
     if "placer" not in cfg["placement"]["methods"] or not cfg["placement"]["transfer"]:
         return []
-    return [j for j in product(src=list(cfg["backbones"]), dst=list(cfg["backbones"])) if j["src"] != j["dst"]]
+    return [j for j in product(src=primaries(cfg), dst=primaries(cfg)) if j["src"] != j["dst"]]
 
 
 def model_inputs(cfg, w):
@@ -128,7 +137,6 @@ def covering(**axes: str) -> dict:
     return dict(each=tuple(axes), values=lambda cfg: product(**{w: list(lookup(cfg, k)) for w, k in axes.items()}))
 
 
-PER_BUDGET = covering(budget="placement.budgets")                # label-free placement jobs
 ORACLE_BUDGETS = covering(budget="oracle.budgets")
 ORACLE = ["oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size", "oracle.batch_tokens",
           "oracle.parts", "oracle.save_every", "oracle.compile", "seed", "device"]
@@ -162,7 +170,7 @@ STAGES = [
           else [], output="model-saliency", gpu=True),
     Stage("evaluate", "top-1 and kNN of one backbone, every prior x budget (a pass per prior)",
           ("backbone",),
-          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "seed", "device"],
+          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "eval.prior_seeds", "seed", "device"],
           inputs=lambda cfg, w: model_inputs(cfg, w) | model_maps(cfg, w["prior"] == "model_salient"),
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])), output="eval", gpu=True,
           **covering(prior="eval.priors", budget="eval.budgets"), one_pass="budget"),
@@ -183,24 +191,24 @@ STAGES = [
           inputs=lambda cfg, w: {"oracle": ("oracle", {"backbone": w["src"], "budget": w["budget"]}),
                                  "eval": eval_of(cfg, w["dst"], w["budget"]),
                                  "backbone": ("backbone", {"backbone": w["dst"]}), "decoded": decoded(cfg, w["dst"])},
-          jobs=lambda cfg: product(dst=list(cfg["backbones"])), output="transfer", gpu=True,
-          **covering(src="backbones", budget="transfer.budgets")),
+          jobs=lambda cfg: product(dst=primaries(cfg)), output="transfer", gpu=True, each=("src", "budget"),
+          values=lambda cfg: product(src=primaries(cfg), budget=cfg["transfer"]["budgets"])),
     Stage("analyze", "saliency under the oracle positions, trajectory pictures", ("backbone",),
           params=lambda cfg, w: ["report.pictures"],
           inputs=lambda cfg, w: {"oracle": ("oracle", w)} | model_inputs(cfg, w) | model_maps(cfg, True),
-          jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
+          jobs=lambda cfg: product(backbone=primaries(cfg)),
           output="analysis", **ORACLE_BUDGETS),
     Stage("learned", "fit N positions shared by all images (label-free at inference)",
-          ("backbone",),
+          ("backbone", "budget"),
           params=lambda cfg, w: ["placement.batch_size", "placement.learned", "eval.batch_size", "eval.knn", "seed",
                                  "device"],
-          inputs=model_inputs, jobs=placement_jobs("learned"), output="learned", gpu=True, **PER_BUDGET),
-    Stage("placer", "train a network that places N tokens per image, evaluate it", ("backbone",),
+          inputs=model_inputs, jobs=placement_jobs("learned"), output="learned", gpu=True),
+    Stage("placer", "train a network that places N tokens per image, evaluate it", ("backbone", "budget"),
           params=lambda cfg, w: ["placement.batch_size", "placement.placer", "eval.batch_size", "eval.knn", "seed",
                                  "device"],
           inputs=lambda cfg, w: model_inputs(cfg, w) | ({"learned": ("learned", w)}
                                                         if cfg["placement"]["placer"]["init"] == "learned" else {}),
-          jobs=placement_jobs("placer"), output="placer", gpu=True, **PER_BUDGET),
+          jobs=placement_jobs("placer"), output="placer", gpu=True),
     Stage("placer-transfer", "the placer of --src placing the tokens of --dst",
           ("src", "dst"),
           params=lambda cfg, w: ["eval.batch_size", "eval.knn", "device"],
@@ -208,13 +216,13 @@ STAGES = [
                                  "own": ("placer", {"backbone": w["dst"], "budget": w["budget"]}),
                                  **model_inputs(cfg, {"backbone": w["dst"]})},
           jobs=placer_transfers, output="placer-transfer", gpu=True, **covering(budget="placement.transfer")),
-    Stage("entropy", "label-free test-time search: lower the prediction's entropy", ("backbone",),
+    Stage("entropy", "label-free test-time search: lower the prediction's entropy", ("backbone", "budget"),
           params=lambda cfg, w: ["placement.entropy", "oracle.prior", "eval.batch_size", "eval.knn", "seed", "device"],
-          inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True, **PER_BUDGET),
+          inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True),
     Stage("report", "the paper's tables, plots, pictures and findings", (),
-          params=lambda cfg, w: ["report", "eval.priors", "backbones"], inputs=report_inputs, jobs=lambda cfg: [{}],
+          params=lambda cfg, w: ["report", "eval.priors", "eval.prior_seeds", "oracle.prior", "backbones"], inputs=report_inputs, jobs=lambda cfg: [{}],
           output="report", metrics=("metrics",), plots=("plots/accuracy_vs_budget.png", "plots/oracle_steps.png"),
-          files=("tables.md", "tables.html", "findings.md", "findings.html", "results.csv", "results.parquet",
+          files=("tables.md", "tables.html", "findings.md", "findings.html", "results.csv", "results.parquet", "replicates.csv",
                  "metrics.json", "plots/accuracy_vs_budget.csv", "pictures", "run.json")),
 ]
 STAGE = {s.name: s for s in STAGES}
