@@ -1,4 +1,6 @@
+import contextlib
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -88,3 +90,21 @@ def smoke_run(tmp_path_factory):
     (repository copy, snakemake's completed process)."""
     cwd = copy_repo(tmp_path_factory.mktemp("repo"))
     return cwd, snakemake(cwd)
+
+
+@contextlib.contextmanager
+def running(service):
+    """`service` started (`.start()`) for the block and stopped (`.stop()`) after it, also when pytest
+    is sent SIGTERM (it runs no teardown then): real daemons never outlive the tests."""
+    def terminated(signum, frame):
+        service.stop()
+        signal.signal(signum, previous)
+        os.kill(os.getpid(), signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        service.start()
+        yield service
+    finally:
+        service.stop()
+        signal.signal(signal.SIGTERM, previous)

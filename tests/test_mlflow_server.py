@@ -28,7 +28,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, copy_repo, env, snakemake
+from tests.conftest import REPO, copy_repo, env, running, snakemake
 
 SCRIPT = REPO / "scripts" / "mlflow-server.sh"
 POSTGRES = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
@@ -115,19 +115,10 @@ class Server:
 @pytest.fixture(scope="module")
 def mlflow_server():
     server = Server(Path(tempfile.mkdtemp(prefix="spot-mlflow-")))
-
-    def terminated(signum, frame):            # pytest runs no teardown on SIGTERM: stop them here
-        server.stop()
-        signal.signal(signum, previous)
-        os.kill(os.getpid(), signum)
-
-    previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        server.start()
-        yield server
+        with running(server):
+            yield server
     finally:
-        server.stop()
-        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(server.root, ignore_errors=True)
 
 

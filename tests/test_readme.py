@@ -1,5 +1,6 @@
 """The README's two commands install from the lock file, and CI runs its test command as written."""
 import re
+import subprocess
 
 from tests.conftest import REPO
 
@@ -9,7 +10,7 @@ INSTALL = "python3 -m venv .venv && . .venv/bin/activate && pip install -r requi
 def commands() -> list[str]:
     """The README's one-line commands that start from a fresh clone (they install the system packages)."""
     blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
-    return [line for block in blocks for line in block.splitlines() if line.startswith("S=$(command -v sudo);")]
+    return [line for block in blocks for line in block.splitlines() if line.startswith("S=$(command -v sudo")]
 
 
 def test_both_commands_install_from_the_lock_into_a_new_environment():
@@ -21,3 +22,12 @@ def test_both_commands_install_from_the_lock_into_a_new_environment():
 def test_ci_runs_the_readme_test_command_as_written():
     lines = (REPO / ".ci" / "run").read_text().splitlines()
     assert lines[-1] == commands()[1]
+
+
+def test_commands_start_as_root_without_sudo_under_set_e(tmp_path):
+    """`.ci/run` runs under `set -e` on machines where root has no sudo: the prefix must not end the script."""
+    for command in commands():
+        prefix = command.split(" $S ")[0]
+        done = subprocess.run(["/bin/bash", "-euo", "pipefail", "-c", f'{prefix} echo "sudo=[$S]"'],
+                              env={"PATH": str(tmp_path)}, capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout == "sudo=[]\n", (prefix, done.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, env
+from tests.conftest import copy_repo, env, running
 
 DAEMONS = ["munged", "slurmctld", "slurmd"]
 CLIENTS = ["sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun", "sacct"]
@@ -188,20 +188,8 @@ class Cluster:
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
     # /tmp/pytest-of-root/... is short enough for munge's unix socket path
-    cluster = Cluster(tmp_path_factory.mktemp("slurm"))
-
-    def terminated(signum, frame):            # pytest runs no teardown on SIGTERM: stop them here
-        cluster.stop()
-        signal.signal(signum, previous)
-        os.kill(os.getpid(), signum)
-
-    previous = signal.signal(signal.SIGTERM, terminated)
-    try:
-        cluster.start()
+    with running(Cluster(tmp_path_factory.mktemp("slurm"))) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        signal.signal(signal.SIGTERM, previous)
 
 
 def site_profile(profile: dict) -> dict:
