@@ -270,3 +270,22 @@ def test_an_edited_source_file_reruns_the_stages_that_import_it(committed, sourc
     assert stages <= kinds and "shards" not in kinds and "saliency" not in kinds, kinds
     if source.endswith("report.py"):
         assert kinds == {"report"}
+
+
+def test_after_dvc_and_spot_dvc_done_snakemake_has_nothing_to_do(committed, tmp_path):
+    """The other way round: DVC reruns a changed param's jobs; Snakemake, whose record still has the
+    old value, would rerun them too until `spot dvc-done` records DVC's run; a later change still
+    reruns its jobs in Snakemake."""
+    cwd = tmp_path / "repo"
+    shutil.copytree(committed[0], cwd, symlinks=True)
+    path, original = cwd / SMOKE, (cwd / SMOKE).read_text()
+    cfg = yaml.safe_load(original)
+    cfg["oracle"]["steps"] = 1
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    dvc(cwd, "repro")
+    assert changed_by_snakemake(cwd)[0]                      # Snakemake's record: the old params
+    assert "nothing to do" in run(cwd, "spot", "dvc-done", "--params", SMOKE)
+    assert not changed_by_snakemake(cwd)[1]
+    assert "Nothing to be done" in (r := snakemake(cwd, "-n")).stdout + r.stderr
+    path.write_text(original)                                 # back to the old value: both engines rerun it
+    assert changed_by_snakemake(cwd)[0] and changed_by_dvc(cwd)

@@ -61,19 +61,19 @@ def closed_port() -> str:
 
 
 def job(out, uri, name, stage="backbone", job_id="backbone/b", steps=range(1, 4), inputs=None, fail=False,
-        resume=None, pause=0.0):
+        resume=None, pause=0.0, params=None):
     """A job as `spot.workflow.runner.run_job` runs it, whose stage logs a loss per step; returns (its
     run id, its record)."""
-    with tracking.JobRun(out, experiment=name, uri=uri, stage=stage, job=job_id, params={"backbone": "b"},
-                         inputs=inputs) as run:
+    params = params or {"backbone": "b"}
+    with tracking.JobRun(out, experiment=name, uri=uri, stage=stage, job=job_id, params=params, inputs=inputs) as run:
         if resume is not None:
             live.start_series(resume)
         for s in steps:
             live.log_metrics({"train/loss": 1.0 / s, "train/lr": 0.1}, step=s)
         time.sleep(pause)
         if fail:
-            raise RuntimeError("stage failed")
-        rec = write_run_record(out, stage=stage, job=job_id, params={"backbone": "b"}, metrics={"val_top1": 0.25},
+            raise fail if isinstance(fail, Exception) else RuntimeError("stage failed")
+        rec = write_run_record(out, stage=stage, job=job_id, params=params, metrics={"val_top1": 0.25},
                                artifacts=[], inputs=inputs, **run.record_fields())
         run_id = run.finish()
     return run_id, rec
@@ -160,6 +160,40 @@ def test_failed_job_ends_its_run_failed_and_the_rerun_replaces_it(tmp_path, uri)
     assert r.info.run_id == run_id and r.info.status == "FINISHED"
 
 
+def test_a_rerun_with_other_params_keeps_the_old_run_visible_and_superseded(tmp_path, uri):
+    first, _ = job(tmp_path / "b", uri, "history", params={"backbone": "b", "train.lr": 0.1})
+    again, _ = job(tmp_path / "b", uri, "history", params={"backbone": "b", "train.lr": 0.1})
+    assert [r.info.run_id for r in runs(uri, "history")] == [again]          # the same params: replaced
+    other, _ = job(tmp_path / "b", uri, "history", params={"backbone": "b", "train.lr": 0.01})
+    by_id = {r.info.run_id: r for r in runs(uri, "history")}
+    assert set(by_id) == {again, other}
+    assert by_id[again].data.tags["spot.superseded_by"] == other and "spot.superseded_by" not in by_id[other].data.tags
+    assert by_id[again].data.params["train.lr"] == "0.1" and by_id[other].data.params["train.lr"] == "0.01"
+
+
+def test_a_failed_rerun_keeps_the_last_good_run_and_its_error_names_the_file(tmp_path, uri):
+    from spot.utils.io import read_json
+    good, _ = job(tmp_path / "b", uri, "keep")
+    bad = tmp_path / "upstream" / "run.json"
+    bad.parent.mkdir()
+    bad.write_text('{"job": "x\ty"}')
+    with pytest.raises(ValueError) as e:
+        job(tmp_path / "b", uri, "keep", fail=_error(read_json, bad))
+    by_status = {r.info.status: r for r in runs(uri, "keep")}
+    assert set(by_status) == {"FINISHED", "FAILED"} and by_status["FINISHED"].info.run_id == good
+    assert str(bad) in by_status["FAILED"].data.tags["spot.error"] and str(bad) in str(e.value)
+    assert "spot.superseded_by" not in by_status["FINISHED"].data.tags
+
+
+def _error(fn, *args) -> Exception:
+    """The exception fn(*args) raises."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001
+        return e
+    raise AssertionError(f"{fn.__name__} raised nothing")
+
+
 def test_resumed_job_keeps_its_series_up_to_the_checkpoint(tmp_path, uri):
     """A killed training resumed from step 3: steps 1-3 of the first attempt, 4-6 of the second, once each."""
     with pytest.raises(RuntimeError):
@@ -211,7 +245,8 @@ def test_parent_run_nests_the_jobs_and_an_empty_one_is_deleted(tmp_path, uri):
     c = MlflowClient(uri)
     assert c.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
     p = c.get_run(parent)
-    assert p.info.status == "FINISHED" and p.data.tags["spot.pipeline"] == "snakemake" and p.data.params["seed"] == "0"
+    assert p.info.status == "FINISHED" and p.data.tags["spot.pipeline"] == "snakemake"
+    assert set(p.data.params) == {"params_file", "code_version"}       # the jobs log the values they read
     assert "spot.job" not in p.data.tags
     empty = tracking.start_pipeline(cfg, "params.yaml")
     tracking.end_pipeline(cfg)
