@@ -51,9 +51,8 @@ def cmd_mlflow_init(cfg, a):
     if exp is None:
         print(f"MLflow experiment {cfg['name']!r} at {uri}: unreachable (results kept for mlflow-sync)")
         return
-    ui = f"{uri}/" if uri.startswith(("http://", "https://")) else f"`mlflow ui --backend-store-uri {uri}`: "
-    print(f"MLflow experiment {cfg['name']!r} at {uri}: ready; its runs table in the UI "
-          f"{ui}#/experiments/{exp}?workflowType=machine_learning")
+    from spot.workflow.mlflow_run import ui_link
+    print(f"MLflow experiment {cfg['name']!r} at {uri}: ready; its runs: {ui_link(uri, exp)}")
 
 
 def cmd_mlflow_sync(cfg, a):

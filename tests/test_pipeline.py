@@ -138,7 +138,7 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     stages = Counter(r.data.tags["spot.stage"] for r in runs)
     b = len(SMOKE["backbones"])
     assert stages["evaluate"] == b * len(SMOKE["eval"]["priors"]) * len(SMOKE["eval"]["budgets"])
-    assert parent.info.status == "FINISHED" and parent.data.params["name"] == SMOKE["name"]
+    assert parent.info.status == "FINISHED" and set(parent.data.params) == {"params_file", "code_version"}
     first = {}                                          # Snakemake job -> its runs' and its own start
     for r in runs:
         job = r.data.tags["spot.job"]
@@ -166,6 +166,12 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     assert "model.safetensors" in {a.path for a in c.list_artifacts(train)}
     oracle = c.get_metric_history(by_job["oracle-gather/spot-a/4"].info.run_id, "oracle/accuracy")
     assert sorted(m.step for m in oracle) == list(range(SMOKE["oracle"]["steps"] + 1))
+    for part in (0, 1):                                 # each part's own curve, on its images, sits on its run
+        curve = c.get_metric_history(by_job[f"oracle/spot-a/4/{part}"].info.run_id, "oracle-part/top1")
+        assert sorted(m.step for m in curve) == list(range(SMOKE["oracle"]["steps"] + 1))
+    # the runs table's columns: the values each stage reads, prefixed (`eval.knn.k`), not the config's every key
+    columns = {k for r in every for k in r.data.params}
+    assert "eval.knn.k" in columns and not {"name", "root", "mlflow.tracking_uri"} & columns, columns
     report = by_job["report"]
     arts = c.list_artifacts(report.info.run_id)
     assert {"tables.md", "pictures", "plots", "results.json"} <= {a.path for a in arts}

@@ -64,4 +64,6 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part: in
     arrays = {k: np.asarray(v) if k == "keys" else torch.cat(v).cpu().numpy() for k, v in found.items() if v}
     with atomic_path(out / "part.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    return Record(dict(images=len(found["keys"]), shards=len(shards)), [])
+    # the part's own accuracy-per-step curve (its images), a step series of its MLflow run
+    curve = arrays["correct"].mean(0).tolist() if "correct" in arrays else []
+    return Record(dict(images=len(found["keys"]), shards=len(shards), top1_per_step=curve), [])

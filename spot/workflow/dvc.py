@@ -5,7 +5,8 @@ it runs (`code_deps`) and the lock file (a changed environment reruns it). Its p
 config keys it declares, its outs its folder.
 The report's metrics and plots are cached outs like the others (dvc.lock records their hashes).
 So `dvc metrics diff`, `dvc plots diff`, `dvc exp show` and `dvc exp diff` read them at any
-revision. Its plots are PNG images, which DVC's HTML shows without loading anything from the network.
+revision. Its plots are PNG images, which DVC's HTML shows without the network, and results.csv is
+a data plot (`data_plots`) that DVC draws with Vega (loaded from a CDN).
 `spot dvc-yaml --params FILE` writes it; the committed dvc.yaml is the one for params.yaml.
 After a Snakemake run, `commit_after_snakemake` records the run's jobs in dvc.lock (`dvc commit`);
 after a DVC run, `record_in_snakemake` records them in Snakemake's metadata (`spot dvc-done`).
@@ -85,7 +86,18 @@ def dvc_yaml(cfg: dict, params_file: str = "params.yaml") -> str:
             raise ValueError(f"{params_file}: two jobs would share the DVC stage name {name!r}; rename a backbone")
         code.setdefault(stage.name, code_deps(stage))
         stages[name] = dvc_stage(stage, wildcards, cfg, raw, params_file, code[stage.name])
-    return HEADER.format(params=params_file) + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+    results = f"{Layout(cfg['root'])('report')}/results.csv"
+    return HEADER.format(params=params_file) + yaml.safe_dump({"stages": stages, "plots": data_plots(results)},
+                                                              sort_keys=False, width=120)
+
+
+def data_plots(results: str) -> list[dict]:
+    """DVC's interactive plots of the report's results.csv (a row per backbone, prior, budget): top-1
+    and kNN accuracy against the budget, one mark per row, each revision in its colour in `dvc plots diff`.
+    (DVC's HTML loads Vega from a CDN to draw them; the report's PNGs need no network.)"""
+    return [{f"{column}-vs-budget": dict(template="scatter", x="budget", y={results: [column]}, title=f"{name} by budget",
+                                         x_label="tokens", y_label=f"{name} accuracy")}
+            for name, column in (("top-1", "top1"), ("kNN", "knn"))]
 
 
 def write_dvc_yaml(cfg: dict, params_file: str, path: str | os.PathLike = "dvc.yaml") -> None:

@@ -34,6 +34,15 @@ def metric_name(stage: str, key: str) -> str | None:
     return f"{PREFIX.get(stage, stage)}/{key.removesuffix('_per_step')}"
 
 
+def ui_link(uri: str, experiment_id: str) -> str:
+    """Where a person sees the experiment's runs table: its URL on a server, else the `mlflow ui` command
+    and the page. `workflowType=machine_learning` opens MLflow 3's runs, not its GenAI pages."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+
+
 def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 

@@ -60,8 +60,11 @@ onerror:
 onsuccess:
     from spot.workflow import tracking
     from spot.workflow.dvc import commit_after_snakemake
+    from spot.workflow.mlflow_run import ui_link
 
     tracking.end_pipeline(config, "FINISHED")  # (Snakemake keeps one onsuccess: MLflow's parent run ends here)
+    if exp := tracking.init(config["name"], tracking.tracking_uri(config)):
+        print(f"MLflow runs: {ui_link(tracking.tracking_uri(config), exp)}")
     print(commit_after_snakemake(PARAMS, [(job.rule.name, job.wildcards_dict) for job in workflow.dag.jobs]))
 
 
