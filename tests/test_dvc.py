@@ -199,6 +199,10 @@ def test_after_snakemake_dvc_has_nothing_to_do(committed):
     cwd, out = committed
     stages = yaml.safe_load((cwd / "dvc.yaml").read_text())["stages"]
     assert f"dvc commit: recorded {len(stages)} stages in dvc.lock" in out, out[-2000:]
+    said = [line for line in out.splitlines() if line.startswith(("MLflow runs: ", "dvc commit: "))]
+    assert said[-1].endswith("keep this run: git add dvc.lock && git commit -m 'results'"), said
+    assert said[0].startswith("MLflow runs: `mlflow ui --backend-store-uri sqlite:///") and \
+        said[0].endswith("?workflowType=machine_learning"), said
     assert "up to date" in dvc(cwd, "status")
     assert "Running stage" not in dvc(cwd, "repro", "--dry")
 
