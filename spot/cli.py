@@ -97,19 +97,11 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def job_threads(stage: Stage) -> None:
-    """A job computes with the threads its stage declares (at most the CPUs), as Snakemake gives it
-    through OMP_NUM_THREADS: a job that DVC or a person runs gets the same count, so the same numbers."""
-    if "OMP_NUM_THREADS" not in os.environ and "torch" not in sys.modules:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = str(min(stage.threads, cpus))
-        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
-
-
 def main(argv: list[str] | None = None) -> int:
     pin_cpu_kernels()                                  # before torch loads: the same CPU kernels on any x86-64
     a = parser().parse_args(argv)
     if a.command in STAGE:
+        from spot.workflow.runner import job_threads
         job_threads(STAGE[a.command])
     try:
         a.fn(load_config(a.params), a)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from datetime import datetime
@@ -50,6 +51,20 @@ def is_number(v) -> bool:
 def ms(iso: str | None) -> int | None:
     """Milliseconds since the epoch of an ISO time (None stays None)."""
     return None if iso is None else int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
+def system_metrics() -> bool:
+    """MLflow's system metrics (CPU, memory, disk, network, GPU): on unless
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says false."""
+    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("false", "0")
+
+
+def in_experiment(c, run_id: str, exp: str) -> bool:
+    """Whether `run_id` is a run of experiment `exp` (a stale parent id of another store is not)."""
+    try:
+        return c.get_run(run_id).info.experiment_id == exp
+    except Exception:  # noqa: BLE001 - no such run here
+        return False
 
 
 def source_tags(version: str) -> dict:

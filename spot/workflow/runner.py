@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 from spot.utils.records import as_list
 from spot.workflow.layout import Layout
@@ -97,6 +98,15 @@ def passes(stage: Stage, folders: list[dict]) -> list[list[dict]]:
     for f in folders:
         groups.setdefault(tuple(v for k, v in f.items() if k != stage.one_pass), []).append(f)
     return list(groups.values())
+
+
+def job_threads(stage: Stage) -> None:
+    """A job computes with the threads its stage declares (at most the CPUs), as Snakemake gives it
+    through OMP_NUM_THREADS: a job that DVC or a person runs gets the same count, so the same numbers."""
+    if "OMP_NUM_THREADS" not in os.environ and "torch" not in sys.modules:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = str(min(stage.threads, cpus))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
 
 
 def check_job(stage: Stage, cfg: dict, job: dict, params_file: str) -> None:

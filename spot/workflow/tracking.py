@@ -29,8 +29,9 @@ from spot.utils.environment import code_version, environment
 from spot.utils.io import read_json
 from spot.utils.records import digest
 from spot.utils.text import describe_error, warn
-from spot.workflow.mlflow_run import (HASH_TAG, JOB_TAG, PARAMS_TAG, SUPERSEDED_TAG, complete, is_number, job_tags,
-                                      log_inputs, log_params, log_rows, metric_name, ms, source_tags)
+from spot.workflow.mlflow_run import (HASH_TAG, JOB_TAG, PARAMS_TAG, SUPERSEDED_TAG, complete, in_experiment, is_number,
+                                      job_tags, log_inputs, log_params, log_rows, metric_name, ms, source_tags,
+                                      system_metrics)
 from spot.workflow.outputs import now_iso
 from spot.workflow.series import SeriesFile, read_series
 
@@ -127,13 +128,6 @@ def new_run(c, exp: str, record: dict, out) -> str:
     return run_id
 
 
-def in_experiment(c, run_id: str, exp: str) -> bool:   # (a stale parent id of another store is not)
-    try:
-        return c.get_run(run_id).info.experiment_id == exp
-    except Exception:  # noqa: BLE001 - no such run here
-        return False
-
-
 def retire(c, exp: str, job: str, keep: str) -> None:
     """After run `keep` of job `job` finished: the job's other runs with its params are deleted (a rerun
     replaces its run); those with other params stay, tagged `spot.superseded_by` (MLflow compares them)."""
@@ -222,11 +216,6 @@ class JobRun:
                                                                     read_json(self.out / "run.json")))
         done = done and self.call(lambda: retire(self.client, self.exp, self.job, run_id))
         return run_id if done and self.call(lambda: self.end("FINISHED")) else None
-
-
-def system_metrics() -> bool:
-    """MLflow's system metrics (CPU, memory, GPU...): on unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is false."""
-    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("false", "0")
 
 
 def log_record(run_dir: str | Path, experiment: str, uri: str) -> str:
