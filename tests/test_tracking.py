@@ -283,3 +283,15 @@ def test_stages_depend_on_the_logging_interface_not_on_mlflow_code():
     deps = {s.name: code_deps(s) for s in STAGES}
     assert "spot/utils/live.py" in deps["backbone"]
     assert not any(p.startswith("spot/workflow/") or p == "spot/cli.py" for d in deps.values() for p in d)
+
+
+def test_a_process_start_is_after_its_parent_asked_for_it():
+    """A job's run starts with its process: not before Snakemake spawned it (psutil alone: up to 1 s early)."""
+    import subprocess
+    import sys
+    for _ in range(3):
+        before = time.time()
+        out = subprocess.run([sys.executable, "-c", "import time; from spot.workflow.tracking import process_start; "
+                              "print(process_start(), time.time())"], capture_output=True, text=True, check=True)
+        start, now = map(float, out.stdout.split())
+        assert before - 0.011 <= start <= now, (before, start, now)    # a clock tick (10 ms) of rounding

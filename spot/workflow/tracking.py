@@ -89,12 +89,20 @@ def fluent(uri: str):
 
 def job_start() -> str:
     """When the job now starting started (ISO, UTC): the process's start for a `spot` command's first job."""
-    import psutil
     global _first_job
     first, _first_job = _first_job, False
     if first and Path(sys.argv[0]).name == "spot":
-        return datetime.fromtimestamp(psutil.Process().create_time(), UTC).isoformat(timespec="milliseconds")
+        return datetime.fromtimestamp(process_start(), UTC).isoformat(timespec="milliseconds")
     return now_iso()
+
+
+def process_start() -> float:
+    """This process's start (Unix seconds, to the clock tick). psutil adds its ticks since boot to /proc/stat's
+    boot time, whole seconds rounded down (up to 1 s early: before Snakemake's onstart); Linux's boot clock is exact."""
+    import psutil
+    if not hasattr(time, "CLOCK_BOOTTIME"):           # not Linux: psutil's time is exact
+        return psutil.Process().create_time()
+    return psutil.Process().create_time() - psutil.boot_time() + time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def experiment_id(c, name: str) -> str:
