@@ -163,7 +163,8 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     by_job = {r.data.tags["spot.job"]: r for r in runs}
     train = by_job["backbone/spot-a"].info.run_id
     assert len({m.step for m in c.get_metric_history(train, "train/loss")}) > 1
-    assert "model.safetensors" in {a.path for a in c.list_artifacts(train)}
+    (version,) = c.search_model_versions("name = 'spot-spot-a'")          # its weights: a registered MLflow model
+    assert version.run_id == train and len(c.get_run(train).outputs.model_outputs) == 1
     oracle = c.get_metric_history(by_job["oracle-gather/spot-a/4"].info.run_id, "oracle/accuracy")
     assert sorted(m.step for m in oracle) == list(range(SMOKE["oracle"]["steps"] + 1))
     for part in (0, 1):                                 # each part's own curve, on its images, sits on its run

@@ -6,6 +6,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -295,3 +296,34 @@ def test_a_process_start_is_after_its_parent_asked_for_it():
                               "print(process_start(), time.time())"], capture_output=True, text=True, check=True)
         start, now = map(float, out.stdout.split())
         assert before - 0.011 <= start <= now, (before, start, now)    # a clock tick (10 ms) of rounding
+
+
+def test_a_backbone_is_a_registered_mlflow_model_giving_its_logits(tmp_path, uri):
+    """A backbone job's run holds its model (signature, input example), registered as spot-<backbone>;
+    loaded through MLflow it gives the backbone's own logits, at given positions and on the full grid."""
+    import mlflow
+    import torch
+
+    from spot.training.backbones import fetch, load_backbone
+    from spot.workflow.models import model_name
+    out = tmp_path / "backbones" / "tiny"
+    fetch("tiny", out, model="vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, embed_dim=32,
+          depth=1, num_heads=2, num_classes=10)
+    t = time.perf_counter()
+    run_id, _ = job(out, uri, "models", job_id="backbone/tiny", params={"backbone": "tiny"})
+    print(f"a backbone job with its model logged: {time.perf_counter() - t:.1f} s")
+    run = MlflowClient(uri).get_run(run_id)
+    (output,) = run.outputs.model_outputs
+    (version,) = MlflowClient(uri).search_model_versions(f"name = '{model_name('tiny')}'")
+    assert version.run_id == run_id and version.source.endswith(output.model_id)
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{model_name('tiny')}/{version.version}")
+    assert model.metadata.signature.inputs.input_names() == ["images", "positions"]
+    assert model.metadata.load_input_example()["positions"].shape == (1, 4, 2)
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    positions = torch.rand(2, 5, 2, generator=torch.Generator().manual_seed(1))
+    own = load_backbone(out)
+    with torch.inference_mode():
+        for pos, expected in ((positions, own(images, positions)), (positions[:, :0], own(images))):
+            got = model.predict({"images": images.numpy(), "positions": pos.numpy()})
+            assert got.shape == (2, 10) and np.allclose(got, expected.numpy(), atol=1e-5)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from spot.utils.io import read_csv, read_json
 from spot.utils.records import as_list, digest
+from spot.workflow.models import log_model
 from spot.workflow.series import read_series
 
 JOB_TAG, HASH_TAG = "spot.job", "spot.record_hash"
@@ -179,12 +180,12 @@ def record_rows(record: dict, run_dir: Path) -> list[tuple]:
 
 
 def complete(c, run_id: str, run_dir: Path, record: dict) -> None:
-    """The record's metrics (`record_rows`), its files (a backbone's weights too), the report's
+    """The record's metrics (`record_rows`), its files (a backbone's weights: its MLflow model), the report's
     results.csv as an MLflow table and tables.md as the run's description, and last the tag
     `spot.record_hash`: the run holds the whole record."""
     log_rows(c, run_id, record_rows(record, run_dir))
     files = ["run.json", *record["artifacts"], *([record["series"]] if record.get("series") else [])]
-    for name in dict.fromkeys(files + (["model.safetensors"] if record["stage"] == "backbone" else [])):
+    for name in dict.fromkeys(files):
         if (run_dir / name).is_file():
             folder = str(Path(name).parent)
             c.log_artifact(run_id, str(run_dir / name), artifact_path=None if folder == "." else folder)
@@ -195,4 +196,5 @@ def complete(c, run_id: str, run_dir: Path, record: dict) -> None:
     if record["stage"] == "report" and (run_dir / "tables.md").is_file():
         text, cut = (run_dir / "tables.md").read_text(), "\n\n(cut: the whole table is the artifact tables.md)"
         c.set_tag(run_id, "mlflow.note.content", text if len(text) <= MAX_NOTE else text[:MAX_NOTE - len(cut)] + cut)
+    log_model(c, run_id, run_dir, record)              # a backbone's weights: its MLflow model
     c.set_tag(run_id, HASH_TAG, digest(record))
