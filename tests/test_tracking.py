@@ -298,26 +298,27 @@ def test_a_process_start_is_after_its_parent_asked_for_it():
         assert before - 0.011 <= start <= now, (before, start, now)    # a clock tick (10 ms) of rounding
 
 
+def registered(uri, name: str, run_id: str):
+    """Model `name` loaded through MLflow's registry: it is the one model of run `run_id`."""
+    import mlflow
+    (version,) = MlflowClient(uri).search_model_versions(f"name = '{name}'")
+    (output,) = MlflowClient(uri).get_run(run_id).outputs.model_outputs
+    assert version.run_id == run_id and version.source.endswith(output.model_id)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+
+
 def test_a_backbone_is_a_registered_mlflow_model_giving_its_logits(tmp_path, uri):
     """A backbone job's run holds its model (signature, input example), registered as spot-<backbone>;
     loaded through MLflow it gives the backbone's own logits, at given positions and on the full grid."""
-    import mlflow
     import torch
 
     from spot.training.backbones import fetch, load_backbone
-    from spot.workflow.models import model_name
     out = tmp_path / "backbones" / "tiny"
     fetch("tiny", out, model="vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, embed_dim=32,
           depth=1, num_heads=2, num_classes=10)
-    t = time.perf_counter()
     run_id, _ = job(out, uri, "models", job_id="backbone/tiny", params={"backbone": "tiny"})
-    print(f"a backbone job with its model logged: {time.perf_counter() - t:.1f} s")
-    run = MlflowClient(uri).get_run(run_id)
-    (output,) = run.outputs.model_outputs
-    (version,) = MlflowClient(uri).search_model_versions(f"name = '{model_name('tiny')}'")
-    assert version.run_id == run_id and version.source.endswith(output.model_id)
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model(f"models:/{model_name('tiny')}/{version.version}")
+    model = registered(uri, "spot-tiny", run_id)
     assert model.metadata.signature.inputs.input_names() == ["images", "positions"]
     assert model.metadata.load_input_example()["positions"].shape == (1, 4, 2)
     images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -327,3 +328,19 @@ def test_a_backbone_is_a_registered_mlflow_model_giving_its_logits(tmp_path, uri
         for pos, expected in ((positions, own(images, positions)), (positions[:, :0], own(images))):
             got = model.predict({"images": images.numpy(), "positions": pos.numpy()})
             assert got.shape == (2, 10) and np.allclose(got, expected.numpy(), atol=1e-5)
+
+
+def test_a_placer_is_a_registered_mlflow_model_giving_its_positions(tmp_path, uri):
+    """A placer job's run holds its model, registered as spot-placer-<backbone>-<N>: its positions."""
+    import torch
+
+    from spot.methods.placer import Placer
+    from spot.training.placers import load_placer, save_placer
+    out = tmp_path / "placer" / "tiny" / "4"
+    save_placer(Placer(4, in_size=8, width=2, seed=3), out, meta=dict(backbone="tiny", budget=4))
+    run_id, _ = job(out, uri, "models", stage="placer", job_id="placer/tiny/4", params={"backbone": "tiny", "budget": 4})
+    model = registered(uri, "spot-placer-tiny-4", run_id)
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    got = model.predict({"images": images.numpy()})
+    with torch.inference_mode():
+        assert got.shape == (2, 4, 2) and np.allclose(got, load_placer(out)(images).numpy(), atol=1e-6)
