@@ -39,6 +39,11 @@ def cmd_dvc_yaml(cfg, a):
     print(f"wrote {a.output} for {a.params}")
 
 
+def cmd_dvc_done(cfg, a):
+    from spot.workflow.dvc import record_in_snakemake
+    print(record_in_snakemake(a.params))
+
+
 def cmd_mlflow_init(cfg, a):
     from spot.workflow import tracking
     uri = tracking.tracking_uri(cfg)
@@ -46,9 +51,8 @@ def cmd_mlflow_init(cfg, a):
     if exp is None:
         print(f"MLflow experiment {cfg['name']!r} at {uri}: unreachable (results kept for mlflow-sync)")
         return
-    ui = f"{uri}/" if uri.startswith(("http://", "https://")) else f"`mlflow ui --backend-store-uri {uri}`: "
-    print(f"MLflow experiment {cfg['name']!r} at {uri}: ready; its runs table in the UI "
-          f"{ui}#/experiments/{exp}?workflowType=machine_learning")
+    from spot.workflow.mlflow_run import ui_link
+    print(f"MLflow experiment {cfg['name']!r} at {uri}: ready; its runs: {ui_link(uri, exp)}")
 
 
 def cmd_mlflow_sync(cfg, a):
@@ -62,6 +66,7 @@ TOOLS = {
     "validate": (cmd_validate, "check a params file: schema, devices, architectures, budgets, files", {}),
     "dvc-yaml": (cmd_dvc_yaml, "write dvc.yaml for a params file (the stages of spot.workflow.table)",
                  {"output": dict(default="dvc.yaml", help="file to write, - for stdout (default dvc.yaml)")}),
+    "dvc-done": (cmd_dvc_done, "after `dvc repro` / `dvc exp run`: record its jobs in Snakemake's metadata", {}),
     "mlflow-init": (cmd_mlflow_init, "create the MLflow store and experiment", {}),
     "mlflow-sync": (cmd_mlflow_sync, "log every run.json under the root to MLflow",
                     {"root": dict(help="folder to search (default: the config's root)")}),

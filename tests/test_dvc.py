@@ -83,10 +83,19 @@ def test_metrics_show_is_the_paper_table_a_row_per_backbone_and_prior(repro):
     assert len(table) == 1 + len(files)
 
 
-def test_plots_show_renders_the_report_plots_offline(repro):
+def test_plots_show_renders_the_report_plots_and_results_csv(repro):
+    """The PNGs need no network; results.csv is an interactive data plot, a mark per row (its Vega
+    comes from a CDN: the page's only addresses)."""
     dvc(repro, "plots", "show", "-o", str(repro / "plots-html"))
     page = (repro / "plots-html" / "index.html").read_text()
-    assert page.count("<img") == 2 and "<script" not in page and "http" not in page
+    assert page.count("<img") == 2
+    assert {u for u in re.findall(r"https?://[^/\"]+", page)} <= {"https://cdn.jsdelivr.net", "https://vega.github.io"}
+    shown = json.loads(dvc(repro, "plots", "show", "--json"))
+    rows = pd.read_csv(repro / REPORT / "results.csv")
+    for column in ("top1", "knn"):
+        (plot,) = shown["data"][f"{column}-vs-budget"]
+        points = plot["content"]["data"]["values"]
+        assert len(points) == len(rows) and sorted(float(p[column]) for p in points) == sorted(rows[column])
     for name in ("accuracy_vs_budget", "oracle_steps"):
         assert any(p.name.endswith(f"{name}.png") and p.stat().st_size > 10_000
                    for p in (repro / "plots-html" / "static").iterdir()), name
@@ -190,6 +199,10 @@ def test_after_snakemake_dvc_has_nothing_to_do(committed):
     cwd, out = committed
     stages = yaml.safe_load((cwd / "dvc.yaml").read_text())["stages"]
     assert f"dvc commit: recorded {len(stages)} stages in dvc.lock" in out, out[-2000:]
+    said = [line for line in out.splitlines() if line.startswith(("MLflow runs: ", "dvc commit: "))]
+    assert said[-1].endswith("keep this run: git add dvc.lock && git commit -m 'results'"), said
+    assert said[0].startswith("MLflow runs: `mlflow ui --backend-store-uri sqlite:///") and \
+        said[0].endswith("?workflowType=machine_learning"), said
     assert "up to date" in dvc(cwd, "status")
     assert "Running stage" not in dvc(cwd, "repro", "--dry")
 
@@ -270,3 +283,22 @@ def test_an_edited_source_file_reruns_the_stages_that_import_it(committed, sourc
     assert stages <= kinds and "shards" not in kinds and "saliency" not in kinds, kinds
     if source.endswith("report.py"):
         assert kinds == {"report"}
+
+
+def test_after_dvc_and_spot_dvc_done_snakemake_has_nothing_to_do(committed, tmp_path):
+    """The other way round: DVC reruns a changed param's jobs; Snakemake, whose record still has the
+    old value, would rerun them too until `spot dvc-done` records DVC's run; a later change still
+    reruns its jobs in Snakemake."""
+    cwd = tmp_path / "repo"
+    shutil.copytree(committed[0], cwd, symlinks=True)
+    path, original = cwd / SMOKE, (cwd / SMOKE).read_text()
+    cfg = yaml.safe_load(original)
+    cfg["oracle"]["steps"] = 1
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    dvc(cwd, "repro")
+    assert changed_by_snakemake(cwd)[0]                      # Snakemake's record: the old params
+    assert "nothing to do" in run(cwd, "spot", "dvc-done", "--params", SMOKE)
+    assert not changed_by_snakemake(cwd)[1]
+    assert "Nothing to be done" in (r := snakemake(cwd, "-n")).stdout + r.stderr
+    path.write_text(original)                                 # back to the old value: both engines rerun it
+    assert changed_by_snakemake(cwd)[0] and changed_by_dvc(cwd)

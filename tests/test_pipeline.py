@@ -152,6 +152,10 @@ def test_smoke_report_has_intervals_and_replicate_spread(smoke):
 def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     """One run per job, nested under the invocation's parent run, spanning its job; stage-prefixed
     metrics equal to run.json's; curves of the training and the oracle; the report's table."""
+    import mlflow
+    import torch
+
+    from spot.training.backbones import load_backbone
     from spot.workflow.tracking import metric_name, ms
     cwd, _ = smoke
     c = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
@@ -163,7 +167,7 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     stages = Counter(r.data.tags["spot.stage"] for r in runs)
     b = sum(len(spec.get("seeds", [0])) for spec in SMOKE["backbones"].values())    # a backbone per training seed
     assert stages["evaluate"] == b * len(SMOKE["eval"]["priors"]) * len(SMOKE["eval"]["budgets"])
-    assert parent.info.status == "FINISHED" and parent.data.params["name"] == SMOKE["name"]
+    assert parent.info.status == "FINISHED" and set(parent.data.params) == {"params_file", "code_version"}
     first = {}                                          # Snakemake job -> its runs' and its own start
     for r in runs:
         job = r.data.tags["spot.job"]
@@ -188,9 +192,26 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     by_job = {r.data.tags["spot.job"]: r for r in runs}
     train = by_job["backbone/spot-a"].info.run_id
     assert len({m.step for m in c.get_metric_history(train, "train/loss")}) > 1
-    assert "model.safetensors" in {a.path for a in c.list_artifacts(train)}
+    (version,) = c.search_model_versions("name = 'spot-spot-a'")          # its weights: a registered MLflow model
+    assert version.run_id == train and len(c.get_run(train).outputs.model_outputs) == 1
+    mlflow.set_tracking_uri(c.tracking_uri)
+    logged, own = mlflow.pyfunc.load_model(version.source), load_backbone(records["backbone/spot-a"])
+    images = torch.randn(3, *own.data_config["input_size"], generator=torch.Generator().manual_seed(0))
+    positions = torch.rand(3, 7, 2, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = own(images, positions).numpy()
+    assert np.allclose(logged.predict({"images": images.numpy(), "positions": positions.numpy()}), expected, atol=1e-5)
+    for job in (j for j in records if j.startswith("placer/")):         # every placer: spot-placer-<backbone>-<N>
+        (placer,) = c.search_model_versions("name = 'spot-placer-{}-{}'".format(*job.split("/")[1:]))
+        assert placer.run_id == by_job[job].info.run_id, job
     oracle = c.get_metric_history(by_job["oracle-gather/spot-a/4"].info.run_id, "oracle/accuracy")
     assert sorted(m.step for m in oracle) == list(range(SMOKE["oracle"]["steps"] + 1))
+    for part in (0, 1):                                 # each part's own curve, on its images, sits on its run
+        curve = c.get_metric_history(by_job[f"oracle/spot-a/4/{part}"].info.run_id, "oracle-part/top1")
+        assert sorted(m.step for m in curve) == list(range(SMOKE["oracle"]["steps"] + 1))
+    # the runs table's columns: the values each stage reads, prefixed (`eval.knn.k`), not the config's every key
+    columns = {k for r in every for k in r.data.params}
+    assert "eval.knn.k" in columns and not {"name", "root", "mlflow.tracking_uri"} & columns, columns
     report = by_job["report"]
     arts = c.list_artifacts(report.info.run_id)
     assert {"tables.md", "pictures", "plots", "results.json"} <= {a.path for a in arts}

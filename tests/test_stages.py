@@ -152,6 +152,7 @@ def test_report_items_are_declared_outputs_with_captions():
             assert any(name == f or name.startswith(f + "/") for f in declared_files), name   # DVC versions it
             assert (REPO / "workflow" / "report" / item["caption"]).is_file(), item
             assert item["category"] and item["label"], item
+            assert item.get("when", stage) in STAGE, item                                 # a stage's jobs decide
 
 
 def test_snakemake_report_shows_the_results_with_captions(smoke_run, tmp_path):
@@ -165,8 +166,12 @@ def test_snakemake_report_shows_the_results_with_captions(smoke_run, tmp_path):
         assert item["label"] in page and f'"{item["category"]}"' in page, name
         if name.endswith(".png"):                                                    # the picture itself
             assert base64.b64encode((root / name).read_bytes()).decode() in page, name
+    for png in root.rglob("*.png"):                                                  # every picture the run drew
+        assert base64.b64encode(png.read_bytes()).decode() in page, png
     steps = yaml.safe_load((cwd / "config" / "smoke.yaml").read_text())["oracle"]["steps"]
     assert f"after each of the {steps} steps" in page                              # captions read the config
+    studies = len(re.findall(r"^## \d+\. ", (root / "findings.md").read_text(), re.M))    # the case studies
+    assert studies >= 5 and f"({studies}) " in page and f"({studies + 1}) " not in page
     tables = base64.b64encode((root / "tables.html").read_bytes()).decode()
     assert tables in page and "<table>" in (root / "tables.html").read_text()
 

@@ -6,6 +6,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -61,19 +62,19 @@ def closed_port() -> str:
 
 
 def job(out, uri, name, stage="backbone", job_id="backbone/b", steps=range(1, 4), inputs=None, fail=False,
-        resume=None, pause=0.0):
+        resume=None, pause=0.0, params=None):
     """A job as `spot.workflow.runner.run_job` runs it, whose stage logs a loss per step; returns (its
     run id, its record)."""
-    with tracking.JobRun(out, experiment=name, uri=uri, stage=stage, job=job_id, params={"backbone": "b"},
-                         inputs=inputs) as run:
+    params = params or {"backbone": "b"}
+    with tracking.JobRun(out, experiment=name, uri=uri, stage=stage, job=job_id, params=params, inputs=inputs) as run:
         if resume is not None:
             live.start_series(resume)
         for s in steps:
             live.log_metrics({"train/loss": 1.0 / s, "train/lr": 0.1}, step=s)
         time.sleep(pause)
         if fail:
-            raise RuntimeError("stage failed")
-        rec = write_run_record(out, stage=stage, job=job_id, params={"backbone": "b"}, metrics={"val_top1": 0.25},
+            raise fail if isinstance(fail, Exception) else RuntimeError("stage failed")
+        rec = write_run_record(out, stage=stage, job=job_id, params=params, metrics={"val_top1": 0.25},
                                artifacts=[], inputs=inputs, **run.record_fields())
         run_id = run.finish()
     return run_id, rec
@@ -160,6 +161,40 @@ def test_failed_job_ends_its_run_failed_and_the_rerun_replaces_it(tmp_path, uri)
     assert r.info.run_id == run_id and r.info.status == "FINISHED"
 
 
+def test_a_rerun_with_other_params_keeps_the_old_run_visible_and_superseded(tmp_path, uri):
+    first, _ = job(tmp_path / "b", uri, "history", params={"backbone": "b", "train.lr": 0.1})
+    again, _ = job(tmp_path / "b", uri, "history", params={"backbone": "b", "train.lr": 0.1})
+    assert [r.info.run_id for r in runs(uri, "history")] == [again]          # the same params: replaced
+    other, _ = job(tmp_path / "b", uri, "history", params={"backbone": "b", "train.lr": 0.01})
+    by_id = {r.info.run_id: r for r in runs(uri, "history")}
+    assert set(by_id) == {again, other}
+    assert by_id[again].data.tags["spot.superseded_by"] == other and "spot.superseded_by" not in by_id[other].data.tags
+    assert by_id[again].data.params["train.lr"] == "0.1" and by_id[other].data.params["train.lr"] == "0.01"
+
+
+def test_a_failed_rerun_keeps_the_last_good_run_and_its_error_names_the_file(tmp_path, uri):
+    from spot.utils.io import read_json
+    good, _ = job(tmp_path / "b", uri, "keep")
+    bad = tmp_path / "upstream" / "run.json"
+    bad.parent.mkdir()
+    bad.write_text('{"job": "x\ty"}')
+    with pytest.raises(ValueError) as e:
+        job(tmp_path / "b", uri, "keep", fail=_error(read_json, bad))
+    by_status = {r.info.status: r for r in runs(uri, "keep")}
+    assert set(by_status) == {"FINISHED", "FAILED"} and by_status["FINISHED"].info.run_id == good
+    assert str(bad) in by_status["FAILED"].data.tags["spot.error"] and str(bad) in str(e.value)
+    assert "spot.superseded_by" not in by_status["FINISHED"].data.tags
+
+
+def _error(fn, *args) -> Exception:
+    """The exception fn(*args) raises."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001
+        return e
+    raise AssertionError(f"{fn.__name__} raised nothing")
+
+
 def test_resumed_job_keeps_its_series_up_to_the_checkpoint(tmp_path, uri):
     """A killed training resumed from step 3: steps 1-3 of the first attempt, 4-6 of the second, once each."""
     with pytest.raises(RuntimeError):
@@ -211,7 +246,8 @@ def test_parent_run_nests_the_jobs_and_an_empty_one_is_deleted(tmp_path, uri):
     c = MlflowClient(uri)
     assert c.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
     p = c.get_run(parent)
-    assert p.info.status == "FINISHED" and p.data.tags["spot.pipeline"] == "snakemake" and p.data.params["seed"] == "0"
+    assert p.info.status == "FINISHED" and p.data.tags["spot.pipeline"] == "snakemake"
+    assert set(p.data.params) == {"params_file", "code_version"}       # the jobs log the values they read
     assert "spot.job" not in p.data.tags
     empty = tracking.start_pipeline(cfg, "params.yaml")
     tracking.end_pipeline(cfg)
@@ -248,3 +284,63 @@ def test_stages_depend_on_the_logging_interface_not_on_mlflow_code():
     deps = {s.name: code_deps(s) for s in STAGES}
     assert "spot/utils/live.py" in deps["backbone"]
     assert not any(p.startswith("spot/workflow/") or p == "spot/cli.py" for d in deps.values() for p in d)
+
+
+def test_a_process_start_is_after_its_parent_asked_for_it():
+    """A job's run starts with its process: not before Snakemake spawned it (psutil alone: up to 1 s early)."""
+    import subprocess
+    import sys
+    for _ in range(3):
+        before = time.time()
+        out = subprocess.run([sys.executable, "-c", "import time; from spot.workflow.tracking import process_start; "
+                              "print(process_start(), time.time())"], capture_output=True, text=True, check=True)
+        start, now = map(float, out.stdout.split())
+        assert before - 0.011 <= start <= now, (before, start, now)    # a clock tick (10 ms) of rounding
+
+
+def registered(uri, name: str, run_id: str):
+    """Model `name` loaded through MLflow's registry: it is the one model of run `run_id`."""
+    import mlflow
+    (version,) = MlflowClient(uri).search_model_versions(f"name = '{name}'")
+    (output,) = MlflowClient(uri).get_run(run_id).outputs.model_outputs
+    assert version.run_id == run_id and version.source.endswith(output.model_id)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+
+
+def test_a_backbone_is_a_registered_mlflow_model_giving_its_logits(tmp_path, uri):
+    """A backbone job's run holds its model (signature, input example), registered as spot-<backbone>;
+    loaded through MLflow it gives the backbone's own logits, at given positions and on the full grid."""
+    import torch
+
+    from spot.training.backbones import fetch, load_backbone
+    out = tmp_path / "backbones" / "tiny"
+    fetch("tiny", out, model="vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, embed_dim=32,
+          depth=1, num_heads=2, num_classes=10)
+    run_id, _ = job(out, uri, "models", job_id="backbone/tiny", params={"backbone": "tiny"})
+    model = registered(uri, "spot-tiny", run_id)
+    assert model.metadata.signature.inputs.input_names() == ["images", "positions"]
+    assert model.metadata.load_input_example()["positions"].shape == (1, 4, 2)
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    positions = torch.rand(2, 5, 2, generator=torch.Generator().manual_seed(1))
+    own = load_backbone(out)
+    with torch.inference_mode():
+        for pos, expected in ((positions, own(images, positions)), (positions[:, :0], own(images))):
+            got = model.predict({"images": images.numpy(), "positions": pos.numpy()})
+            assert got.shape == (2, 10) and np.allclose(got, expected.numpy(), atol=1e-5)
+
+
+def test_a_placer_is_a_registered_mlflow_model_giving_its_positions(tmp_path, uri):
+    """A placer job's run holds its model, registered as spot-placer-<backbone>-<N>: its positions."""
+    import torch
+
+    from spot.methods.placer import Placer
+    from spot.training.placers import load_placer, save_placer
+    out = tmp_path / "placer" / "tiny" / "4"
+    save_placer(Placer(4, in_size=8, width=2, seed=3), out, meta=dict(backbone="tiny", budget=4))
+    run_id, _ = job(out, uri, "models", stage="placer", job_id="placer/tiny/4", params={"backbone": "tiny", "budget": 4})
+    model = registered(uri, "spot-placer-tiny-4", run_id)
+    images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    got = model.predict({"images": images.numpy()})
+    with torch.inference_mode():
+        assert got.shape == (2, 4, 2) and np.allclose(got, load_placer(out)(images).numpy(), atol=1e-6)

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from spot.core.devices import to_device
 from spot.data.geometry import geometry
 from spot.data.loading import Batch, Preprocess, class_names, decode_image, manifest_shards, read_shard, verify_shards
 from spot.data.shards import default_workers
 from spot.utils.io import atomic_path, read_json, write_json
+from spot.utils.progress import Counted, progress
 
 ARRAYS = ("images", "saliency", "labels", "keys")                 # <split>-<what>.npy of a decoded folder
 
@@ -64,7 +64,7 @@ def decode_split(shards_dir: Path, saliency_dir: Path, out: Path, split: str, en
         starts = np.cumsum([0] + [e["count"] for e in entries])[:-1]
         jobs = [(shards_dir / e["name"], saliency_dir / e["name"], data_config,
                  dict(images=img_tmp, saliency=sal_tmp), int(s)) for e, s in zip(entries, starts)]
-        with tqdm(total=n, desc=f"decode {split}", unit="img") as bar:
+        with progress(total=n, desc=f"decode {split}", unit="img") as bar:
             if workers > 1 and len(jobs) > 1:
                 with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
                     for count in pool.imap(decode_shard, jobs):
@@ -147,13 +147,13 @@ class Decoded:
 
     def batches(self, split: str, batch_size: int, limit: int | None = None, saliency: bool = False,
                 shards: list[str] | None = None, order: np.ndarray | None = None, device=None,
-                prefetch: int = 3) -> Iterator[Batch]:
+                prefetch: int = 3) -> Counted:
         """`Batch`es (images normalised as timm does, labels, keys, saliency in [0, 1] or None) of the
         split's first `limit` rows (all if None); with `shards`, only theirs, each shard batched on its
         own; with `order`, those rows in that order (`train_rows`). A background thread reads up to
         `prefetch` batches ahead off the memory map (into page-locked memory for a CUDA `device`); on
         CUDA the uint8 pixels are copied without blocking and normalised there (the same arithmetic),
-        otherwise batches stay on the CPU."""
+        otherwise batches stay on the CPU. Its `len` is the number of batches (a progress bar's total)."""
         images, labels, keys = self.array(split, "images"), self.array(split, "labels"), self.array(split, "keys")
         maps = self.array(split, "saliency") if saliency else None
         cuda = device is not None and torch.device(device).type == "cuda"
@@ -175,10 +175,12 @@ class Decoded:
                 yield (host(images[ix]), None if maps is None else host(maps[ix]),
                        torch.from_numpy(np.array(labels[ix])), [str(k) for k in keys[ix]])
 
-        for x, s, y, k in prefetched(read(), prefetch):
+        def batch(x, s, y, k) -> Batch:
             x = to_device(x, device)
             s = None if s is None else to_device(s, device).float() / 255
-            yield Batch(x.float().div_(255).sub_(mean).div_(std), y, k, s)
+            return Batch(x.float().div_(255).sub_(mean).div_(std), y, k, s)
+
+        return Counted((batch(*item) for item in prefetched(read(), prefetch)), len(chunks))
 
 
 def rank_rows(spans: list[range], rank: int = 0, world: int = 1) -> np.ndarray:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import webdataset as wds
 from PIL import Image
 
 from spot.data.shards import SHARD_NAME
+from spot.utils.io import read_json
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp", "bmp", "gif", "tiff", "ppm")
 
@@ -37,7 +37,7 @@ def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {folder} is not complete (run its stage again)")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def class_names(manifest: dict, folder: str | Path) -> list[str]:

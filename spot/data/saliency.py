@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from spot.core.saliency import METHODS, saliency_maps
 from spot.data.loading import decode_image, manifest_shards, read_shard, verify_shards
 from spot.data.shards import remove_unlisted, write_shard
 from spot.utils.figures import save_preview
 from spot.utils.io import write_json, writing
+from spot.utils.progress import progress
 
 
 def to_png(m: torch.Tensor) -> bytes:
@@ -59,7 +59,7 @@ def write_saliency(shards_dir: str | Path, out_dir: str | Path, method: str = "s
             decoded = pool.imap(small_images, jobs)
         else:
             decoded = map(small_images, jobs)
-        for image, (keys, pixels) in tqdm(zip(images, decoded), total=len(images), desc="saliency", unit="shard"):
+        for image, (keys, pixels) in progress(zip(images, decoded), total=len(images), desc="saliency", unit="shard"):
             x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
             maps = torch.cat([saliency_maps(x[i:i + batch_size].to(device).float() / 255, method, size).cpu()
                               for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, size, size)

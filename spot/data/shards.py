@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from spot.data.sources import Sample, Unreadable, make_source
 from spot.utils.io import atomic_path, write_json, writing
+from spot.utils.progress import progress
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9-]+-[0-9]{6,}\.tar")      # <split>-NNNNNN.tar
 
@@ -277,7 +277,7 @@ def write_shards(source: str, root: str | Path, out_dir: str | Path, splits=("tr
             jobs = ((samples[i:i + images_per_shard], shard_bytes, str(out / f".tmp-{split}-{g:06d}"))
                     for g, i in enumerate(range(0, len(samples), images_per_shard)))
             shards, classes = [], Counter()
-            with tqdm(total=len(samples), desc=f"shard {split}", unit="img") as bar:
+            with progress(total=len(samples), desc=f"shard {split}", unit="img") as bar:
                 for group in write_groups(jobs):
                     for part in group["parts"]:
                         name = f"{split}-{len(shards):06d}.tar"

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from spot.core.devices import resolve_device
 from spot.data.decoded import Decoded
@@ -15,6 +14,7 @@ from spot.stages import Record
 from spot.training.backbones import load_backbone
 from spot.utils.figures import save_preview, to_display
 from spot.utils.io import atomic_path
+from spot.utils.progress import progress
 
 
 def run(cfg: dict, inputs: dict, out: Path, backbone: str) -> Record:
@@ -27,7 +27,7 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str) -> Record:
     dc, shown, counts = model.data_config, [], {}
     for split, limit in (("train", cfg["eval"]["knn"]["bank_size"]), ("val", None)):
         keys, maps = [], []
-        for b in tqdm(data.batches(split, cfg["eval"]["batch_size"], limit=limit, device=device),
+        for b in progress(data.batches(split, cfg["eval"]["batch_size"], limit=limit, device=device),
                       desc=f"model saliency {backbone} {split}", unit="batch"):
             m = input_gradient(model, b.images.to(device), size).cpu()
             keys += b.keys

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from spot.core.devices import resolve_device, to_device
 from spot.core.model import compile_features
@@ -15,6 +14,7 @@ from spot.methods.oracle import oracle_search
 from spot.stages import Record
 from spot.training.backbones import load_backbone
 from spot.utils.io import atomic_path
+from spot.utils.progress import progress
 
 FIELDS = ("init", "final", "trajectory", "correct", "snapped", "snapped_correct", "features")
 
@@ -48,7 +48,7 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part: in
     # one reading thread for all the part's shards: it runs ahead across their boundaries
     batches = data.batches("val", batch_size(oracle, budget), saliency=oracle["prior"] in NEEDS_SALIENCY,
                            shards=shards, device=device)
-    for b in tqdm(batches, desc=f"oracle {backbone}/{budget} part {part}", unit="batch"):
+    for b in progress(batches, desc=f"oracle {backbone}/{budget} part {part}", unit="batch"):
         init = positions_for(oracle["prior"], budget, b.keys, split_seed(cfg["seed"], "val"), *model.img_size,
                              model.k, b.saliency, b.images, device)
         r = oracle_search(model, b.images, to_device(b.labels, device), init, steps=oracle["steps"], lr=oracle["lr"],
@@ -64,4 +64,6 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part: in
     arrays = {k: np.asarray(v) if k == "keys" else torch.cat(v).cpu().numpy() for k, v in found.items() if v}
     with atomic_path(out / "part.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    return Record(dict(images=len(found["keys"]), shards=len(shards)), [])
+    # the part's own accuracy-per-step curve (its images), a step series of its MLflow run
+    curve = arrays["correct"].mean(0).tolist() if "correct" in arrays else []
+    return Record(dict(images=len(found["keys"]), shards=len(shards), top1_per_step=curve), [])

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from spot.core.devices import autocast_for, resolve_device, to_device
 from spot.core.model import frozen
@@ -14,6 +13,7 @@ from spot.data.decoded import Decoded
 from spot.stages import Record
 from spot.training.backbones import load_backbone
 from spot.utils.io import atomic_path, read_json, write_json
+from spot.utils.progress import progress
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> 
     keys, labels, preds = [], [], []                 # per batch, kept on the device: no wait per batch
     batches = Decoded(inputs["decoded"], model.data_config).batches("val", cfg["eval"]["batch_size"], device=device)
     with frozen(model, device):
-        for b in tqdm(batches, desc=f"transfer {src} -> {dst}/{budget}", unit="batch"):
+        for b in progress(batches, desc=f"transfer {src} -> {dst}/{budget}", unit="batch"):
             keep = [i for i, k in enumerate(b.keys) if k in final]
             if not keep:
                 continue

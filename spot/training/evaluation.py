@@ -16,13 +16,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from spot.core.devices import autocast_for, to_device
 from spot.core.knn import knn_predict
 from spot.core.model import SPoTViT, frozen
 from spot.data.decoded import Decoded
 from spot.utils.io import atomic_path, write_json
+from spot.utils.progress import progress
 
 Place = Callable[[object, str], torch.Tensor]
 
@@ -47,7 +47,7 @@ def run_split(model: SPoTViT, batches, places: dict, device, desc: str) -> dict:
     out = {name: dict(features=[], logits=[], positions=[]) for name in places}
     labels, keys = [], []
     with frozen(model, device):
-        for b in tqdm(batches, desc=desc, unit="batch"):
+        for b in progress(batches, desc=desc, unit="batch"):
             x = to_device(b.images, device)
             for name, place in places.items():
                 pos = to_device(place(b), device)       # e.g. a learned prior's positions, on the CPU
@@ -76,7 +76,7 @@ def evaluate_placements(model: SPoTViT, data: Decoded, places: dict, outs: dict,
     def split(name, limit=None):
         batches = data.batches(name, batch_size, limit=limit, saliency=saliency, device=device)
         return run_split(model, batches, {k: lambda b, p=p: p(b, name) for k, p in places.items()}, device,
-                         f"{name} {job}")
+                         f"{'kNN bank' if name == 'train' else name} {job}")
 
     banks, vals = split("train", knn["bank_size"]), split("val")
     return {name: write_results(banks[name], vals[name], outs[name], knn, data.class_names) for name in places}

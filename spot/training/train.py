@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from spot.core.devices import autocast_for, resolve_device, to_device
 from spot.core.model import SPoTViT
@@ -23,6 +22,7 @@ from spot.training.backbones import build, describe, load_backbone, save_backbon
 from spot.training.checkpoint import fingerprint, load_checkpoint, load_state, save_checkpoint
 from spot.utils import live
 from spot.utils.io import atomic_path, read_json, remove_temporary, write_json
+from spot.utils.progress import progress
 from spot.utils.records import digest
 
 
@@ -153,7 +153,7 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
             save_checkpoint(ckpt, model_state=model.state_dict(), optimizer_state=opt.state_dict(), step=step,
                             history=history, fingerprint=made_by)
 
-    bar = tqdm(total=total, initial=step, desc=f"train {name}", unit="step", disable=rank != 0)
+    bar = progress(total=total, initial=step, desc=f"train {name}", unit="step", disable=rank != 0)
     while step < total:
         epoch, done = divmod(step, steps_per_epoch)
         losses, hits, seen = [], 0, 0

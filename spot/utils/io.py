@@ -69,7 +69,11 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def read_json(path: str | os.PathLike):
-    return json.loads(Path(path).read_text())
+    """The JSON in `path`; a file that does not parse is a one-line ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); run the job that writes it again") from None
 
 
 _HELD: set[Path] = set()                         # folders this process holds (nested `writing` is a no-op)
@@ -115,3 +119,12 @@ def remove_temporary(folder: str | os.PathLike) -> None:
         for name in files:
             if name.startswith(TEMP_PREFIX):
                 os.unlink(os.path.join(parent, name))
+
+
+def read_csv(path: str | os.PathLike):
+    """The pandas DataFrame of the CSV in `path`; a file that does not parse is a one-line ValueError naming it."""
+    import pandas as pd
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid CSV ({' '.join(str(e).split())})") from None

@@ -10,11 +10,13 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
-from spot.utils.io import read_json
+from spot.utils.io import read_csv, read_json
 from spot.utils.records import as_list, digest
+from spot.workflow.models import log_model
 from spot.workflow.series import read_series
 
 JOB_TAG, HASH_TAG = "spot.job", "spot.record_hash"
+PARAMS_TAG, SUPERSEDED_TAG = "spot.params_hash", "spot.superseded_by"   # the job's params; the run that replaced it
 PREFIX = {"oracle": "oracle-part", "oracle-gather": "oracle", "analyze": "analysis"}
 RENAME = {"backbone": {"train_loss": "train/epoch_loss", "train_acc": "train/epoch_acc", "step": None, "epoch": None}}
 DATA_FILES = ("manifest.json", "decoded.json")     # an input folder holding one of these is data
@@ -32,6 +34,15 @@ def metric_name(stage: str, key: str) -> str | None:
     if stage == "backbone" and key.startswith("val_"):
         return "val/" + key[4:]
     return f"{PREFIX.get(stage, stage)}/{key.removesuffix('_per_step')}"
+
+
+def ui_link(uri: str, experiment_id: str) -> str:
+    """Where a person sees the experiment's runs table: its URL on a server, else the `mlflow ui` command
+    and the page. `workflowType=machine_learning` opens MLflow 3's runs, not its GenAI pages."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
 
 
 def is_number(v) -> bool:
@@ -75,10 +86,23 @@ def job_tags(record: dict, out) -> dict:
     from spot.workflow.table import STAGE
     stage, job = record["stage"], record["job"]
     about = STAGE[stage].help if stage in STAGE else stage
-    tags = {JOB_TAG: job, "spot.stage": stage, "mlflow.runName": job, "mlflow.source.name":
+    tags = {JOB_TAG: job, PARAMS_TAG: lineage(record["params"], record.get("inputs")), "spot.stage": stage, "mlflow.runName": job, "mlflow.source.name":
             f"spot/stages/{stage.replace('-', '_')}.py", "mlflow.note.content": f"**{job}**: {about}.\n\nJob folder: `{out}`"}
     env = {f"spot.env.{k}": str(v) for k, v in (record.get("environment") or {}).items() if v is not None}
     return source_tags(record["code_version"]) | tags | env
+
+
+def lineage(params: dict, inputs: dict | None, seen: dict | None = None) -> str:
+    """Digest of a job's params and, through the run.json of its input folders, those of every job
+    upstream: two runs of a job with the same lineage computed the same thing."""
+    seen = {} if seen is None else seen
+    upstream = []
+    for folder in sorted(str(f) for v in (inputs or {}).values() for f in as_list(v)):
+        if folder not in seen and (Path(folder) / "run.json").is_file():
+            up = read_json(Path(folder) / "run.json")
+            seen[folder] = lineage(up["params"], up.get("inputs"), seen)
+        upstream.append(seen.get(folder))
+    return digest([params, upstream])
 
 
 def log_params(c, run_id: str, params: dict, version: str) -> None:
@@ -156,21 +180,21 @@ def record_rows(record: dict, run_dir: Path) -> list[tuple]:
 
 
 def complete(c, run_id: str, run_dir: Path, record: dict) -> None:
-    """The record's metrics (`record_rows`), its files (a backbone's weights too), the report's
+    """The record's metrics (`record_rows`), its files (a backbone's weights: its MLflow model), the report's
     results.csv as an MLflow table and tables.md as the run's description, and last the tag
     `spot.record_hash`: the run holds the whole record."""
     log_rows(c, run_id, record_rows(record, run_dir))
     files = ["run.json", *record["artifacts"], *([record["series"]] if record.get("series") else [])]
-    for name in dict.fromkeys(files + (["model.safetensors"] if record["stage"] == "backbone" else [])):
+    for name in dict.fromkeys(files):
         if (run_dir / name).is_file():
             folder = str(Path(name).parent)
             c.log_artifact(run_id, str(run_dir / name), artifact_path=None if folder == "." else folder)
     if record["stage"] == "report" and (run_dir / "results.csv").is_file():
-        import pandas as pd
         with warnings.catch_warnings():                 # MLflow's select_dtypes warns under pandas 3
             warnings.simplefilter("ignore")
-            c.log_table(run_id, pd.read_csv(run_dir / "results.csv"), "results.json")
+            c.log_table(run_id, read_csv(run_dir / "results.csv"), "results.json")
     if record["stage"] == "report" and (run_dir / "tables.md").is_file():
         text, cut = (run_dir / "tables.md").read_text(), "\n\n(cut: the whole table is the artifact tables.md)"
         c.set_tag(run_id, "mlflow.note.content", text if len(text) <= MAX_NOTE else text[:MAX_NOTE - len(cut)] + cut)
+    log_model(c, run_id, run_dir, record)              # a backbone's weights: its MLflow model
     c.set_tag(run_id, HASH_TAG, digest(record))

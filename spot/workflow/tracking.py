@@ -7,8 +7,9 @@ stage logs with `spot.utils.live.log_metrics` goes to MLflow's async, batched qu
 series.csv. `finish` completes the run from run.json: its metrics (lists as step series) and files.
 `sync` logs records later the same way, with run.json's start and end times and series.csv's points.
 
-One run per job folder: a new run replaces the folder's earlier ones (tag `spot.job`), and a record
-already logged complete (tag `spot.record_hash`) is left alone. A pipeline invocation may open a
+One run per job folder and params: a finished run replaces the folder's earlier runs with its params
+(tag `spot.job`); those with other params stay, tagged `spot.superseded_by`; a failed run replaces
+nothing. A record already logged complete (tag `spot.record_hash`) is left alone. A pipeline invocation may open a
 parent run (`start_pipeline`, from Snakemake's `onstart`); its jobs find it in SPOT_MLFLOW_PARENT_RUN.
 
 One error rule (`guarded`): the first MLflow failure of a process, after MLflow's own HTTP retries,
@@ -26,10 +27,11 @@ from pathlib import Path
 from spot.utils import live
 from spot.utils.environment import code_version, environment
 from spot.utils.io import read_json
-from spot.utils.records import digest, flatten
+from spot.utils.records import digest
 from spot.utils.text import describe_error, warn
-from spot.workflow.mlflow_run import (HASH_TAG, JOB_TAG, complete, in_experiment, is_number, job_tags, log_inputs,
-                                      log_params, log_rows, metric_name, ms, source_tags, system_metrics)
+from spot.workflow.mlflow_run import (HASH_TAG, JOB_TAG, PARAMS_TAG, SUPERSEDED_TAG, complete, in_experiment, is_number,
+                                      job_tags, log_inputs, log_params, log_rows, metric_name, ms, source_tags,
+                                      system_metrics)
 from spot.workflow.outputs import now_iso
 from spot.workflow.series import SeriesFile, read_series
 
@@ -46,14 +48,13 @@ DOWN: set[str] = set()                       # stores this process found unreach
 _first_job = True                            # no job of this process has started yet
 
 
-def tracking_uri(cfg: dict | None = None) -> str:
-    """MLFLOW_TRACKING_URI if set, else params.yaml `mlflow.tracking_uri`, else sqlite:///mlflow.db."""
+def tracking_uri(cfg: dict | None = None) -> str:       # the variable, else the params file's, else sqlite
     return os.environ.get("MLFLOW_TRACKING_URI") or (cfg or {}).get("mlflow", {}).get("tracking_uri") \
         or "sqlite:///mlflow.db"
 
 
 def guarded(uri: str, what: str, fn):
-    """fn(), or None once store `uri` failed in this process: its first failure is one warning line."""
+    """fn(), or None once store `uri` failed in this process (its first failure: one warning line)."""
     if uri in DOWN:
         return None
     try:
@@ -65,8 +66,7 @@ def guarded(uri: str, what: str, fn):
         return None
 
 
-def connect(uri: str):
-    """A client of `uri`. MLflow's background threads log nothing: their failures reach `guarded`."""
+def connect(uri: str):                      # MLflow's background threads log nothing: failures reach `guarded`
     for k, v in HTTP.items():
         os.environ.setdefault(k, v)
     import mlflow
@@ -76,8 +76,7 @@ def connect(uri: str):
 
 
 def fluent(uri: str):
-    """MLflow's fluent API, on store `uri`. (`set_tracking_uri` also exports MLFLOW_TRACKING_URI, which
-    is put back: it stays the user's choice over the params file's.)"""
+    """MLflow's fluent API on store `uri`; MLFLOW_TRACKING_URI, which it exports, put back (the user's choice)."""
     import mlflow
     chosen = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
@@ -89,14 +88,21 @@ def fluent(uri: str):
 
 
 def job_start() -> str:
-    """When the job now starting started (ISO, UTC): for the first job of a `spot` command, when its
-    process started (Python's start-up and imports are part of the job, as its engine sees it); else now."""
-    import psutil
+    """When the job now starting started (ISO, UTC): the process's start for a `spot` command's first job."""
     global _first_job
     first, _first_job = _first_job, False
     if first and Path(sys.argv[0]).name == "spot":
-        return datetime.fromtimestamp(psutil.Process().create_time(), UTC).isoformat(timespec="milliseconds")
+        return datetime.fromtimestamp(process_start(), UTC).isoformat(timespec="milliseconds")
     return now_iso()
+
+
+def process_start() -> float:
+    """This process's start (Unix seconds, to the clock tick). psutil adds its ticks since boot to /proc/stat's
+    boot time, whole seconds rounded down (up to 1 s early: before Snakemake's onstart); Linux's boot clock is exact."""
+    import psutil
+    if not hasattr(time, "CLOCK_BOOTTIME"):           # not Linux: psutil's time is exact
+        return psutil.Process().create_time()
+    return psutil.Process().create_time() - psutil.boot_time() + time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def experiment_id(c, name: str) -> str:
@@ -114,7 +120,7 @@ def experiment_id(c, name: str) -> str:
 
 
 def init(experiment: str, uri: str) -> str | None:
-    """Create the tracking store and the experiment once, before the fan-out (SQLite migration race)."""
+    """Create the store and the experiment once, before the fan-out (SQLite migration race)."""
     return guarded(uri, "creating the experiment", lambda: experiment_id(connect(uri), experiment))
 
 
@@ -130,11 +136,15 @@ def new_run(c, exp: str, record: dict, out) -> str:
     return run_id
 
 
-def retire(c, exp: str, job: str, keep: str | None = None) -> None:
-    """Delete the runs of job `job` but `keep`: a job folder has one run."""
+def retire(c, exp: str, job: str, keep: str) -> None:
+    """After run `keep` of job `job` finished: the job's other runs with its params are deleted (a rerun
+    replaces its run); those with other params stay, tagged `spot.superseded_by` (MLflow compares them)."""
+    params = c.get_run(keep).data.tags.get(PARAMS_TAG)
     for r in c.search_runs([exp], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=1000):
-        if r.info.run_id != keep:
+        if r.info.run_id != keep and r.data.tags.get(PARAMS_TAG) == params:
             c.delete_run(r.info.run_id)
+        elif r.info.run_id != keep:
+            c.set_tag(r.info.run_id, SUPERSEDED_TAG, keep)
 
 
 class JobRun:
@@ -171,24 +181,21 @@ class JobRun:
 
     def start(self) -> None:
         self.client = connect(self.uri)
-        exp = experiment_id(self.client, self.experiment)
-        retire(self.client, exp, self.job)           # the folder's earlier results are gone: so are their runs
+        self.exp = exp = experiment_id(self.client, self.experiment)
         record = dict(stage=self.stage, job=self.job, params=self.params, code_version=code_version(),
                       environment=environment(), inputs=self.inputs, started=self.started)
         self.run_id = new_run(self.client, exp, record, self.out)
         fluent(self.uri).start_run(run_id=self.run_id, nested=True, log_system_metrics=system_metrics())
 
-    def call(self, fn) -> bool:
-        """fn() while the run is online, True if it ran; its first failure takes the run offline."""
+    def call(self, fn) -> bool:                      # fn() while online, True if it ran; a failure: offline
         if self.run_id is None or guarded(self.uri, f"logging of {self.job}", lambda: fn() or True) is None:
             self.run_id = None
             return False
         return True
 
     def end(self, status: str) -> None:
-        """End the run, the active fluent one (it stops MLflow's system metrics)."""
         self.run_id = None
-        fluent(self.uri).end_run(status)
+        fluent(self.uri).end_run(status)                # the active fluent run: its system metrics stop
 
     def log(self, metrics: dict, step: int) -> None:
         t = int(time.time() * 1000)
@@ -198,17 +205,15 @@ class JobRun:
         self.call(lambda: self.pending.extend(log_rows(self.client, self.run_id, rows, synchronous=False)))
 
     def start_series(self, step: int = 0) -> None:
-        kept = self.series.restart(step)
-        self.call(lambda: self.pending.extend(log_rows(self.client, self.run_id, kept, synchronous=False)))
+        rows = self.series.restart(step)
+        self.call(lambda: self.pending.extend(log_rows(self.client, self.run_id, rows, synchronous=False)))
 
-    def flush(self) -> None:
-        """Drain MLflow's async queue: every point logged so far is in the store, or its error raised."""
+    def flush(self) -> None:                         # every point logged so far is in the store, or its error raised
         fluent(self.uri).flush_async_logging()
         while self.pending:
             self.pending.pop().wait()
 
-    def record_fields(self) -> dict:
-        """run.json's `started` and `series` (a stale series.csv of an earlier attempt is removed)."""
+    def record_fields(self) -> dict:                 # run.json's `started` and `series` (a stale series.csv removed)
         return dict(started=self.started, series=self.series.name())
 
     def finish(self) -> str | None:
@@ -217,6 +222,7 @@ class JobRun:
         run_id = self.run_id
         done = self.call(self.flush) and self.call(lambda: complete(self.client, run_id, self.out,
                                                                     read_json(self.out / "run.json")))
+        done = done and self.call(lambda: retire(self.client, self.exp, self.job, run_id))
         return run_id if done and self.call(lambda: self.end("FINISHED")) else None
 
 
@@ -241,10 +247,10 @@ def log_record(run_dir: str | Path, experiment: str, uri: str) -> str:
 
 def sync(root: str | Path, experiment: str, uri: str) -> list[str]:
     """Log every run record under `root` (a job's rerun replaces, an unchanged one is skipped)."""
-    from tqdm import tqdm
+    from spot.utils.progress import progress
     records = sorted(Path(root).rglob("run.json"))
     try:
-        return [log_record(p.parent, experiment, uri) for p in tqdm(records, desc="mlflow-sync", unit="run")]
+        return [log_record(p.parent, experiment, uri) for p in progress(records, desc="mlflow-sync", unit="run")]
     except Exception as e:  # noqa: BLE001 - any store error: one line, the records stay for the next sync
         raise RuntimeError(f"MLflow at {uri} failed: {describe_error(e)}") from None
 
@@ -264,8 +270,7 @@ def start_pipeline(cfg: dict, params_file: str, engine: str = "snakemake") -> st
                                        "mlflow.note.content": f"One `{engine}` invocation with `{params_file}`: "
                                                               "its jobs are the nested runs."}
         run_id = c.create_run(experiment_id(c, cfg["name"]), tags=tags).info.run_id
-        log_params(c, run_id, flatten({k: v for k, v in cfg.items() if k != "params"}) | {"params_file": params_file},
-                   version)
+        log_params(c, run_id, {"params_file": params_file}, version)   # the jobs log the values they read
         if Path(params_file).is_file():
             c.log_artifact(run_id, params_file)
         return run_id

@@ -9,7 +9,7 @@ from spot.utils.records import as_list
 from spot.workflow.config import read as read_params
 from spot.workflow.config import validate as validate_params
 from spot.workflow.layout import Layout
-from spot.workflow.table import STAGES
+from spot.workflow.table import STAGE, STAGES
 
 # A bad params file stops Snakemake with one line, as `spot validate` prints it (no traceback).
 try:
@@ -60,8 +60,11 @@ onerror:
 onsuccess:
     from spot.workflow import tracking
     from spot.workflow.dvc import commit_after_snakemake
+    from spot.workflow.mlflow_run import ui_link
 
     tracking.end_pipeline(config, "FINISHED")  # (Snakemake keeps one onsuccess: MLflow's parent run ends here)
+    if exp := tracking.init(config["name"], tracking.tracking_uri(config)):
+        print(f"MLflow runs: {ui_link(tracking.tracking_uri(config), exp)}")
     print(commit_after_snakemake(PARAMS, [(job.rule.name, job.wildcards_dict) for job in workflow.dag.jobs]))
 
 

@@ -19,6 +19,11 @@ report_output = lambda stage, name, item: report(
 )
 
 
+def shown(item):
+    """Whether a report item is written: always, or (`when: <stage>`) when that stage has jobs."""
+    return "when" not in item or bool(STAGE[item["when"]].jobs(config))
+
+
 for stage in STAGES:
 
     rule:
@@ -28,7 +33,7 @@ for stage in STAGES:
             partial(stage_inputs, stage),
         output:
             *[f"{LAYOUT.pattern(stage.output, **f)}/run.json" for f in stage.output_wildcards(config, {})],
-            *[report_output(stage, n, i) for n, i in REPORT_ITEMS.get(stage.name, {}).items()],
+            *[report_output(stage, n, i) for n, i in REPORT_ITEMS.get(stage.name, {}).items() if shown(i)],
         params:
             values=partial(stage_params, stage),
             lock=LOCK,

@@ -1,0 +1,104 @@
+"""MLflow models: the weights of a backbone or placer job as a pyfunc model of its run, registered.
+
+A backbone (`spot.core.model.SPoTViT`) reads images AND token positions, so its MLflow model is a pyfunc
+over `load_backbone`, registered as `spot-<backbone>`. Input: float32 tensors `images` (B, C, H, W),
+normalised as the backbone's data_config says, and `positions` (B, N, 2), (y, x) in [0, 1]; N = 0 reads
+the full patch grid (an MLflow tensor signature has no optional inputs). Output: `logits` (B, num_classes).
+A placer (`spot.methods.placer.Placer`) is a pyfunc over `load_placer`, registered as
+`spot-placer-<backbone>-<N>`: `images` (B, C, H, W) (any H, W: it pools them) -> `positions` (B, N, 2).
+A model holds the job's weights and json file; it loads where the `spot` package is importable (MLflow's
+code_paths would re-import `spot` in the logging process); its pip requirements are named, not inferred
+(inference loads the model in a subprocess: seconds per job).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+REQUIREMENTS = ("torch", "timm", "safetensors", "numpy")
+FILES = {"backbone": ("model.safetensors", "backbone.json"), "placer": ("placer.safetensors", "placer.json")}
+F32 = np.dtype(np.float32)
+
+
+def model_name(stage: str, meta: dict) -> str:
+    """The registered model of a backbone (`spot-<backbone>`) or placer (`spot-placer-<backbone>-<N>`)."""
+    return f"spot-{meta['name']}" if stage == "backbone" else f"spot-placer-{meta['backbone']}-{meta['config']['n']}"
+
+
+def tensors(model_input: dict, *names: str):
+    """The named float32 tensors of a pyfunc input."""
+    import torch
+    return [torch.from_numpy(np.asarray(model_input[k], np.float32)) for k in names]
+
+
+def python_model(stage: str):
+    """The pyfunc of `stage`'s weights (classes built on first use: mlflow imports only where models log)."""
+    import torch
+    from mlflow.pyfunc import PythonModel
+
+    class Backbone(PythonModel):
+        """A saved SPoT backbone: {images, positions} -> logits (see the module's docstring)."""
+
+        def load_context(self, context):
+            from spot.training.backbones import load_backbone
+            self.model = load_backbone(Path(context.artifacts["weights"]).parent)   # beside backbone.json
+
+        def predict(self, context, model_input, params=None):
+            images, positions = tensors(model_input, "images", "positions")
+            with torch.inference_mode():
+                return self.model(images, positions if positions.shape[1] else None).numpy()
+
+    class Placer(PythonModel):
+        """A saved placer: {images} -> token positions."""
+
+        def load_context(self, context):
+            from spot.training.placers import load_placer
+            self.model = load_placer(Path(context.artifacts["weights"]).parent)     # beside placer.json
+
+        def predict(self, context, model_input, params=None):
+            with torch.inference_mode():
+                return self.model(*tensors(model_input, "images")).numpy()
+
+    return Backbone() if stage == "backbone" else Placer()
+
+
+def signature(stage: str, meta: dict):
+    """Float32 tensors in and out (the module's docstring), shapes from the job's json file."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+    if stage == "backbone":
+        inputs = [TensorSpec(F32, (-1, *meta["data_config"]["input_size"]), "images"),
+                  TensorSpec(F32, (-1, -1, 2), "positions")]
+        return ModelSignature(Schema(inputs), Schema([TensorSpec(F32, (-1, meta["num_classes"]), "logits")]))
+    return ModelSignature(Schema([TensorSpec(F32, (-1, meta["config"]["in_chans"], -1, -1), "images")]),
+                          Schema([TensorSpec(F32, (-1, meta["config"]["n"], 2), "positions")]))
+
+
+def example(stage: str, meta: dict) -> dict:
+    """One image (zeros: a small JSON file); a backbone reads it at four positions."""
+    if stage == "placer":
+        side = meta["config"]["in_size"]
+        return dict(images=np.zeros((1, meta["config"]["in_chans"], side, side), np.float32))
+    return dict(images=np.zeros((1, *meta["data_config"]["input_size"]), np.float32),
+                positions=np.array([[[0.25, 0.25], [0.25, 0.75], [0.75, 0.25], [0.75, 0.75]]], np.float32))
+
+
+def log_model(c, run_id: str, run_dir: Path, record: dict) -> None:
+    """Log the weights in a backbone or placer job's folder `run_dir` as the model of run `run_id` (the
+    active fluent run, or resumed for the call), registered (`model_name`); other stages log none."""
+    stage = record["stage"]
+    if stage not in FILES or not (run_dir / FILES[stage][0]).is_file():
+        return
+    from spot.utils.io import read_json
+    from spot.workflow.tracking import fluent
+    weights, about = (run_dir / name for name in FILES[stage])
+    meta, mlflow = read_json(about), fluent(c.tracking_uri)
+    active = mlflow.active_run()
+    with nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id, nested=True):
+        mlflow.pyfunc.log_model(
+            name="model", python_model=python_model(stage), registered_model_name=model_name(stage, meta),
+            artifacts=dict(weights=str(weights), meta=str(about)), signature=signature(stage, meta),
+            input_example=example(stage, meta), pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS])
