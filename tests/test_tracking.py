@@ -25,8 +25,10 @@ def uri(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def no_parent(monkeypatch):
+def isolated(monkeypatch, tmp_path):
+    """No parent run, and artifacts (MLflow's default root is ./mlruns) under the test's folder."""
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 def record(d, job="evaluate/b/uniform/4", top1=0.5, stage="evaluate", metrics=None, **fields):
@@ -299,12 +301,15 @@ def test_a_process_start_is_after_its_parent_asked_for_it():
 
 
 def registered(uri, name: str, run_id: str):
-    """Model `name` loaded through MLflow's registry: it is the one model of run `run_id`."""
+    """Model `name` loaded through MLflow's registry: it is the one model of run `run_id`, saved as code
+    and files (no pickle: loading it runs no unpickler)."""
     import mlflow
     (version,) = MlflowClient(uri).search_model_versions(f"name = '{name}'")
     (output,) = MlflowClient(uri).get_run(run_id).outputs.model_outputs
     assert version.run_id == run_id and version.source.endswith(output.model_id)
     mlflow.set_tracking_uri(uri)
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
+    assert not [p.name for p in files.rglob("*") if p.suffix in (".pkl", ".pickle")], list(files.rglob("*"))
     return mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
 
 

@@ -6,9 +6,10 @@ normalised as the backbone's data_config says, and `positions` (B, N, 2), (y, x)
 the full patch grid (an MLflow tensor signature has no optional inputs). Output: `logits` (B, num_classes).
 A placer (`spot.methods.placer.Placer`) is a pyfunc over `load_placer`, registered as
 `spot-placer-<backbone>-<N>`: `images` (B, C, H, W) (any H, W: it pools them) -> `positions` (B, N, 2).
-A model holds the job's weights and json file; it loads where the `spot` package is importable (MLflow's
-code_paths would re-import `spot` in the logging process); its pip requirements are named, not inferred
-(inference loads the model in a subprocess: seconds per job).
+A model is the code of `spot.workflow.pyfunc` (MLflow's models from code: nothing pickled) with the job's
+weights and json file; it loads where the `spot` package is importable (MLflow's code_paths would
+re-import `spot` in the logging process); its pip requirements are named, not inferred (inference loads
+the model in a subprocess: seconds per job).
 """
 from __future__ import annotations
 
@@ -21,48 +22,12 @@ import numpy as np
 REQUIREMENTS = ("torch", "timm", "safetensors", "numpy")
 FILES = {"backbone": ("model.safetensors", "backbone.json"), "placer": ("placer.safetensors", "placer.json")}
 F32 = np.dtype(np.float32)
+CODE = Path(__file__).with_name("pyfunc.py")
 
 
 def model_name(stage: str, meta: dict) -> str:
     """The registered model of a backbone (`spot-<backbone>`) or placer (`spot-placer-<backbone>-<N>`)."""
     return f"spot-{meta['name']}" if stage == "backbone" else f"spot-placer-{meta['backbone']}-{meta['config']['n']}"
-
-
-def tensors(model_input: dict, *names: str):
-    """The named float32 tensors of a pyfunc input."""
-    import torch
-    return [torch.from_numpy(np.asarray(model_input[k], np.float32)) for k in names]
-
-
-def python_model(stage: str):
-    """The pyfunc of `stage`'s weights (classes built on first use: mlflow imports only where models log)."""
-    import torch
-    from mlflow.pyfunc import PythonModel
-
-    class Backbone(PythonModel):
-        """A saved SPoT backbone: {images, positions} -> logits (see the module's docstring)."""
-
-        def load_context(self, context):
-            from spot.training.backbones import load_backbone
-            self.model = load_backbone(Path(context.artifacts["weights"]).parent)   # beside backbone.json
-
-        def predict(self, context, model_input, params=None):
-            images, positions = tensors(model_input, "images", "positions")
-            with torch.inference_mode():
-                return self.model(images, positions if positions.shape[1] else None).numpy()
-
-    class Placer(PythonModel):
-        """A saved placer: {images} -> token positions."""
-
-        def load_context(self, context):
-            from spot.training.placers import load_placer
-            self.model = load_placer(Path(context.artifacts["weights"]).parent)     # beside placer.json
-
-        def predict(self, context, model_input, params=None):
-            with torch.inference_mode():
-                return self.model(*tensors(model_input, "images")).numpy()
-
-    return Backbone() if stage == "backbone" else Placer()
 
 
 def signature(stage: str, meta: dict):
@@ -99,6 +64,7 @@ def log_model(c, run_id: str, run_dir: Path, record: dict) -> None:
     active = mlflow.active_run()
     with nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id, nested=True):
         mlflow.pyfunc.log_model(
-            name="model", python_model=python_model(stage), registered_model_name=model_name(stage, meta),
+            name="model", python_model=str(CODE), model_config=dict(stage=stage),
+            registered_model_name=model_name(stage, meta),
             artifacts=dict(weights=str(weights), meta=str(about)), signature=signature(stage, meta),
             input_example=example(stage, meta), pip_requirements=[f"{p}=={version(p)}" for p in REQUIREMENTS])
