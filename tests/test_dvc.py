@@ -79,7 +79,9 @@ def test_metrics_show_is_the_paper_table_a_row_per_backbone_and_prior(repro):
     assert shown[f"{REPORT}/metrics/grid-b/uniform.json"]["data"]["16"]["top1"] == pytest.approx(row.top1.item(), abs=1e-6)
     table = dvc(repro, "metrics", "show").splitlines()
     header = table[0].split()
-    assert header[:2] == ["Path", "04.knn"] and "16.top1" in header and len(header) <= 8, header
+    assert header[:2] == ["Path", "04.knn"] and {"16.top1", "16.top1_low", "16.top1_high"} <= set(header), header
+    bounds = {f"{p}_{b}" for p in ("top1", "knn") for b in ("low", "high")}     # each accuracy's 95 % interval
+    assert {c.split(".", 1)[1] for c in header[1:]} <= {"top1", "knn", "saliency", "model_saliency"} | bounds
     assert len(table) == 1 + len(files)
 
 
@@ -176,7 +178,8 @@ def test_metrics_and_plots_diff_two_commits(experiment, tmp_path):
     assert "04.saliency" in dvc(cwd, "metrics", "diff", "HEAD~1", "HEAD")
     dvc(cwd, "plots", "diff", "HEAD~1", "HEAD", "-o", str(tmp_path / "html"))
     page = (tmp_path / "html" / "index.html").read_text()
-    assert page.count("<img") == 4 and "<script" not in page             # 2 plots x 2 revisions, offline
+    assert page.count("<img") == 4                                       # 2 PNG plots x 2 revisions, offline
+    assert {u for u in re.findall(r"https?://[^/\"]+", page)} <= {"https://cdn.jsdelivr.net", "https://vega.github.io"}
     oracle_steps = sorted(p.read_bytes() for p in (tmp_path / "html" / "static").glob("*oracle_steps.png"))
     assert len(oracle_steps) == 2 and oracle_steps[0] != oracle_steps[1]
 
