@@ -52,8 +52,8 @@ def smoke_config(root: Path, **changes) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_stages(tmp_path_factory):
-    """Shards, saliency maps, decoded images and the two trained backbones of the smoke config, made
-    through `spot` in-process: (params path, config dict, output root)."""
+    """Shards, saliency maps, decoded images and the trained backbones of the smoke config (its replicates
+    too), made through `spot` in-process: (params path, config dict, output root)."""
     from spot.cli import main
     from spot.workflow.config import load_config
     from spot.workflow.table import geometries
@@ -61,7 +61,7 @@ def smoke_stages(tmp_path_factory):
     params = smoke_config(tmp_path_factory.mktemp("smoke"))
     cfg = load_config(params)
     decode = [["decode", "--geometry", g["geometry"]] for g in geometries(cfg)]
-    backbones = [["backbone", "--backbone", b] for b in ("spot-a", "grid-b")]
+    backbones = [["backbone", "--backbone", b] for b in cfg["backbones"]]      # replicates (seeds) included
     for argv in (["shard"], ["saliency"], *decode, *backbones):
         assert main([*argv, "--params", str(params)]) == 0, argv
     return params, cfg, Path(cfg["root"])

@@ -11,6 +11,7 @@ import torch
 from spot.cli import main
 from spot.data import decoded, loading
 from spot.data.loading import decode_image
+from spot.report.stats import percent_pm
 from spot.stages import oracle as oracle_stage
 from spot.workflow.table import all_jobs
 from tests.conftest import linked_root
@@ -136,7 +137,8 @@ def test_report_tables_equal_the_per_run_results(done):
     oracle = res[res.oracle & (res.backbone == "spot-a")]
     assert oracle.top1.item() == pytest.approx(metrics(root / "oracle" / "spot-a" / "4")["top1"])
     table = (rep / "tables.md").read_text()
-    assert f"{100 * metrics(root / 'eval' / 'grid-b' / 'grid' / '4')['top1']:.2f}" in table
+    grid = res[(res.backbone == "grid-b") & (res.prior == "grid") & (res.budget == 4) & ~res.oracle].iloc[0]
+    assert percent_pm(metrics(root / "eval" / "grid-b" / "grid" / "4")["top1"], grid.top1_low, grid.top1_high) in table
     assert (rep / "pictures" / "priors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -146,18 +148,19 @@ def test_predictions_and_pictures_name_the_classes_and_the_report_keeps_the_conf
     (spot-a before grid-b, which the alphabet would swap), and the sheet shows the config's first."""
     from spot.data.sources import FASHION_MNIST_CLASSES
     from spot.report.sheets import prior_sheet
+    from spot.workflow.config import primaries
     from spot.workflow.layout import Layout
     from spot.workflow.table import STAGE
     _, cfg, root, _ = done
     pred = pd.read_parquet(root / "eval" / "grid-b" / "grid" / "16" / "predictions.parquet")
     assert pred.label_name.tolist() == [FASHION_MNIST_CLASSES[i] for i in pred.label]
     assert pred.pred_name.tolist() == [FASHION_MNIST_CLASSES[i] for i in pred.pred]
-    order = list(cfg["backbones"])
+    order = primaries(cfg)                                          # replicates (spot-a-s1) are not rows
     assert order == ["spot-a", "grid-b"]
     tables, found = ((root / "report" / f).read_text() for f in ("tables.md", "findings.md"))
     assert tables.index("## Backbone: spot-a") < tables.index("## Backbone: grid-b")
-    assert found.index("- spot-a: ") < found.index("- grid-b: ")
-    assert list(pd.read_csv(root / "report" / "results.csv").backbone.unique()) == order
+    assert found.index("- spot-a, 4 tokens: ") < found.index("- grid-b, 4 tokens: ")
+    assert list(pd.read_csv(root / "report" / "results.csv").backbone.unique()) == list(cfg["backbones"])  # seeds follow
     inputs = STAGE["report"].job_inputs(cfg, Layout(root), {})
     assert inputs["backbone"].name == "spot-a"
     fig = prior_sheet(inputs, tmp_path / "priors.png", cfg["eval"]["priors"], 4, 4)
