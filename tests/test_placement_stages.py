@@ -202,7 +202,8 @@ def test_model_saliency_maps_feed_the_model_salient_prior_and_case_study_3(place
     sal = json.loads((root / "analysis" / "tiny" / str(N) / "saliency.json").read_text())
     assert 0 <= sal["model_saliency_init"] <= 1 and 0 <= sal["model_saliency_final"] <= 1
     found = (root / "report" / "findings.md").read_text()
-    assert "input-gradient maps (model_salient)" in found and f"tokens, tiny N={N}, the model's input-gradient maps:" in found
+    assert "input-gradient maps (model_salient)" in found
+    assert f"tokens, tiny N={N}, the model's input-gradient maps:" in found
 
 
 @pytest.mark.parametrize("change, message", [
