@@ -54,7 +54,7 @@ def plot_budgets(results: pd.DataFrame, path: Path, reps: pd.DataFrame | None = 
                 if seeds is not None and not seeds.empty:
                     ax.errorbar(seeds.budget, 100 * seeds.top1_mean, 100 * seeds.top1_sd, fmt="none", capsize=3,
                                 color=styles[name]["color"], lw=1)
-        spread = reps is not None and (reps.group == b).any()
+        spread = reps is not None and ((reps.group == b) & (reps.kind == "training seeds")).any()
         ax.set(title=b + (" (bars: mean ± sd over seeds)" if spread else ""), xlabel="tokens",
                ylabel="top-1 (%), band: 95% interval", xscale="log")
         ax.set_xticks(budgets, [str(n) for n in budgets])
