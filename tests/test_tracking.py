@@ -26,8 +26,10 @@ def uri(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
-    """No parent run, and artifacts (MLflow's default root is ./mlruns) under the test's folder."""
+    """No parent run, no store chosen by an earlier test, and artifacts (MLflow's default root is ./mlruns)
+    under the test's folder."""
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
 
 
@@ -307,7 +309,7 @@ def registered(uri, name: str, run_id: str):
     (version,) = MlflowClient(uri).search_model_versions(f"name = '{name}'")
     (output,) = MlflowClient(uri).get_run(run_id).outputs.model_outputs
     assert version.run_id == run_id and version.source.endswith(output.model_id)
-    mlflow.set_tracking_uri(uri)
+    tracking.fluent(uri)                                # sets MLflow's store without exporting it
     files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
     assert not [p.name for p in files.rglob("*") if p.suffix in (".pkl", ".pickle")], list(files.rglob("*"))
     return mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
