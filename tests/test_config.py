@@ -27,6 +27,16 @@ def put(cfg, dotted, value):
         cfg[last] = value
 
 
+def validate_with(tmp_path, capsys, key: str, value) -> tuple:
+    """`spot validate` of the default params with `key` set to `value`: it exits 2; (params path, its stderr)."""
+    cfg = copy.deepcopy(DEFAULT)
+    put(cfg, key, value)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", "--params", str(path)]) == 2
+    return path, capsys.readouterr().err.strip()
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("eval.budgets", [0, 4], "eval.budgets.0"),
     ("eval.priors", ["grid", "diagonal"], "eval.priors.1"),
@@ -78,12 +88,7 @@ def test_validate_catches_what_would_fail_hours_later(tmp_path, capsys, key, val
     import torch
     if key == "device" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    cfg = copy.deepcopy(DEFAULT)
-    put(cfg, key, value)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main(["validate", "--params", str(path)]) == 2
-    err = capsys.readouterr().err.strip()
+    _, err = validate_with(tmp_path, capsys, key, value)
     assert "\n" not in err and err.startswith("spot validate: error: ") and message in err, err
 
 
@@ -96,13 +101,8 @@ def test_validate_catches_what_would_fail_hours_later(tmp_path, capsys, key, val
 def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, capsys, key, value, spelled):
     """YAML's .nan and .inf pass every bound of the schema (NaN is no less than any minimum); they
     stop at validation, naming the key, not hours later as 'Invalid learning rate: nan'."""
-    cfg = copy.deepcopy(DEFAULT)
-    put(cfg, key, value)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path, err = validate_with(tmp_path, capsys, key, value)
     assert spelled in path.read_text()
-    assert main(["validate", "--params", str(path)]) == 2
-    err = capsys.readouterr().err.strip()
     assert err == f"spot validate: error: {path}: {key.replace('.mean', '.mean.1')}: {spelled} is not a finite number"
 
 
@@ -111,12 +111,7 @@ def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, capsys, key, va
     ("data.synset_words", None, "no longer read: ImageNet class names come from timm.data.ImageNetInfo"),
 ])
 def test_retired_keys_point_to_what_replaced_them(tmp_path, capsys, old, value, pointer):
-    cfg = copy.deepcopy(DEFAULT)
-    put(cfg, old, value)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main(["validate", "--params", str(path)]) == 2
-    err = capsys.readouterr().err.strip()
+    path, err = validate_with(tmp_path, capsys, old, value)
     assert "\n" not in err and err.startswith(f"spot validate: error: {path}: {old}: {pointer}"), err
 
 
