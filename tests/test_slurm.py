@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from spot.workflow.table import STAGE
 from tests.conftest import copy_repo, env, running
 
 DAEMONS = ["munged", "slurmctld", "slurmd"]
@@ -208,6 +209,7 @@ def site_profile(profile: dict) -> dict:
                                                                   "cpus_per_task": 1},
         "set-resources": {rule: fit(r) for rule, r in profile["set-resources"].items()},
         "max-threads": CPUS,
+        "set-threads": {rule: min(STAGE[rule].threads, CPUS) for rule in profile["set-threads"]},   # the local run's
         "slurm-status-command": "squeue",
         "slurm-init-seconds-before-status-checks": 5,      # a test: look early and often
         "slurm-keep-successful-logs": True,                # for the assertion messages

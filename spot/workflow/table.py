@@ -159,7 +159,8 @@ STAGES = [
                                                   "OMP_NUM_THREADS)")}),
     Stage("backbone", "fetch (timm) or train one backbone of the config", ("backbone",),
           params=backbone_params, inputs=backbone_inputs, jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
-          output="backbone", state="checkpoint", threads=2, gpu=True,
+          output="backbone", state="checkpoint", threads=1, gpu=True,   # on CPU, two 1-thread trainings side by
+          # side do 1.7x the steps of one at 2 threads; a GPU or cluster run sets more (`--set-threads backbone=8`)
           options={"resume": dict(action=argparse.BooleanOptionalAction, default=None,
                                   help="--resume: continue the checkpoint, stop if another config made it; "
                                        "--no-resume: start over (default: continue it if this config made it)")}),

@@ -37,7 +37,7 @@ from spot.workflow.series import SeriesFile, read_series
 
 PARENT_TAG, PIPELINE_TAG = "mlflow.parentRunId", "spot.pipeline"
 PARENT_ENV = "SPOT_MLFLOW_PARENT_RUN"        # the pipeline's parent run, inherited by its jobs
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}   # it opens on its runs (docs/mlflow-ui.md)
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}   # it opens on its runs
 NOTE = ("SPoT pipeline: one run per job (tag `spot.job`), nested under a run per pipeline invocation; the `report` "
         "run holds the results table. Runs and charts are under *Model training* (top left).")
 # A busy shared server gets retries with short backoff (0 s, then 2 s); a dead one costs a process about 2 s, once.
