@@ -162,7 +162,8 @@ def log_rows(c, run_id: str, rows: list[tuple], synchronous: bool = True) -> lis
 
 def record_rows(record: dict, run_dir: Path) -> list[tuple]:
     """The record's metrics as rows: scalars at step 0 (unless its series has a point of that name),
-    lists one point per step; the report's flat metrics.json as 'report/...'."""
+    lists one point per step. The report's cells stay in its results table (a metric each would add a
+    thousand columns to MLflow's runs table; evaluate runs hold them as `evaluate/top1`, `evaluate/knn`)."""
     stage, t = record["stage"], ms(record.get("ended")) or int(time.time() * 1000)
     in_series = {k for k, *_ in read_series(run_dir / record["series"])} if record.get("series") else set()
     rows = []
@@ -173,9 +174,6 @@ def record_rows(record: dict, run_dir: Path) -> list[tuple]:
             rows += [(name, i, float(x), t) for i, x in enumerate(v) if is_number(x)]
         elif is_number(v) and name not in in_series:
             rows.append((name, 0, float(v), t))
-    if stage == "report" and (run_dir / "metrics.json").is_file():
-        rows += [(f"report/{k}", 0, float(v), t) for k, v in sorted(read_json(run_dir / "metrics.json").items())
-                 if is_number(v)]
     return rows
 
 
