@@ -169,10 +169,11 @@ class Chromium:
             time.sleep(0.5)
 
     def shoot(self, url: str, path: Path, size: tuple[int, int], ready: str, wait: float, then: str = "",
-              click: str = "", after: str = "", full: bool = False) -> None:
+              click: str = "", after: str = "", full: bool = False, until: str = "") -> None:
         """Open `url` at `size`, wait until the JS expression `ready` is true (at most `wait` s), run
-        `then` (JS), click the points [[x, y], ...] the JS `click` returns, wait for `after`, let it
-        settle, and save a PNG of the viewport (`full`: of the whole page)."""
+        `then` (JS), run `until` (JS) again while it returns true, click the points [[x, y], ...] the JS
+        `click` returns, wait for `after`, let it settle, and save a PNG of the viewport (`full`: of the
+        whole page)."""
         if not (url.startswith("file://") or loopback(url)):
             fail(f"{url}: only pages on this machine are shot")
         self.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1,
@@ -182,6 +183,11 @@ class Chromium:
         if then:
             self.js(then)
             time.sleep(1.5)                               # the page lays itself out again
+        end = time.monotonic() + wait
+        while until and self.js(until):
+            if time.monotonic() > end:
+                fail(f"{url}: {until} still true after {wait:.0f} s")
+            time.sleep(2)
         for x, y in self.js(click) if click else ():        # real mouse clicks (some widgets ignore .click())
             for kind in ("mousePressed", "mouseReleased"):
                 self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
@@ -272,12 +278,16 @@ CLOSE_ASSISTANT = """(() => {                       // MLflow 3 opens its assist
   return false; })()"""
 UNFOLD_RUNS = """Array.from(document.querySelectorAll(         // the [+] of runs with nested job runs
   '[role=row] button[data-component-id*="runnamecellrenderer"]')).map(b => b.getBoundingClientRect())
-  .filter(r => r.width > 0).map(r => [r.x + r.width / 2, r.y + r.height / 2])"""
+  .filter(r => r.width > 0).map(r => [r.x + r.width / 2, r.y + r.height / 2]).reverse()  // bottom up: no row moves"""
 SHOW_TABLES = """(() => {                           // the report's Tables category, showing tables.html
   const path = Object.keys(results).find(k => k.endsWith('/tables.html'));
   app.showCategory('Tables');
   app.setView({content: 'html', contentPath: results[path].data_uri, resultPath: path});
   return true; })()"""
+LOAD_MORE = """(() => {                              // MLflow loads 100 runs a page: the next page
+  const b = Array.from(document.querySelectorAll('button')).find(b => b.innerText.trim() === 'Load more');
+  if (b) b.click();
+  return !!b; })()"""
 IMAGES_LOADED = "document.images.length > 0 && Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
 
 
@@ -307,7 +317,8 @@ def main(argv=None) -> int:
                         listed = r"/[1-9]\d* matching runs?/.test(document.body.innerText)"
                         chrome.shoot(f"{base}/#/experiments/{eid}/runs", out / "mlflow-runs.png", (1600, 900),
                                      listed, a.wait, CLOSE_ASSISTANT, UNFOLD_RUNS,
-                                     f"{listed} && document.body.innerText.includes('evaluate/')")  # job runs shown
+                                     f"{listed} && document.querySelectorAll('[role=row]').length > 4",  # job runs shown
+                                     until=LOAD_MORE)                  # every run: the count is the experiment's
                         made["mlflow-runs"] = f"experiment {cfg['name']}"
                     if "mlflow-training" in a.only:
                         chrome.shoot(f"{base}/#/experiments/{eid}/runs/{rid}/model-metrics", out / "mlflow-training.png",
