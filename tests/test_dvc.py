@@ -289,14 +289,14 @@ def test_an_edited_source_file_reruns_the_stages_that_import_it(committed, sourc
 
 
 def test_after_dvc_and_spot_dvc_done_snakemake_has_nothing_to_do(committed, tmp_path):
-    """The other way round: DVC reruns a changed param's jobs; Snakemake, whose record still has the
-    old value, would rerun them too until `spot dvc-done` records DVC's run; a later change still
-    reruns its jobs in Snakemake."""
+    """The other way round: DVC reruns a changed param's job (the report's resamples: one job);
+    Snakemake, whose record still has the old value, would rerun it too until `spot dvc-done` records
+    DVC's run; a later change still reruns its job in Snakemake."""
     cwd = tmp_path / "repo"
     shutil.copytree(committed[0], cwd, symlinks=True)
     path, original = cwd / SMOKE, (cwd / SMOKE).read_text()
     cfg = yaml.safe_load(original)
-    cfg["oracle"]["steps"] = 1
+    cfg["report"]["resamples"] = 500
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     dvc(cwd, "repro")
     assert changed_by_snakemake(cwd)[0]                      # Snakemake's record: the old params
