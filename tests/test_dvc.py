@@ -296,7 +296,7 @@ def test_after_dvc_and_spot_dvc_done_snakemake_has_nothing_to_do(committed, tmp_
     shutil.copytree(committed[0], cwd, symlinks=True)
     path, original = cwd / SMOKE, (cwd / SMOKE).read_text()
     cfg = yaml.safe_load(original)
-    cfg["report"]["resamples"] = 500
+    cfg["report"]["resamples"] = 2000
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     dvc(cwd, "repro")
     assert changed_by_snakemake(cwd)[0]                      # Snakemake's record: the old params
