@@ -4,6 +4,7 @@
 # Installs from requirements.lock into a new virtual environment .venv-gpu (CPython 3.11), then runs
 # the model, tokenizer and oracle tests on the GPU, bench_launches, bench_core (batch 256, bf16) and
 # bench_pipeline at the size of one SPoT-ON part of config/imagenet.yaml, with its GPU-hour estimate.
+# Last, the GPU each of 2 jobs per GPU used (benchmarks/gpu_slots.py: the slot and PCI bus from its run.json).
 # Writes $OUT (default out/bench): the benchmarks' JSON, environment.json (spot.utils.environment), the log.
 # A machine without the registry but with torch installed: SPOT_SYSTEM_TORCH=1 keeps its torch and
 # installs the other packages from the wheels in $SPOT_WHEELS (default .whl/), without the lock.
@@ -43,4 +44,10 @@ python3 -m benchmarks.bench_core --device "$DEVICE" --model "$model" --batch "$b
 python3 -m benchmarks.bench_pipeline --device "$DEVICE" --model "$model" --batch "$batch" "${size[@]}" \
     --estimate config/imagenet.yaml
 [ "$OUT" = out/bench ] || cp out/bench/*.json "$OUT"/
+# Which GPU each job used: twice as many jobs as GPUs take GPU slots at once (spot.workflow.gpus), a
+# line per job's run.json. (A pipeline's: python3 -m benchmarks.gpu_slots --root out-imagenet)
+if [ "$DEVICE" = cpu ]; then export SPOT_GPUS=${SPOT_GPUS:-0,1}; gpus=2 slot_device=auto
+else gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l) slot_device=cuda; fi
+SPOT_GPU_LOCKS="$OUT/gpu-locks" python3 -m benchmarks.gpu_slots --jobs $((2 * gpus)) --device "$slot_device" \
+    --root "$OUT/gpu-slots"
 echo "gpu_check: done; results in $OUT"

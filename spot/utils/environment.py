@@ -85,7 +85,9 @@ def cpu_model() -> str:
 
 def environment() -> dict:
     """The software and hardware of this process: python and package versions, CUDA and cuDNN of the
-    torch build, the device jobs run on (`cuda` if any, else `cpu`), the CPU model, the instruction set
+    torch build, the device jobs run on (`cuda` if any, else `cpu`), the GPUs the job saw
+    (CUDA_VISIBLE_DEVICES: from its GPU slot, `spot.workflow.gpus`, from SLURM or the user) and its slot,
+    the CPU model, the instruction set
     torch's CPU kernels dispatch to, torch's thread count, the kernel-library variables that are set,
     the lock file's digest and the locked packages installed at other versions."""
     import torch
@@ -93,7 +95,8 @@ def environment() -> dict:
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {"python": platform.python_version(), **{name: package_version(name) for name in PACKAGES},
             "cuda": torch.version.cuda, "cudnn": None if cudnn is None else str(cudnn),
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "cpu": cpu_model(),
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpu_slot": os.environ.get("SPOT_GPU_SLOT"), "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "kernels": " ".join(f"{v}={os.environ[v]}" for v in KERNEL_VARIABLES if v in os.environ) or None,
             "lock": lock_digest(), "lock_mismatches": lock_mismatches() or None}

@@ -17,10 +17,17 @@ from spot.workflow.stage import Stage, declared
 
 def run_job(stage: Stage, cfg: dict, params_file: str, job: dict, chosen: dict | None = None, **options) -> None:
     """Run the job `job` (its wildcards) of `stage` for the config read from `params_file`. With
-    `each`, `chosen` may name some values of each such wildcard (default: all the config's)."""
+    `each`, `chosen` may name some values of each such wildcard (default: all the config's). A GPU job
+    of a machine with several holds one of them meanwhile (`spot.workflow.gpus`)."""
+    from spot.workflow.gpus import gpu_slot
+    check_job(stage, cfg, job, params_file)
+    with gpu_slot(stage, cfg):
+        run_checked_job(stage, cfg, job, chosen, params_file, options)
+
+
+def run_checked_job(stage: Stage, cfg: dict, job: dict, chosen: dict | None, params_file: str, options: dict) -> None:
     from spot.workflow.outputs import require_complete
     layout = Layout(cfg["root"])
-    check_job(stage, cfg, job, params_file)
     for name, folders in stage.job_inputs(cfg, layout, job).items():
         for f in as_list(folders):
             require_complete(f, f"input {name}")
