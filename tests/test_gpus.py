@@ -1,7 +1,8 @@
 """GPU slots (`spot.workflow.gpus`) on CPU, with a stand-in list of GPU ids (SPOT_GPUS): real
 processes, real file locks. Concurrent jobs get distinct slots, a SIGKILLed holder's slot is taken
 again, and jobs beyond the slots wait instead of sharing one (shown by the order of a shared log, not
-by times). SLURM, a set CUDA_VISIBLE_DEVICES and `device: cpu` take no slot."""
+by times). SLURM, a set CUDA_VISIBLE_DEVICES and `device: cpu` take no slot. A real job of a GPU
+stage records its GPU in run.json and MLflow."""
 import os
 import signal
 import subprocess
@@ -14,7 +15,6 @@ import pytest
 from spot.utils.environment import environment
 from spot.workflow.gpus import gpu_slot, take
 
-pytestmark = pytest.mark.unit
 GPU_STAGE = SimpleNamespace(gpu=True)
 CONFIG = {"device": "auto", "gpus": {"ids": "all", "jobs_per_gpu": 1}}
 # A job: takes a slot, logs it, holds it until the file `go` exists, logs its release, ends.
@@ -69,6 +69,7 @@ def wait_for(condition, what, seconds=60):
         time.sleep(0.02)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("ids, per_gpu, n", [("0,1,2", 1, 3), ("0,1", 2, 4)])
 def test_concurrent_jobs_get_distinct_slots(jobs, ids, per_gpu, n):
     jobs.start(n, ids, per_gpu)
@@ -82,6 +83,7 @@ def test_concurrent_jobs_get_distinct_slots(jobs, ids, per_gpu, n):
     assert [p.wait(60) for p in jobs.procs] == [0] * n
 
 
+@pytest.mark.unit
 def test_a_killed_holder_frees_its_slot(jobs):
     (holder,) = jobs.start(1, "5")
     wait_for(lambda: jobs.lines("take"), "the first job to hold GPU 5")
@@ -96,6 +98,7 @@ def test_a_killed_holder_frees_its_slot(jobs):
     assert waiter.wait(60) == 0
 
 
+@pytest.mark.unit
 def test_jobs_beyond_the_slots_wait_rather_than_share(jobs):
     procs = jobs.start(5, "0,1")
     wait_for(lambda: len(jobs.lines("take")) == 2, "two jobs to hold the two slots")
@@ -117,6 +120,7 @@ def test_jobs_beyond_the_slots_wait_rather_than_share(jobs):
     assert most == 2 and len(jobs.lines("take")) == 5 and not held
 
 
+@pytest.mark.unit
 def test_the_slot_sets_the_device_and_is_recorded(monkeypatch, tmp_path):
     for k in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "WORLD_SIZE", "SPOT_GPU_SLOT"):
         monkeypatch.delenv(k, raising=False)
@@ -137,6 +141,7 @@ def test_the_slot_sets_the_device_and_is_recorded(monkeypatch, tmp_path):
         assert slot.name == "gpu2.0"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", ["slurm", "visible", "cpu", "not a GPU stage", "cuda:1"])
 def test_no_slot_where_something_else_chose(monkeypatch, tmp_path, case):
     for k in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "WORLD_SIZE"):
@@ -157,6 +162,7 @@ def test_no_slot_where_something_else_chose(monkeypatch, tmp_path, case):
         assert os.environ.get("CUDA_VISIBLE_DEVICES") == ("1" if case == "visible" else None)
 
 
+@pytest.mark.unit
 def test_bad_settings_are_one_line_errors(monkeypatch, tmp_path):
     monkeypatch.setenv("SPOT_GPUS", "0")
     monkeypatch.setenv("SPOT_JOBS_PER_GPU", "two")
@@ -167,3 +173,28 @@ def test_bad_settings_are_one_line_errors(monkeypatch, tmp_path):
             pass
     with pytest.raises(ValueError, match="no GPU to take a slot of"):
         take([], locks=tmp_path)
+
+
+@pytest.mark.stage                  # runs two stages (no training): seconds, not the unit loop
+def test_a_gpu_job_records_its_gpu_in_run_json_and_mlflow(tmp_path, monkeypatch):
+    """A real job of a GPU stage (saliency, after shard) through `spot`: its run.json environment and
+    its MLflow run's tags name the slot's GPU; the shard job (no GPU) names none."""
+    import json
+
+    import mlflow
+
+    from spot.cli import main
+    from tests.conftest import smoke_config
+    for k in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "WORLD_SIZE", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SPOT_GPU_LOCKS", str(tmp_path / "locks"))
+    params = smoke_config(tmp_path)
+    assert main(["shard", "--params", str(params)]) == 0
+    monkeypatch.setenv("SPOT_GPUS", "4")
+    assert main(["saliency", "--params", str(params)]) == 0
+    records = {r["stage"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "out").rglob("run.json"))}
+    assert (records["saliency"]["environment"]["gpus"], records["saliency"]["environment"]["gpu_slot"]) == ("4", "gpu4.0")
+    assert records["shard"]["environment"]["gpus"] is None
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`spot.stage` = 'saliency'")
+    assert [(r.data.tags["spot.env.gpus"], r.data.tags["spot.env.gpu_slot"]) for r in runs] == [("4", "gpu4.0")]
