@@ -16,7 +16,7 @@ from spot.utils.environment import environment
 from spot.workflow.gpus import gpu_slot, take
 
 GPU_STAGE = SimpleNamespace(gpu=True)
-CONFIG = {"device": "auto", "gpus": {"ids": "all", "jobs_per_gpu": 1}}
+CONFIG = {"device": "cuda", "gpus": {"ids": "all", "jobs_per_gpu": 1}}
 # A job: takes a slot, logs it, holds it until the file `go` exists, logs its release, ends.
 JOB = f"""
 import os, sys, time
@@ -142,7 +142,7 @@ def test_the_slot_sets_the_device_and_is_recorded(monkeypatch, tmp_path):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("case", ["slurm", "visible", "cpu", "not a GPU stage", "cuda:1"])
+@pytest.mark.parametrize("case", ["slurm", "visible", "cpu", "not a GPU stage", "cuda:1", "auto on one GPU"])
 def test_no_slot_where_something_else_chose(monkeypatch, tmp_path, case):
     for k in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
@@ -155,6 +155,9 @@ def test_no_slot_where_something_else_chose(monkeypatch, tmp_path, case):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     elif case in ("cpu", "cuda:1"):
         cfg["device"] = case
+    elif case == "auto on one GPU":
+        cfg["device"] = "auto"
+        monkeypatch.setenv("SPOT_GPUS", "0")
     else:
         stage = SimpleNamespace(gpu=False)
     with gpu_slot(stage, cfg) as slot:
@@ -190,7 +193,7 @@ def test_a_gpu_job_records_its_gpu_in_run_json_and_mlflow(tmp_path, monkeypatch)
     monkeypatch.setenv("SPOT_GPU_LOCKS", str(tmp_path / "locks"))
     params = smoke_config(tmp_path)
     assert main(["shard", "--params", str(params)]) == 0
-    monkeypatch.setenv("SPOT_GPUS", "4")
+    monkeypatch.setenv("SPOT_GPUS", "4,5")                    # (device auto: several GPUs, or none is taken)
     assert main(["saliency", "--params", str(params)]) == 0
     records = {r["stage"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "out").rglob("run.json"))}
     assert (records["saliency"]["environment"]["gpus"], records["saliency"]["environment"]["gpu_slot"]) == ("4", "gpu4.0")

@@ -1,7 +1,7 @@
 """GPU slots: one GPU per job on a machine with several, which Snakemake does not give local jobs
 (it assigns no GPU ids: its issue #281).
 
-A GPU job (`Stage.gpu`) whose config says `device: cuda` or `auto` takes a free slot before torch
+A GPU job (`Stage.gpu`) whose config says `device: cuda` (or `auto`, with several GPUs) takes a free slot before torch
 starts CUDA and holds it until the job ends. A slot is a lock file, `<locks>/gpu<id>.<n>`, locked with
 `fcntl.flock`: the kernel drops the lock with the process, so a killed job frees its slot and no stale
 lock is left. The job then sees only its GPU (`CUDA_VISIBLE_DEVICES=<id>`, so `cuda` is `cuda:0` there).
@@ -111,7 +111,7 @@ def gpu_slot(stage, cfg: dict):
     setting = cfg.get("gpus") or {}
     wanted = stage.gpu and cfg["device"] in ("cuda", "auto") and not chosen_elsewhere()
     ids = gpu_ids(setting.get("ids", "all")) if wanted else []
-    if not ids:
+    if not ids or (cfg["device"] == "auto" and len(ids) == 1):     # (auto on one GPU: jobs share it, as before)
         yield None
         return
     slot = take(ids, jobs_per_gpu(setting.get("jobs_per_gpu", 1)))
