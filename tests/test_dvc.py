@@ -122,10 +122,11 @@ def report_bytes(cwd) -> dict[str, bytes]:
 
 
 def eval_files(cwd, backbone="spot-a") -> dict[str, bytes]:
-    """Every file an evaluate job wrote but its run.json (timings), by path under its folder."""
+    """Every file an evaluate job wrote but its run.json (timings) and writer's .lock (not an output:
+    .dvcignore), by path under its folder."""
     folder = cwd / "out/eval" / backbone
     return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))
-            if f.is_file() and f.name != "run.json"}
+            if f.is_file() and f.name not in ("run.json", ".lock")}
 
 
 def test_a_colleague_clones_pulls_and_has_the_report_with_nothing_to_rerun(repro, tmp_path):
