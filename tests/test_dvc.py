@@ -114,64 +114,6 @@ def test_push_to_a_local_remote_and_pull_back(repro, tmp_path):
     assert "up to date" in dvc(repro, "status")
 
 
-READ = ("tables.md", "findings.md", "results.csv")             # the report a person reads
-
-
-def report_bytes(cwd) -> dict[str, bytes]:
-    return {name: (cwd / REPORT / name).read_bytes() for name in READ}
-
-
-def eval_files(cwd, backbone="spot-a") -> dict[str, bytes]:
-    """Every file an evaluate job wrote but its run.json (timings) and writer's .lock (not an output:
-    .dvcignore), by path under its folder."""
-    folder = cwd / "out/eval" / backbone
-    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))
-            if f.is_file() and f.name not in ("run.json", ".lock")}
-
-
-def test_a_colleague_clones_pulls_and_has_the_report_with_nothing_to_rerun(repro, tmp_path):
-    """The team's round trip through a directory remote (what a cluster's shared file system gives):
-    two results commits pushed (the second with another report.resamples: one job); a fresh `git clone`
-    of the latest, `dvc pull`: DVC finds it current, the report is the pusher's byte for byte, and after
-    `spot dvc-done` Snakemake has nothing to do. `git checkout` of the older commit and `dvc checkout`
-    (its objects fetched with `dvc fetch --all-commits`) give the older report. Last, one evaluate job
-    rerun from the pulled weights writes the pusher's files byte for byte (the same machine)."""
-    remote, clone = tmp_path / "remote", tmp_path / "clone"
-    dvc(repro, "remote", "add", "--force", "--default", "shared", str(remote))
-    git_commit(repro, "results; remote: shared")
-    dvc(repro, "push")
-    older, older_report = run(repro, "git", "rev-parse", "HEAD").strip(), report_bytes(repro)
-    path = repro / SMOKE
-    cfg = yaml.safe_load(path.read_text())
-    cfg["report"]["resamples"] = 2000
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    dvc(repro, "repro")
-    git_commit(repro, "results: report.resamples=2000")
-    dvc(repro, "push")
-    latest = report_bytes(repro)
-    assert latest["tables.md"] != older_report["tables.md"]              # other intervals
-
-    run(tmp_path, "git", "clone", "-q", str(repro), str(clone))
-    assert not (clone / "out").exists()
-    dvc(clone, "pull")
-    assert "up to date" in dvc(clone, "status")
-    assert report_bytes(clone) == latest
-    assert "nothing to do" in run(clone, "spot", "dvc-done", "--params", SMOKE)
-    assert "Nothing to be done" in (r := snakemake(clone, "-n")).stdout + r.stderr
-
-    dvc(clone, "fetch", "--all-commits")
-    run(clone, "git", "checkout", "-q", older)
-    dvc(clone, "checkout")
-    assert report_bytes(clone) == older_report
-    assert "up to date" in dvc(clone, "status")
-
-    pushed = eval_files(repro)
-    dvc(clone, "repro", "--force", "--single-item", "evaluate_spot-a")
-    rerun = eval_files(clone)
-    assert rerun.keys() == pushed.keys() and len(pushed) > 8
-    assert [f for f in pushed if rerun[f] != pushed[f]] == []
-
-
 @pytest.fixture(scope="module")
 def experiment(repro):
     """`repro` after `dvc exp run -S oracle.steps=3` (applied to its workspace): (repo, whether an
@@ -240,6 +182,72 @@ def test_metrics_and_plots_diff_two_commits(experiment, tmp_path):
     assert {u for u in re.findall(r"https?://[^/\"]+", page)} <= {"https://cdn.jsdelivr.net", "https://vega.github.io"}
     oracle_steps = sorted(p.read_bytes() for p in (tmp_path / "html" / "static").glob("*oracle_steps.png"))
     assert len(oracle_steps) == 2 and oracle_steps[0] != oracle_steps[1]
+
+
+READ = ("tables.md", "findings.md", "results.csv")             # the report a person reads
+
+
+def report_bytes(cwd) -> dict[str, bytes]:
+    return {name: (cwd / REPORT / name).read_bytes() for name in READ}
+
+
+def eval_files(cwd, backbone="spot-a") -> dict[str, bytes]:
+    """Every file an evaluate job wrote but its run.json (timings) and writer's .lock (not an output:
+    .dvcignore), by path under its folder."""
+    folder = cwd / "out/eval" / backbone
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name not in ("run.json", ".lock")}
+
+
+def test_a_colleague_clones_pulls_and_has_the_report_with_nothing_to_rerun(repro, tmp_path):
+    """The team's round trip through a directory remote (what a cluster's shared file system gives):
+    two results commits pushed (the second with another report.resamples: one job); a fresh `git clone`
+    of the latest, `dvc pull`: DVC finds it current, the report is the pusher's byte for byte, and after
+    `spot dvc-done` Snakemake has nothing to do. `git checkout` of the older commit and `dvc pull` give
+    the older report, and back, `dvc checkout` the latest (as in the pusher, whose cache has both). Last,
+    one evaluate job rerun from the pulled weights writes the pusher's files byte for byte (the same
+    machine). (Runs on the module's `repro` after the other tests: it adds two commits.)"""
+    remote, clone = tmp_path / "remote", tmp_path / "clone"
+    dvc(repro, "remote", "add", "--force", "--default", "shared", str(remote))
+    git_commit(repro, "results; remote: shared")
+    dvc(repro, "push")
+    older, older_report = run(repro, "git", "rev-parse", "HEAD").strip(), report_bytes(repro)
+    path = repro / SMOKE
+    cfg = yaml.safe_load(path.read_text())
+    cfg["report"]["resamples"] = 2000
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    dvc(repro, "repro")
+    git_commit(repro, "results: report.resamples=2000")
+    dvc(repro, "push")
+    latest = report_bytes(repro)
+    assert latest["tables.md"] != older_report["tables.md"]              # other intervals
+
+    run(tmp_path, "git", "clone", "-q", str(repro), str(clone))
+    assert not (clone / "out").exists()
+    dvc(clone, "pull")
+    assert "up to date" in dvc(clone, "status")
+    assert report_bytes(clone) == latest
+    assert "nothing to do" in run(clone, "spot", "dvc-done", "--params", SMOKE)
+    assert "Nothing to be done" in (r := snakemake(clone, "-n")).stdout + r.stderr
+
+    run(clone, "git", "checkout", "-q", older)                      # last month's: its objects from the remote
+    dvc(clone, "pull")
+    assert report_bytes(clone) == older_report
+    assert "up to date" in dvc(clone, "status")
+    run(clone, "git", "checkout", "-q", "-")                         # and back: the cache has both now
+    dvc(clone, "checkout")
+    assert report_bytes(clone) == latest
+    run(repro, "git", "checkout", "-q", older)                      # the pusher's cache has every commit's
+    dvc(repro, "checkout")
+    assert report_bytes(repro) == older_report
+    run(repro, "git", "checkout", "-q", "-")
+    dvc(repro, "checkout")
+
+    pushed = eval_files(repro)
+    dvc(clone, "repro", "--force", "--single-item", "evaluate_spot-a")
+    rerun = eval_files(clone)
+    assert rerun.keys() == pushed.keys() and len(pushed) > 8
+    assert [f for f in pushed if rerun[f] != pushed[f]] == []
 
 
 @pytest.fixture(scope="module")
