@@ -201,7 +201,7 @@ def eval_files(cwd, backbone="spot-a") -> dict[str, bytes]:
 
 def test_a_colleague_clones_pulls_and_has_the_report_with_nothing_to_rerun(repro, tmp_path):
     """The team's round trip through a directory remote (what a cluster's shared file system gives):
-    two results commits pushed (the second with another report.resamples: one job); a fresh `git clone`
+    two results commits pushed (the second with 1000 more report.resamples: one job); a fresh `git clone`
     of the latest, `dvc pull`: DVC finds it current, the report is the pusher's byte for byte, and after
     `spot dvc-done` Snakemake has nothing to do. `git checkout` of the older commit and `dvc pull` give
     the older report, and back, `dvc checkout` the latest (as in the pusher, whose cache has both). Last,
@@ -214,10 +214,10 @@ def test_a_colleague_clones_pulls_and_has_the_report_with_nothing_to_rerun(repro
     older, older_report = run(repro, "git", "rev-parse", "HEAD").strip(), report_bytes(repro)
     path = repro / SMOKE
     cfg = yaml.safe_load(path.read_text())
-    cfg["report"]["resamples"] = 2000
+    cfg["report"]["resamples"] += 1000
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     dvc(repro, "repro")
-    git_commit(repro, "results: report.resamples=2000")
+    git_commit(repro, "results: report.resamples + 1000")
     dvc(repro, "push")
     latest = report_bytes(repro)
     assert latest["tables.md"] != older_report["tables.md"]              # other intervals
