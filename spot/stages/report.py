@@ -22,7 +22,8 @@ from spot.utils.io import atomic_path, write_json
 
 def run(cfg: dict, inputs: dict, out: Path) -> Record:
     """Gather every result into `out`: results.{parquet,csv} (each accuracy with its bootstrap
-    interval `<c>_low`, `<c>_high`; `replicate_of`, `seed`), replicates.csv (mean and sd over training
+    interval `<c>_low`, `<c>_high`; `replicate_of`, `seed`), findings.csv (a row per claim of findings.md:
+    `spot.report.findings.Claim`), replicates.csv (mean and sd over training
     seeds and prior draws: `spot.report.evidence.replicates`), tables.{md,html}, findings.{md,html},
     metrics.json (every number, flat), metrics/<backbone>/<row>.json (the DVC metrics:
     `spot.report.analyse.metric_rows`), plots/accuracy_vs_budget.{png,csv}, plots/oracle_steps.png,
@@ -46,7 +47,10 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
         results.to_csv(tmp, index=False)
     gaps, ptrans = gap_closed(results), placer_transfers(inputs, order)
     tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()], reps)
-    found = findings(results, ev, replicas, start=cfg["oracle"]["prior"], **options)
+    fixed = {b for b, s in specs.items() if s["make"] == "fetch"}
+    found, claims = findings(results, ev, replicas, fixed=fixed, start=cfg["oracle"]["prior"], **options)
+    with atomic_path(out / "findings.csv") as tmp:
+        claims.to_csv(tmp, index=False)
     for name, text, title in (("tables", tables, "SPoT results"), ("findings", found, "SPoT findings")):
         with atomic_path(out / f"{name}.md") as tmp:
             tmp.write_text(text)
