@@ -15,7 +15,7 @@ import torch
 
 from spot.core.cost import vit_flops
 from spot.core.model import SPoTViT
-from spot.methods.reduction import check_reducible, pooled_head, reduced_tokens
+from spot.methods.reduction import check_reducible, pooled_head, reduced_tokens, take
 
 
 def merge_schedule(r: int | Sequence[int], depth: int, patches: int) -> list[int]:
@@ -47,12 +47,12 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, r: 
     best, match = similarity.max(-1)                                           # (B, |A|)
     order = best.argsort(-1, descending=True)
     merged, kept = order[:, :r], order[:, r:].sort(-1).values
-    tokens, sizes = x[:, prefix:], size[:, prefix:, None]
-    a_x, a_s, b_x, b_s = tokens[:, ::2] * sizes[:, ::2], sizes[:, ::2], tokens[:, 1::2] * sizes[:, 1::2], sizes[:, 1::2]
-    dst = match.gather(1, merged)[..., None]                                   # (B, r, 1) index into B
-    b_x = b_x.scatter_add(1, dst.expand(-1, -1, x.shape[-1]), a_x.gather(1, merged[..., None].expand(-1, -1, x.shape[-1])))
-    b_s = b_s.scatter_add(1, dst, a_s.gather(1, merged[..., None]))
-    a_x, a_s = a_x.gather(1, kept[..., None].expand(-1, -1, x.shape[-1])), a_s.gather(1, kept[..., None])
+    tokens, sizes = x[:, prefix:] * size[:, prefix:, None], size[:, prefix:, None]   # size-weighted sums
+    a_x, a_s, b_x, b_s = tokens[:, ::2], sizes[:, ::2], tokens[:, 1::2], sizes[:, 1::2]
+    dst = match.gather(1, merged)                                              # (B, r) index into B
+    b_x = b_x.scatter_add(1, dst[..., None].expand(-1, -1, x.shape[-1]), take(a_x, merged))
+    b_s = b_s.scatter_add(1, dst[..., None], take(a_s, merged))
+    a_x, a_s = take(a_x, kept), take(a_s, kept)
     x = torch.cat([x[:, :prefix], a_x / a_s, b_x / b_s], dim=1)
     return x, torch.cat([size[:, :prefix], a_s[..., 0], b_s[..., 0]], dim=1)
 

@@ -15,7 +15,7 @@ import torch
 
 from spot.core.cost import vit_flops
 from spot.core.model import SPoTViT
-from spot.methods.reduction import check_reducible, pooled_head, reduced_tokens
+from spot.methods.reduction import check_reducible, pooled_head, reduced_tokens, take
 
 
 def kept_count(rate: float, patches: int) -> int:
@@ -43,10 +43,9 @@ def prune_tokens(x: torch.Tensor, size: torch.Tensor, attn: torch.Tensor, keep: 
     top, rest = order[:, :keep].sort(-1).values, order[:, keep:]
     tokens, sizes = x[:, prefix:], size[:, prefix:]
     w = attn.gather(1, rest)[..., None]                                               # (B, T - keep, 1)
-    dropped = tokens.gather(1, rest[..., None].expand(-1, -1, x.shape[-1]))
-    fused = (w * dropped).sum(1, keepdim=True) / w.sum(1, keepdim=True)             # (B, 1, D)
-    x = torch.cat([x[:, :prefix], tokens.gather(1, top[..., None].expand(-1, -1, x.shape[-1])), fused], dim=1)
-    return x, torch.cat([size[:, :prefix], sizes.gather(1, top), sizes.gather(1, rest).sum(1, keepdim=True)], dim=1)
+    fused = (w * take(tokens, rest)).sum(1, keepdim=True) / w.sum(1, keepdim=True)   # (B, 1, D)
+    x = torch.cat([x[:, :prefix], take(tokens, top), fused], dim=1)
+    return x, torch.cat([size[:, :prefix], take(sizes, top), take(sizes, rest).sum(1, keepdim=True)], dim=1)
 
 
 def evit_forward(model: SPoTViT, images: torch.Tensor, keep: Mapping[int, float], positions: torch.Tensor | None = None,
@@ -60,7 +59,7 @@ def evit_forward(model: SPoTViT, images: torch.Tensor, keep: Mapping[int, float]
 
     def prune(i, x, size, q, k):
         n = kept_count(keep[i], x.shape[1] - prefix) if i in keep else x.shape[1]
-        if n >= x.shape[1] - prefix:
+        if n >= x.shape[1] - prefix:                                   # no block to prune, or nothing to drop
             return x, size
         scale = vit.blocks[i].attn.scale
         cls_attn = ((q[:, :, :1] * scale) @ k.transpose(-2, -1)).softmax(-1).mean(1)[:, 0]   # (B, P + T)

@@ -42,6 +42,11 @@ def check_reducible(vit: nn.Module, method: str, needs_class_token: bool = False
         raise ValueError(f"{method} does not run on {name}: it ranks tokens by class attention; the model has none")
 
 
+def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows idx (B, m) of t (B, n, ...) per batch element: (B, m, ...)."""
+    return t.gather(1, idx.reshape(*idx.shape, *[1] * (t.ndim - 2)).expand(-1, -1, *t.shape[2:]))
+
+
 def attend(attn: Attention, x: torch.Tensor, bias: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """timm `Attention` on x (B, n, D) with an additive score bias (B, 1, 1, n) or None.
