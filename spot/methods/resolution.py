@@ -39,7 +39,8 @@ def low_res_tokens(model: SPoTViT, images: torch.Tensor, grid: tuple[int, int]) 
 
 
 def low_res_forward(model: SPoTViT, images: torch.Tensor, n: int, pre_logits: bool = False) -> torch.Tensor:
-    """(B, num_classes) logits of `model` on images (B, C, H, W) at the resolution of about n tokens."""
+    """(B, num_classes) logits (pre_logits: (B, D) pooled features) of `model` on images (B, C, H, W)
+    at the resolution of about n tokens (`grid_for`)."""
     vit = model.vit
     x = vit.norm(vit.blocks(low_res_tokens(model, images, grid_for(model, n))))
     return vit.forward_head(x, pre_logits=pre_logits)
