@@ -12,7 +12,6 @@ from pathlib import Path
 
 from spot.utils.environment import code_version, environment
 from spot.utils.io import write_json
-from spot.utils.records import as_list
 
 
 def is_complete(folder: str | os.PathLike) -> bool:

@@ -1,0 +1,17 @@
+"""The linters read every file they are meant to: ruff every Python file, `snakemake --lint` the workflow."""
+import subprocess
+from pathlib import Path
+
+from tests.conftest import REPO
+
+PYTHON_FOLDERS = ("spot", "tests", "benchmarks", "scripts")
+
+
+def test_ruff_reads_every_python_file():
+    """No exclude pattern of pyproject.toml hides a file (a bare folder name matches at any depth)."""
+    listed = subprocess.run(["ruff", "check", "--show-files", "."], cwd=REPO, check=True, capture_output=True,
+                            text=True).stdout.splitlines()
+    python = {p for f in PYTHON_FOLDERS for p in (REPO / f).rglob("*.py")}
+    hidden = sorted(str(p.relative_to(REPO)) for p in python - {Path(p) for p in listed})
+    assert not hidden, hidden
+
