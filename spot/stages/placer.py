@@ -24,7 +24,7 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
     width; it starts at the learned global prior of this backbone and budget when `init` is
     'learned', else at that prior's positions) on batches of `placement.batch_size` train images
     with the classification loss, then evaluate it (`spot.training.evaluation.evaluate_placement`). Writes
-    placer.safetensors + placer.json (`spot.methods.placer.save_placer`), metrics.json (with extra_flops:
+    placer.safetensors + placer.json (`spot.training.placers.save_placer`), metrics.json (with extra_flops:
     the placer's FLOPs over the backbone's forward at `budget` tokens), predictions.parquet, bank.npz."""
     placement, device = cfg["placement"], resolve_device(cfg["device"])
     settings = placement["placer"]
