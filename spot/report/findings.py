@@ -10,7 +10,6 @@ from collections.abc import Callable
 import pandas as pd
 
 from spot.methods import LABEL_FREE
-from spot.report.analyse import fixed_priors, model_name
 from spot.report.evidence import Evidence
 from spot.report.render import render
 from spot.report.stats import (
@@ -25,6 +24,7 @@ from spot.report.stats import (
     percent_points,
     replicate_summary,
 )
+from spot.report.summary import fixed_priors, model_name
 
 OBJECT_CENTRIC = ("center", "gaussian", "salient", "model_salient")
 COVERAGE = ("isotropic", "sobol", "uniform")
