@@ -87,13 +87,14 @@ def stage_command(stage, wildcards):
 REPORT_ITEMS = yaml.safe_load((Path(workflow.basedir) / "workflow" / "report" / "items.yaml").read_text())
 
 
-# (a lambda: the report() flag of one file of a stage's folder; captions are relative to workflow/rules/)
-report_output = lambda stage, name, item: report(
-    f"{LAYOUT.pattern(stage.output)}/{name}",
-    caption=f"../report/{item['caption']}",
-    category=item["category"],
-    labels={"result": item["label"]},
-)
+def report_output(stage, name, item):
+    """File `name` of a stage's folder flagged for the report (captions are relative to workflow/rules/)."""
+    return report(
+        f"{LAYOUT.pattern(stage.output)}/{name}",
+        caption=f"../report/{item['caption']}",
+        category=item["category"],
+        labels={"result": item["label"]},
+    )
 
 
 def shown(item):
