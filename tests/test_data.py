@@ -21,8 +21,8 @@ from spot.data.loading import decode_image, read_shard, verify_shards
 from spot.data.saliency import write_saliency
 from spot.data.shards import check_image, write_shard, write_shards
 from spot.data.sources import Sample, escape, fashion_mnist_arrays, make_key, make_source, split_key, unescape
+from spot.data.stream import make_loader, shard_paths
 from tests.conftest import FASHION_MNIST, IMAGENET_SAMPLE
-from tests.loader import make_loader, shard_paths
 
 CFG = dict(input_size=(3, 64, 64), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875,
            crop_mode="center")

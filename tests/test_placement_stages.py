@@ -14,7 +14,7 @@ import yaml
 from spot.cli import main
 from spot.data.decoded import Decoded
 from spot.training.backbones import load_backbone
-from spot.training.placers import load_placer
+from spot.training.placer_files import load_placer
 from spot.workflow.config import load_config
 from spot.workflow.table import all_jobs
 from tests.conftest import REPO, smoke_config

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_hex
 
-from spot.report.analyse import metric_rows
 from spot.report.evidence import Evidence, with_intervals
 from spot.report.findings import findings
 from spot.report.plots import plot_budgets
+from spot.report.summary import metric_rows
 from spot.report.tables import paper_table
 
 COLUMNS = ["backbone", "prior", "oracle", "budget", "top1", "knn", "top1_init", "top1_snapped", "extra_flops"]

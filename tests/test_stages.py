@@ -179,8 +179,8 @@ def test_snakemake_report_shows_the_results_with_captions(smoke_run, tmp_path):
 def test_report_metric_rows_are_the_paper_table_keyed_by_padded_budget():
     import pandas as pd
 
-    from spot.report.analyse import metric_rows
     from spot.report.render import html_page
+    from spot.report.summary import metric_rows
     results = pd.DataFrame([
         dict(backbone="b", prior="grid", oracle=False, budget=4, top1=0.5, knn=0.25, top1_init=None, top1_snapped=None),
         dict(backbone="b", prior="grid", oracle=False, budget=16, top1=0.75, knn=0.5, top1_init=None, top1_snapped=None),

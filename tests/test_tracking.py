@@ -342,7 +342,7 @@ def test_a_placer_is_a_registered_mlflow_model_giving_its_positions(tmp_path, ur
     import torch
 
     from spot.methods.placer import Placer
-    from spot.training.placers import load_placer, save_placer
+    from spot.training.placer_files import load_placer, save_placer
     out = tmp_path / "placer" / "tiny" / "4"
     save_placer(Placer(4, in_size=8, width=2, seed=3), out, meta=dict(backbone="tiny", budget=4))
     run_id, _ = job(out, uri, "models", stage="placer", job_id="placer/tiny/4", params={"backbone": "tiny", "budget": 4})

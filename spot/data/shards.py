@@ -7,7 +7,7 @@ source and the parameters, never on `workers`.
 
 The folder is complete or visibly not: the run holds its lock, removes manifest.json and run.json
 before writing anything and writes them last; the manifest lists every shard with its size and
-sha256 (readers check them, `spot.data.loading.shard_paths`), every source entry it left out and
+sha256 (readers check them, `spot.data.loading.verify_shards`), every source entry it left out and
 why, the class names in label order and, per split, the classes whose folder holds no image.
 """
 from __future__ import annotations
@@ -228,7 +228,7 @@ def check_keys(sources: dict) -> None:
 
 def remove_unlisted(out: Path, names: set[str]) -> None:
     """Remove the shards of `out` not in `names`: left by an earlier run with other parameters (a
-    killed run's temporary files go when the folder is taken, `spot.workflow.outputs.writing`). Call while
+    killed run's temporary files go when the folder is taken, `spot.utils.io.writing`). Call while
     holding the folder's lock."""
     with os.scandir(out) as entries:
         stale = [e.name for e in entries if SHARD_NAME.fullmatch(e.name) and e.name not in names]

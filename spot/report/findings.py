@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from spot.methods import LABEL_FREE
-from spot.report.analyse import fixed_priors, model_name
 from spot.report.evidence import Evidence
 from spot.report.render import render
 from spot.report.stats import (
@@ -32,6 +31,7 @@ from spot.report.stats import (
     percent_pm,
     percent_points,
 )
+from spot.report.summary import fixed_priors, model_name
 
 OBJECT_CENTRIC = ("center", "gaussian", "salient", "model_salient")
 COVERAGE = ("isotropic", "sobol", "uniform")

@@ -86,8 +86,9 @@ def job_tags(record: dict, out) -> dict:
     from spot.workflow.table import STAGE
     stage, job = record["stage"], record["job"]
     about = STAGE[stage].help if stage in STAGE else stage
-    tags = {JOB_TAG: job, PARAMS_TAG: lineage(record["params"], record.get("inputs")), "spot.stage": stage, "mlflow.runName": job, "mlflow.source.name":
-            f"spot/stages/{stage.replace('-', '_')}.py", "mlflow.note.content": f"**{job}**: {about}.\n\nJob folder: `{out}`"}
+    tags = {JOB_TAG: job, PARAMS_TAG: lineage(record["params"], record.get("inputs")), "spot.stage": stage,
+            "mlflow.runName": job, "mlflow.source.name": f"spot/stages/{stage.replace('-', '_')}.py",
+            "mlflow.note.content": f"**{job}**: {about}.\n\nJob folder: `{out}`"}
     env = {f"spot.env.{k}": str(v) for k, v in (record.get("environment") or {}).items() if v is not None}
     return source_tags(record["code_version"]) | tags | env
 

@@ -20,7 +20,7 @@ class SpotModel(PythonModel):
 
     def load_context(self, context):
         from spot.training.backbones import load_backbone
-        from spot.training.placers import load_placer
+        from spot.training.placer_files import load_placer
         self.stage = context.model_config["stage"]
         load = load_backbone if self.stage == "backbone" else load_placer
         self.model = load(Path(context.artifacts["weights"]).parent)        # beside its json file

@@ -29,9 +29,23 @@ from spot.utils.environment import code_version, environment
 from spot.utils.io import read_json
 from spot.utils.records import digest
 from spot.utils.text import describe_error, warn
-from spot.workflow.mlflow_run import (HASH_TAG, JOB_TAG, PARAMS_TAG, SUPERSEDED_TAG, complete, in_experiment, is_number,
-                                      job_tags, log_inputs, log_params, log_rows, metric_name, ms, source_tags,
-                                      system_metrics)
+from spot.workflow.mlflow_run import (
+    HASH_TAG,
+    JOB_TAG,
+    PARAMS_TAG,
+    SUPERSEDED_TAG,
+    complete,
+    in_experiment,
+    is_number,
+    job_tags,
+    log_inputs,
+    log_params,
+    log_rows,
+    metric_name,
+    ms,
+    source_tags,
+    system_metrics,
+)
 from spot.workflow.outputs import now_iso
 from spot.workflow.series import SeriesFile, read_series
 

@@ -82,3 +82,21 @@ def stage_params(stage, wildcards):
 def stage_command(stage, wildcards):
     """The job's `spot` command line."""
     return stage.command(PARAMS, stage.typed(wildcards))
+
+
+REPORT_ITEMS = yaml.safe_load((Path(workflow.basedir) / "workflow" / "report" / "items.yaml").read_text())
+
+
+def report_output(stage, name, item):
+    """File `name` of a stage's folder flagged for the report (captions are relative to workflow/rules/)."""
+    return report(
+        f"{LAYOUT.pattern(stage.output)}/{name}",
+        caption=f"../report/{item['caption']}",
+        category=item["category"],
+        labels={"result": item["label"]},
+    )
+
+
+def shown(item):
+    """Whether a report item is written: always, or (`when: <stage>`) when that stage has jobs."""
+    return "when" not in item or bool(STAGE[item["when"]].jobs(config))

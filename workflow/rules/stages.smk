@@ -1,27 +1,10 @@
-import os
-
 # One rule per stage of spot.workflow.table.STAGES: its output is the job folder's run.json (written
 # last; a stage with `each` writes one folder per value), its inputs the run.json of its input
 # folders, its params the config values it reads.
-# Files of its folder listed in workflow/report/items.yaml are outputs too, shown by
+# Files of its folder listed in workflow/report/items.yaml are outputs too (`report_output`), shown by
 # `snakemake --report report.html` with their category, label and caption.
 # A failed job's stderr goes to its log; its last line (the `spot ...: error:` line, or a traceback's
 # last) is printed on Snakemake's console too, with the log's path, and the job keeps its exit status.
-REPORT_ITEMS = yaml.safe_load(open(os.path.join(workflow.basedir, "workflow", "report", "items.yaml")))
-
-
-# (a lambda: the report() flag of one file; captions are relative to this file)
-report_output = lambda stage, name, item: report(
-    f"{LAYOUT.pattern(stage.output)}/{name}",
-    caption=f"../report/{item['caption']}",
-    category=item["category"],
-    labels={"result": item["label"]},
-)
-
-
-def shown(item):
-    """Whether a report item is written: always, or (`when: <stage>`) when that stage has jobs."""
-    return "when" not in item or bool(STAGE[item["when"]].jobs(config))
 
 
 for stage in STAGES:
