@@ -338,8 +338,9 @@ def test_a_backbone_is_a_registered_mlflow_model_giving_its_logits(tmp_path, uri
             assert got.shape == (2, 10) and np.allclose(got, expected.numpy(), atol=1e-5)
 
 
-def test_a_placer_is_a_registered_mlflow_model_giving_its_positions(tmp_path, uri):
-    """A placer job's run holds its model, registered as spot-placer-<backbone>-<N>: its positions."""
+def test_a_placer_is_a_registered_mlflow_model_giving_its_positions(tmp_path, uri, capfd, recwarn):
+    """A placer job's run holds its model, registered as spot-placer-<backbone>-<N>: its positions. Logging
+    and loading it write no carriage return (MLflow's progress bars) or ANSI colour (its warnings) to a job's log."""
     import torch
 
     from spot.methods.placer import Placer
@@ -352,6 +353,9 @@ def test_a_placer_is_a_registered_mlflow_model_giving_its_positions(tmp_path, ur
     got = model.predict({"images": images.numpy()})
     with torch.inference_mode():
         assert got.shape == (2, 4, 2) and np.allclose(got, load_placer(out)(images).numpy(), atol=1e-6)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "\x1b[" not in err, err[-2000:]
+    assert not [str(w.message) for w in recwarn if "\x1b[" in str(w.message)]
 
 
 def data_folders(folder: Path, tag: int) -> dict:
