@@ -48,6 +48,7 @@ from spot.workflow.mlflow_run import (
     ms,
     source_tags,
     system_metrics,
+    ui_link,
 )
 from spot.workflow.outputs import now_iso
 from spot.workflow.series import SeriesFile, read_series
@@ -337,7 +338,6 @@ def check(cfg: dict, params_file: str) -> str:
         return (f"spot: warning: MLflow at {uri} is unreachable ({describe_error(e)}): the {len(records)} jobs under "
                 f"{root} are not logged; their results are in run.json files: run `{fix}` when it answers")
     if not (missing := sorted(r["job"] for r in records if (r["job"], digest(r)) not in logged)):
-        from spot.workflow.mlflow_run import ui_link
         return f"MLflow runs: {ui_link(uri, exp)}"
     names = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
     return (f"spot: warning: {len(missing)} jobs did not reach MLflow at {uri} ({names}); their results are in "
