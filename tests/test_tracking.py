@@ -177,6 +177,17 @@ def test_a_rerun_with_other_params_keeps_the_old_run_visible_and_superseded(tmp_
     assert by_id[again].data.params["train.lr"] == "0.1" and by_id[other].data.params["train.lr"] == "0.01"
 
 
+def test_a_finished_rerun_with_other_params_ends_a_killed_attempt(tmp_path, uri):
+    """A job killed before its record leaves its run RUNNING; the job's rerun with other params keeps it,
+    superseded, and ends it KILLED."""
+    c = tracking.connect(uri)
+    attempt = dict(stage="backbone", job="backbone/b", params={"backbone": "b", "train.lr": 0.1}, code_version="x")
+    killed = tracking.new_run(c, tracking.experiment_id(c, "killed"), attempt, tmp_path / "b")
+    run_id, _ = job(tmp_path / "b", uri, "killed", params={"backbone": "b", "train.lr": 0.01})
+    r = c.get_run(killed)
+    assert r.info.status == "KILLED" and r.data.tags["spot.superseded_by"] == run_id
+
+
 def test_a_failed_rerun_keeps_the_last_good_run_and_its_error_names_the_file(tmp_path, uri):
     from spot.utils.io import read_json
     good, _ = job(tmp_path / "b", uri, "keep")

@@ -177,13 +177,16 @@ def new_run(c, exp: str, record: dict, out, parent: str | None = None) -> str:
 
 def retire(c, exp: str, job: str, keep: str) -> None:
     """After run `keep` of job `job` finished: the job's other runs with its params are deleted (a rerun
-    replaces its run); those with other params stay, tagged `spot.superseded_by` (MLflow compares them)."""
+    replaces its run); those with other params stay, tagged `spot.superseded_by` (MLflow compares them), and
+    one still RUNNING ends KILLED (its job was killed: a later run of the job folder finished)."""
     params = c.get_run(keep).data.tags.get(PARAMS_TAG)
     for r in c.search_runs([exp], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=1000):
         if r.info.run_id != keep and r.data.tags.get(PARAMS_TAG) == params:
             c.delete_run(r.info.run_id)
         elif r.info.run_id != keep:
             c.set_tag(r.info.run_id, SUPERSEDED_TAG, keep)
+            if r.info.status == "RUNNING":
+                c.set_terminated(r.info.run_id, "KILLED")
 
 
 class JobRun:
