@@ -436,7 +436,8 @@ with tracking.JobRun(out, experiment="orphan", uri=uri, stage="evaluate", job="e
 """
 
 
-def test_sync_replaces_the_orphan_of_a_killed_job_under_its_parent_and_the_end_line_names_it(tmp_path, uri):
+def test_sync_replaces_the_orphan_of_a_killed_job_under_its_parent_and_the_end_line_names_it(tmp_path, uri,
+                                                                                              monkeypatch):
     """A job killed after writing run.json leaves its run RUNNING: the end-of-run line names the job, and
     `spot mlflow-sync` replaces that run by a FINISHED one under the same parent run (one run per job)."""
     import subprocess
@@ -452,6 +453,7 @@ def test_sync_replaces_the_orphan_of_a_killed_job_under_its_parent_and_the_end_l
     assert line.startswith("spot: warning: 1 jobs did not reach MLflow") and "(evaluate/b/uniform/4)" in line, line
     assert line.endswith("`spot mlflow-sync --params config/x.yaml`"), line
     tracking.end_pipeline(cfg)
+    monkeypatch.delenv(tracking.PARENT_ENV)                   # the sync runs later, from a shell
     (run_id,) = tracking.sync(tmp_path / "out", "orphan", uri)
     (r,) = [r for r in runs(uri, "orphan") if "spot.job" in r.data.tags]
     assert r.info.run_id == run_id != orphan.info.run_id and r.info.status == "FINISHED"
