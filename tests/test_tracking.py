@@ -411,7 +411,7 @@ def concurrent_jobs(uri: str, name: str, folder: Path, workers: int = 8, rounds:
         assert sorted(d.dataset.name for d in r.inputs.dataset_inputs) == ["decoded", "shards"], job_id
 
 
-@pytest.mark.unit
+@pytest.mark.stage                     # 8 processes that import torch: a minute or two on 2 cores
 def test_concurrent_jobs_logging_the_same_new_datasets_lose_no_run(tmp_path):
     """8 processes log jobs at once with the same new datasets to a fresh SQLite store, whose SQLAlchemy store
     get-or-creates a dataset's row in two steps: the process that loses the race finds the row and goes on."""
