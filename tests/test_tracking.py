@@ -478,3 +478,15 @@ def test_a_run_whose_logging_fails_ends_failed_and_the_end_line_names_its_job(tm
     assert "bad#name" in r.data.tags["spot.error"]
     cfg = {"name": "refused", "root": str(tmp_path / "out"), "mlflow": {"tracking_uri": uri}}
     assert "1 jobs did not reach MLflow" in tracking.check(cfg, "params.yaml")
+
+
+@pytest.mark.stage                     # one Snakemake job in a repository copy: about 30 s
+def test_the_end_of_a_snakemake_run_names_the_jobs_that_did_not_reach_mlflow(tmp_path):
+    """A run whose tracking store is down succeeds, and is not reported as all well: its end names the jobs
+    that MLflow lacks and the command that logs them."""
+    from tests.conftest import copy_repo, snakemake
+    r = snakemake(copy_repo(tmp_path), "shard", MLFLOW_TRACKING_URI=closed_port())
+    (line,) = [s for s in (r.stdout + r.stderr).splitlines() if "did not reach MLflow" in s]
+    assert line.startswith("spot: warning: 1 jobs did not reach MLflow at http://127.0.0.1:") and "(shard)" in line
+    assert line.endswith("log them with `spot mlflow-sync --params config/smoke.yaml`"), line
+    assert "MLflow runs:" not in r.stdout + r.stderr

@@ -325,26 +325,25 @@ def sync(root: str | Path, experiment: str, uri: str) -> list[str]:
 def check(cfg: dict, params_file: str) -> str:
     """The end of a pipeline run in one line: the link to the runs table, or the records under the root that
     no FINISHED run holds (tag `spot.record_hash`), and the command that logs them."""
-    uri, root = tracking_uri(cfg), cfg["root"]
-    records = [read_json(p) for p in sorted(Path(root).rglob("run.json"))]
+    uri, records = tracking_uri(cfg), [read_json(p) for p in sorted(Path(cfg["root"]).rglob("run.json"))]
     fix = "spot mlflow-sync" + ("" if params_file == "params.yaml" else f" --params {params_file}")
+    logged, why = set(), ""
     try:
         c = connect(uri)
-        exp = experiment_id(c, cfg["name"])
-        logged, token = set(), None
+        exp, token = experiment_id(c, cfg["name"]), None
         while True:
             page = c.search_runs([exp], "attributes.status = 'FINISHED'", max_results=1000, page_token=token)
             logged |= {(r.data.tags.get(JOB_TAG), r.data.tags.get(HASH_TAG)) for r in page}
             if not (token := page.token):
                 break
     except Exception as e:  # noqa: BLE001 - an unreachable store: every record waits for the sync
-        return (f"spot: warning: MLflow at {uri} is unreachable ({describe_error(e)}): the {len(records)} jobs under "
-                f"{root} are not logged; their results are in run.json files: run `{fix}` when it answers")
-    if not (missing := sorted(r["job"] for r in records if (r["job"], digest(r)) not in logged)):
-        return f"MLflow runs: {ui_link(uri, exp)}"
+        why = f"; it is unreachable: {describe_error(e)}"
+    missing = sorted(r["job"] for r in records if (r["job"], digest(r)) not in logged)
+    if not missing:
+        return f"spot: warning: MLflow at {uri}{why}" if why else f"MLflow runs: {ui_link(uri, exp)}"
     names = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-    return (f"spot: warning: {len(missing)} jobs did not reach MLflow at {uri} ({names}); their results are in "
-            f"run.json files: log them with `{fix}`")
+    return (f"spot: warning: {len(missing)} jobs did not reach MLflow at {uri} ({names}){why}; their results are "
+            f"in run.json files: log them with `{fix}`")
 
 
 def start_pipeline(cfg: dict, params_file: str, engine: str = "snakemake") -> str | None:
