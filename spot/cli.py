@@ -40,8 +40,10 @@ def cmd_dvc_yaml(cfg, a):
 
 
 def cmd_dvc_done(cfg, a):
+    from spot.workflow import tracking
     from spot.workflow.dvc import record_in_snakemake
     print(record_in_snakemake(a.params))
+    print(tracking.check(cfg, a.params))             # the end of a DVC run: what did not reach MLflow
 
 
 def cmd_mlflow_init(cfg, a):

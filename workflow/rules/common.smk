@@ -53,6 +53,7 @@ onerror:
     from spot.workflow import tracking
 
     tracking.end_pipeline(config, "FAILED")
+    print(tracking.check(config, PARAMS))  # the jobs whose results did not reach MLflow, if any
 
 
 # After a run, `dvc commit` records the outputs of its jobs in dvc.lock when dvc.yaml was generated
@@ -60,11 +61,9 @@ onerror:
 onsuccess:
     from spot.workflow import tracking
     from spot.workflow.dvc import commit_after_snakemake
-    from spot.workflow.mlflow_run import ui_link
 
     tracking.end_pipeline(config, "FINISHED")  # (Snakemake keeps one onsuccess: MLflow's parent run ends here)
-    if exp := tracking.init(config["name"], tracking.tracking_uri(config)):
-        print(f"MLflow runs: {ui_link(tracking.tracking_uri(config), exp)}")
+    print(tracking.check(config, PARAMS))  # the runs table, or the jobs whose results did not reach MLflow
     print(commit_after_snakemake(PARAMS, [(job.rule.name, job.wildcards_dict) for job in workflow.dag.jobs]))
 
 
