@@ -244,8 +244,10 @@ def gap_closed(method, best_prior, oracle, *, confidence: float = 0.95, **option
 @dataclass(frozen=True)
 class Contest:
     """The best of candidates A against the best of B: `verdict` ('holds': some a beats every b;
-    'reversed': some b beats every a; else 'not distinguishable'), the pair `a`, `b` that shows it and
-    their difference `interval` (a - b at the confidence of the side that decides), `winners` (every a
+    'reversed': some b beats every a; else 'not distinguishable'), the pair `a`, `b` that shows it (the
+    highest-scoring winner against the highest-scoring other side; without a winner the highest-scoring
+    a against the b it does not beat) and their difference `interval` (a - b at the confidence of the
+    side that decides), `winners` (every a
     that beats every b, or every b that beats every a), `side` (the number of candidates on the side
     that decides) and `same` (pairs left out: identical data)."""
     verdict: str
@@ -276,13 +278,16 @@ def best_of(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *, confide
     lows = {x: min(iv["a", x, y].low for y in b) for x in a}        # x beats every b where its lowest bound > 0
     highs = {y: max(iv["b", x, y].high for x in a) for y in b}      # y beats every a where this is < 0
     wins_a, wins_b = [x for x in a if lows[x] > 0], [y for y in b if highs[y] < 0]
-    if wins_b:
-        y = min(highs, key=highs.get)
-        x = max(a, key=lambda x: iv["b", x, y].high)
-        return Contest(VERDICTS[1], x, y, iv["b", x, y], tuple(wins_b), len(b), same)
-    x = max(lows, key=lows.get)
-    y = min(b, key=lambda y: iv["a", x, y].low)
-    return Contest(VERDICTS[0] if wins_a else VERDICTS[2], x, y, iv["a", x, y], tuple(wins_a), len(a), same)
+    mean = {k: float(np.mean(v)) for k, v in (a | b).items()}
+    top_a, top_b = max(a, key=mean.get), max(b, key=mean.get)
+    if wins_b:                                       # the best-scoring b that beats every a, against the top a
+        y = max(wins_b, key=mean.get)
+        return Contest(VERDICTS[1], top_a, y, iv["b", top_a, y], tuple(wins_b), len(b), same)
+    if wins_a:                                       # the best-scoring a that beats every b, against the top b
+        x = max(wins_a, key=mean.get)
+        return Contest(VERDICTS[0], x, top_b, iv["a", x, top_b], tuple(wins_a), len(a), same)
+    y = min(b, key=lambda y: iv["a", top_a, y].low)  # the top a against the opponent it does not beat
+    return Contest(VERDICTS[2], top_a, y, iv["a", top_a, y], (), len(a), same)
 
 
 def percent_pm(value: float, low: float, high: float, digits: int = 1) -> str:
