@@ -154,9 +154,10 @@ def commit_after_snakemake(params_file: str, jobs: list[tuple[str, dict]]) -> st
 def record_in_snakemake(params_file: str) -> str:
     """After `dvc repro` or `dvc exp run`: record DVC's jobs in Snakemake's metadata, so `snakemake -n`
     has nothing to do. Only when `dvc status` finds every stage current (DVC then vouches for each
-    output under today's params, code and inputs): Snakemake's own `--touch` run then marks its jobs
-    done, writing their params, inputs and commands as a run would. A param changed later still
-    reruns its jobs. A one-line RuntimeError when DVC has work left or Snakemake fails."""
+    output under today's params, code and inputs): Snakemake's own `--touch --forceall` run then marks
+    every job done, writing its params, inputs and code as a run would (a plain `--touch` records
+    only the jobs Snakemake would run, and a job without a record reruns on nothing). A param changed
+    later still reruns its jobs. A one-line RuntimeError when DVC has work left or Snakemake fails."""
     made_for = generated_for()
     if made_for != params_file:
         raise RuntimeError(f"dvc.yaml is for {made_for}, not {params_file}" if made_for else "no generated dvc.yaml")
@@ -166,7 +167,7 @@ def record_in_snakemake(params_file: str) -> str:
     if changed := sorted(json.loads(r.stdout or "{}")):
         raise RuntimeError(f"dvc status lists {len(changed)} stages not current ({', '.join(changed[:3])}, ...): "
                            "run `dvc repro` first")
-    r = subprocess.run(["snakemake", "--touch", "--cores", "1", "--quiet", "--config", f"params={params_file}"],
+    r = subprocess.run(["snakemake", "--touch", "--forceall", "--cores", "1", "--quiet", "--config", f"params={params_file}"],
                        capture_output=True, text=True, env=os.environ | {"SPOT_DVC_COMMIT": "0"})
     if r.returncode != 0:
         raise RuntimeError(f"snakemake --touch failed: {((r.stderr or r.stdout).strip().splitlines() or [''])[-1]}")
