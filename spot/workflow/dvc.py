@@ -167,7 +167,8 @@ def record_in_snakemake(params_file: str) -> str:
     if changed := sorted(json.loads(r.stdout or "{}")):
         raise RuntimeError(f"dvc status lists {len(changed)} stages not current ({', '.join(changed[:3])}, ...): "
                            "run `dvc repro` first")
-    r = subprocess.run(["snakemake", "--touch", "--forceall", "--cores", "1", "--quiet", "--config", f"params={params_file}"],
+    r = subprocess.run(["snakemake", "--touch", "--forceall", "--cores", "1", "--quiet",
+                        "--config", f"params={params_file}"],
                        capture_output=True, text=True, env=os.environ | {"SPOT_DVC_COMMIT": "0"})
     if r.returncode != 0:
         raise RuntimeError(f"snakemake --touch failed: {((r.stderr or r.stdout).strip().splitlines() or [''])[-1]}")
