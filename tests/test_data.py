@@ -639,3 +639,18 @@ def test_prefetched_keeps_order_raises_the_producers_error_and_stops_early():
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     it.close()                                                      # the consumer stops: so does the thread
     assert len(made) < 10
+
+
+def test_a_damaged_shard_fails_saliency_in_one_line_naming_it(imagenet_shards, tmp_path):
+    """64 bytes flipped in the middle of a val shard, its size kept: the saliency stage refuses it by
+    its sha256 instead of reading a shorter tar (and writes nothing)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(imagenet_shards[0], shards)
+    tar = sorted(shards.glob("val-*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    tar.write_bytes(data)
+    with pytest.raises(ValueError, match=f"^shard {tar} does not have the sha256 its manifest.json gives"):
+        write_saliency(shards, tmp_path / "saliency", "spectral_residual", 16)
+    assert not (tmp_path / "saliency" / "manifest.json").exists()
