@@ -21,5 +21,5 @@ include: "workflow/rules/tools.smk"
 
 rule all:
     default_target: True
-    input:
-        f"{LAYOUT.pattern('report')}/run.json",
+    input:  # every job's run.json, not the report's alone: a deleted folder reruns its job and consumers
+        [f"{LAYOUT(stage.output, **f)}/run.json" for stage in STAGES for f in stage.all_output_wildcards(config)],

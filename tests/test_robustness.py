@@ -36,3 +36,12 @@ def test_a_renamed_params_file_with_the_same_values_reruns_nothing(sharded):
     (sharded / "config" / "renamed.yaml").write_text((sharded / SMOKE).read_text())
     assert scheduled(sharded, SALIENCY, config="config/renamed.yaml") == {}
     assert scheduled(sharded, SALIENCY) == {}
+
+
+def test_a_deleted_folder_reruns_its_job_and_its_consumers(sharded, tmp_path):
+    cwd = tmp_path / "repo"
+    shutil.copytree(sharded, cwd, symlinks=True)
+    shutil.rmtree(cwd / "out" / "shards")
+    jobs = scheduled(cwd)
+    assert "Missing output files" in jobs.get("out/shards", ""), jobs
+    assert "out/saliency" in jobs, jobs
