@@ -45,3 +45,13 @@ def test_a_deleted_folder_reruns_its_job_and_its_consumers(sharded, tmp_path):
     jobs = scheduled(cwd)
     assert "Missing output files" in jobs.get("out/shards", ""), jobs
     assert "out/saliency" in jobs, jobs
+
+
+@pytest.mark.parametrize("text, says", [("a: [1, 2\n", "not valid YAML"), ("", "not a YAML mapping"),
+                                        ("- 1\n- 2\n", "not a YAML mapping")])
+def test_a_params_file_that_is_not_a_mapping_stops_snakemake_in_one_line_naming_it(sharded, text, says):
+    (sharded / "config" / "bad.yaml").write_text(text)
+    r = snakemake(sharded, "-n", config="config/bad.yaml", check=False)
+    assert r.returncode != 0
+    assert r.stderr.splitlines()[-1].startswith(f"snakemake: error: config/bad.yaml: {says}"), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
