@@ -47,6 +47,31 @@ def test_a_deleted_folder_reruns_its_job_and_its_consumers(sharded, tmp_path):
     assert "out/saliency" in jobs, jobs
 
 
+def test_after_a_killed_snakemake_the_plain_rerun_finishes_the_job(sharded, tmp_path):
+    """kill -9 of Snakemake while its job runs: the job finishes on its own, Snakemake's marker says
+    its output is incomplete. After `snakemake --unlock` (README: Troubleshooting), the plain command
+    reruns the job (the default profile's rerun-incomplete) instead of stopping."""
+    cwd = tmp_path / "repo"
+    shutil.copytree(sharded, cwd, symlinks=True)
+    incomplete = cwd / ".snakemake" / "incomplete"
+    p = subprocess.Popen(["snakemake", "--cores", "1", "--forcerun", "shard", "out/shards/run.json", "--config",
+                          f"params={SMOKE}"], cwd=cwd, env=env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (incomplete.is_dir() and any(incomplete.iterdir())):
+        assert p.poll() is None and time.monotonic() < deadline, "the job never started"
+        time.sleep(0.2)
+    os.kill(p.pid, signal.SIGKILL)                 # (Snakemake removed the job's old output before the marker)
+    p.wait()
+    while not (cwd / "out/shards/run.json").exists():
+        assert time.monotonic() < deadline, "the orphaned job never finished"
+        time.sleep(0.5)
+    time.sleep(2)                                  # (its process exits after run.json)
+    snakemake(cwd, "--unlock")
+    r = snakemake(cwd, "out/shards/run.json", cores=1)
+    assert "1 of 1 steps (100%) done" in r.stdout + r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("text, says", [("a: [1, 2\n", "not valid YAML"), ("", "not a YAML mapping"),
                                         ("- 1\n- 2\n", "not a YAML mapping")])
 def test_a_params_file_that_is_not_a_mapping_stops_snakemake_in_one_line_naming_it(sharded, text, says):
