@@ -110,11 +110,13 @@ class Stage:
         """Dotted key -> value of every config value the job reads, down to the leaves."""
         return flatten({k: lookup(cfg, k) for k in self.params(cfg, wildcards)})
 
-    def command(self, params_file: str | None, wildcards: dict) -> str:
-        """The job's command line, e.g. `spot evaluate --params params.yaml --backbone spot ...`
-        (without `--params` for None)."""
-        flags = "".join(f" --{w} {wildcards[w]}" for w in self.wildcards)
-        return f"spot {self.name}{f' --params {params_file}' if params_file else ''}{flags}"
+    def command(self, params_file: str, wildcards: dict) -> str:
+        """The job's command line, e.g. `spot evaluate --params params.yaml --backbone spot ...`."""
+        return f"spot {self.name} --params {params_file}{self.flags(wildcards)}"
+
+    def flags(self, wildcards: dict) -> str:
+        """The job's options after `--params`: ' --backbone spot' (empty without wildcards)."""
+        return "".join(f" --{w} {wildcards[w]}" for w in self.wildcards)
 
 
 def lookup(cfg: dict, key: str):

@@ -79,6 +79,6 @@ def stage_params(stage, wildcards):
     return stage.param_values(config, stage.typed(wildcards))
 
 
-def stage_command(stage, wildcards):
-    """The job's `spot` command line without its params file (the rule's shell adds it)."""
-    return stage.command(None, stage.typed(wildcards))
+def stage_flags(stage, wildcards):
+    """The job's options after `--params` (its command line is DVC's, `Stage.command`)."""
+    return stage.flags(stage.typed(wildcards))
