@@ -19,7 +19,7 @@ from spot.workflow.dvc import code_deps, commit_after_snakemake, dvc_yaml, gener
 from spot.workflow.layout import Layout, wildcards
 from spot.workflow.stage import declared
 from spot.workflow.table import STAGE, STAGES, all_jobs
-from tests.conftest import REPO, snakemake
+from tests.conftest import REPO, linked_root, snakemake
 
 CONFIGS = ["params.yaml", "config/smoke.yaml"]
 
@@ -229,3 +229,18 @@ def test_a_job_covers_its_stages_budgets_and_no_job_has_none():
         len(cfg["eval"]["budgets"])
     cfg["placement"].update(budgets=[], transfer=[])                  # methods on, no budget: no job
     assert not [s.name for s, _ in all_jobs(cfg) if s.name in ("learned", "placer", "entropy", "placer-transfer")]
+
+
+def test_a_job_whose_folder_another_process_writes_stops_before_writing_any(smoke_stages, tmp_path):
+    """Another process holds the lock of the last folder of an evaluation job (8 folders: prior x
+    budget): the job stops at once in one line naming that folder, and writes none of the others."""
+    from spot.utils.io import writing
+    _, cfg, root = smoke_stages
+    params = linked_root(tmp_path, root, "shards", "saliency", "decoded", "backbones")
+    last = tmp_path / "out" / "eval" / "spot-a" / cfg["eval"]["priors"][-1] / str(cfg["eval"]["budgets"][-1])
+    with writing(last):
+        r = subprocess.run([sys.executable, "-m", "spot.cli", "evaluate", "--backbone", "spot-a", "--params",
+                            str(params)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        f"spot evaluate: error: another spot process is writing {last} (lock {last / '.lock'})", r.stderr[-2000:]
+    assert not list((tmp_path / "out" / "eval").rglob("run.json"))
