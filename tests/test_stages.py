@@ -132,6 +132,19 @@ def test_dvc_yaml_names_its_params_file_and_a_stage_without_config_watches_none(
         assert entry.get("params", ["watched"]) != [{"config/smoke.yaml": []}]   # [] would mean the whole file
 
 
+def test_dvc_yaml_refuses_a_root_outside_the_repository_in_one_line(tmp_path, monkeypatch):
+    """DVC 3 tracks no output outside the repository (`dvc commit` fails, `dvc status` asserts):
+    `spot dvc-yaml` refuses such a root before any job, saying what to do."""
+    monkeypatch.chdir(REPO)
+    cfg = load_config("config/smoke.yaml")
+    cfg["root"] = str(tmp_path / "scratch")
+    with pytest.raises(ValueError) as e:
+        dvc_yaml(cfg, "config/smoke.yaml")
+    assert str(e.value) == (f"config/smoke.yaml: root {tmp_path / 'scratch'} is outside the repository, where DVC "
+                            "cannot track outputs (DVC 3 has no external outputs): give a root inside it, or run "
+                            "Snakemake without DVC")
+
+
 def test_commit_after_snakemake_only_for_the_same_params_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".dvc").mkdir()

@@ -76,7 +76,11 @@ def dvc_stage(stage: Stage, wildcards: dict, cfg: dict, raw: dict, params_file: 
 
 
 def dvc_yaml(cfg: dict, params_file: str = "params.yaml") -> str:
-    """The text of dvc.yaml for the (validated) config `cfg` read from `params_file`."""
+    """The text of dvc.yaml for the (validated) config `cfg` read from `params_file` (in the
+    repository, the working directory: a `root` outside it is a one-line ValueError)."""
+    if not Path(os.path.abspath(cfg["root"])).is_relative_to(Path.cwd()):      # (a link inside it is inside)
+        raise ValueError(f"{params_file}: root {cfg['root']} is outside the repository, where DVC cannot track "
+                         "outputs (DVC 3 has no external outputs): give a root inside it, or run Snakemake without DVC")
     raw = read(params_file)
     code: dict[str, list[str]] = {}
     stages = {}
