@@ -78,7 +78,7 @@ def dvc_stage(stage: Stage, wildcards: dict, cfg: dict, raw: dict, params_file: 
 def dvc_yaml(cfg: dict, params_file: str = "params.yaml") -> str:
     """The text of dvc.yaml for the (validated) config `cfg` read from `params_file` (in the
     repository, the working directory: a `root` outside it is a one-line ValueError)."""
-    if not Path(os.path.abspath(cfg["root"])).is_relative_to(Path.cwd()):      # (a link inside it is inside)
+    if outside_repository(cfg["root"]):
         raise ValueError(f"{params_file}: root {cfg['root']} is outside the repository, where DVC cannot track "
                          "outputs (DVC 3 has no external outputs): give a root inside it, or run Snakemake without DVC")
     raw = read(params_file)
@@ -93,6 +93,12 @@ def dvc_yaml(cfg: dict, params_file: str = "params.yaml") -> str:
     results = f"{Layout(cfg['root'])('report')}/results.csv"
     return HEADER.format(params=params_file) + yaml.safe_dump({"stages": stages, "plots": data_plots(results)},
                                                               sort_keys=False, width=120)
+
+
+def outside_repository(root: str) -> bool:
+    """Whether output root `root` lies outside the repository (the working directory), where DVC 3
+    tracks nothing. A link inside the repository is inside."""
+    return not Path(os.path.abspath(root)).is_relative_to(Path.cwd())
 
 
 def data_plots(results: str) -> list[dict]:
@@ -125,14 +131,17 @@ def commit_after_snakemake(params_file: str, jobs: list[tuple[str, dict]]) -> st
     """After a successful Snakemake run: record the outputs of `jobs` (rule name, wildcards: the
     jobs of the run's DAG, all complete and current now) in dvc.lock with `dvc commit --force`, so
     `dvc status` agrees with Snakemake and `dvc repro` does not redo them. Only where dvc.yaml was
-    generated for the same `params_file`, DVC is set up (`.dvc/`, the `dvc` command) and
-    SPOT_DVC_COMMIT is not 0. Never raises: returns one line saying what it did or why not."""
+    generated for the same `params_file`, its root is inside the repository, DVC is set up (`.dvc/`,
+    the `dvc` command) and SPOT_DVC_COMMIT is not 0. Never raises: returns one line saying what it
+    did or why not."""
     why = ("SPOT_DVC_COMMIT=0" if os.environ.get("SPOT_DVC_COMMIT", "1") == "0" else
            "no .dvc/ folder" if not Path(".dvc").is_dir() else
            "no dvc command" if shutil.which("dvc") is None else None)
     made_for = generated_for()
     if why is None and made_for != params_file:
         why = f"dvc.yaml is for {made_for}, this run for {params_file}" if made_for else "no generated dvc.yaml"
+    if why is None and outside_repository(read(params_file).get("root", "out")):
+        why = "its root is outside the repository"
     if why:
         return f"dvc commit skipped ({why})"
     by_rule = {s.rule: s for s in STAGES}
