@@ -1,7 +1,7 @@
 """Kills and hostile input through the real engines: a killed Snakemake's plain rerun finishes the
 job, a renamed params file reruns nothing, a deleted folder reruns its job and its consumers, a
 params file that is not a mapping stops Snakemake in one line naming it. The jobs are the smoke
-config's cheapest (shard, saliency), in a repository copy."""
+config's cheapest (shard, saliency), in a repository copy, or its whole DAG (`smoke_run`)."""
 import os
 import re
 import shutil
@@ -38,13 +38,17 @@ def test_a_renamed_params_file_with_the_same_values_reruns_nothing(sharded):
     assert scheduled(sharded, SALIENCY) == {}
 
 
-def test_a_deleted_folder_reruns_its_job_and_its_consumers(sharded, tmp_path):
+def test_a_deleted_folder_reruns_its_job_and_its_consumers(smoke_run, tmp_path):
+    """After the whole smoke DAG, `rm -rf <root>/oracle/spot-a`: the oracle's gathering job and every
+    job that reads its folder rerun (Snakemake alone would not make a missing file that no job it
+    runs needs)."""
     cwd = tmp_path / "repo"
-    shutil.copytree(sharded, cwd, symlinks=True)
-    shutil.rmtree(cwd / "out" / "shards")
+    shutil.copytree(smoke_run[0], cwd, symlinks=True)
+    assert scheduled(cwd) == {}
+    shutil.rmtree(cwd / "out" / "oracle" / "spot-a")
     jobs = scheduled(cwd)
-    assert "Missing output files" in jobs.get("out/shards", ""), jobs
-    assert "out/saliency" in jobs, jobs
+    assert "Missing output files" in jobs.get("out/oracle/spot-a/4", ""), jobs
+    assert {"out/transfer/spot-a/grid-b/4", "out/analysis/spot-a/4", "out/report"} <= set(jobs), jobs
 
 
 def test_after_a_killed_snakemake_the_plain_rerun_finishes_the_job(sharded, tmp_path):
