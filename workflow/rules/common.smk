@@ -78,9 +78,9 @@ def stage_params(stage, wildcards):
     return stage.param_values(config, stage.typed(wildcards))
 
 
-def stage_command(stage, wildcards):
-    """The job's `spot` command line."""
-    return stage.command(PARAMS, stage.typed(wildcards))
+def stage_flags(stage, wildcards):
+    """The job's options after `--params` (its command line is DVC's, `Stage.command`)."""
+    return stage.flags(stage.typed(wildcards))
 
 
 REPORT_ITEMS = yaml.safe_load((Path(workflow.basedir) / "workflow" / "report" / "items.yaml").read_text())
