@@ -28,7 +28,7 @@ from benchmarks.common import SAMPLE, imagenet_layout, report, timeit
 from spot.core.saliency import saliency_maps
 from spot.data.saliency import write_saliency
 from spot.data.shards import default_workers, write_shards
-from tests.loader import make_loader
+from spot.data.stream import make_loader
 
 
 def count(loader) -> int:

@@ -42,12 +42,12 @@ from spot.core.model import frozen
 from spot.core.priors import positions_for
 from spot.data.decoded import Decoded
 from spot.data.geometry import geometry_name
+from spot.data.stream import make_loader
 from spot.stages.oracle import batch_size as oracle_batch_size
 from spot.training.backbones import describe, load_backbone, save_backbone
 from spot.workflow.config import load_config
 from spot.workflow.layout import Layout
 from spot.workflow.outputs import write_run_record
-from tests.loader import make_loader
 
 PRIOR = "isotropic"
 

@@ -9,7 +9,6 @@ import argparse
 import time
 
 import numpy as np
-import pandas as pd
 
 from benchmarks.common import report
 from spot.report import stats
@@ -42,11 +41,12 @@ def main() -> None:
     rows.append(timed("paired_difference, one call per pair", lambda: [stats.paired_difference(x, y, **opts)
                                                                        for x, y in zip(a, b)], cells=100))
     rows.append(timed("paired_difference, stacked", lambda: stats.paired_difference(a, b, **opts), cells=100))
-    keys = pd.Index([f"val_{i:06d}" for i in range(args.images)])
-    priors = pd.DataFrame({p: vec() for p in "abcdefgh"}, index=keys)
-    rows.append(timed("against_best_prior with the gap closed", lambda: [
-        stats.against_best_prior(pd.Series(vec(), index=keys), priors, pd.Series(vec(), index=keys), **opts)
-        for _ in range(18)], cells=18))
+    runs = lambda: np.stack([vec() for _ in range(3)]).astype(float)
+    priors = {p: runs() for p in "abcdefg"}
+    rows.append(timed("best_of 7 priors vs grid, one network (bootstrap)", lambda: [
+        stats.best_of({p: v[0] for p, v in priors.items()}, {"grid": runs()[0]}, **opts) for _ in range(18)], cells=18))
+    rows.append(timed("best_of 7 priors vs grid, 3 training runs (crossed)", lambda: [
+        stats.best_of(priors, {"grid": runs()}) for _ in range(18)], cells=18))
     big = {i: vec(50_000) for i in range(20)}
     rows.append(timed("intervals, stacked (ImageNet val)", lambda: stats.intervals(big, **opts), cells=20,
                       images=50_000))

@@ -40,8 +40,10 @@ def cmd_dvc_yaml(cfg, a):
 
 
 def cmd_dvc_done(cfg, a):
+    from spot.workflow import tracking
     from spot.workflow.dvc import record_in_snakemake
     print(record_in_snakemake(a.params))
+    print(tracking.check(cfg, a.params))             # the end of a DVC run: what did not reach MLflow
 
 
 def cmd_mlflow_init(cfg, a):
@@ -62,11 +64,28 @@ def cmd_mlflow_sync(cfg, a):
     print(f"logged {len(ids)} run records to {uri}")
 
 
+def cmd_verdicts(cfg, a):
+    import pandas as pd
+
+    from spot.report.verdicts import compare, summary
+    base = a.base or f"{cfg['root']}/report/findings.csv"
+    table = compare(pd.read_csv(base), pd.read_csv(a.other))
+    changed = table[table.change != "same"]
+    if len(changed):
+        print(changed.to_string(index=False, columns=["case", "subject", "level", "verdict_base", "verdict_other"]))
+    print(f"{base} vs {a.other}: {summary(table)}")
+    if (table.change == "flipped").any():
+        raise RuntimeError(f"{int((table.change == 'flipped').sum())} claims flipped between holds and reversed")
+
+
 TOOLS = {
     "validate": (cmd_validate, "check a params file: schema, devices, architectures, budgets, files", {}),
     "dvc-yaml": (cmd_dvc_yaml, "write dvc.yaml for a params file (the stages of spot.workflow.table)",
                  {"output": dict(default="dvc.yaml", help="file to write, - for stdout (default dvc.yaml)")}),
     "dvc-done": (cmd_dvc_done, "after `dvc repro` / `dvc exp run`: record its jobs in Snakemake's metadata", {}),
+    "verdicts": (cmd_verdicts, "compare the verdicts of two runs' findings.csv (scripts/verdict-stability.sh)",
+                 {"other": dict(required=True, help="the other run's findings.csv"),
+                  "base": dict(help="default: the config's root/report/findings.csv")}),
     "mlflow-init": (cmd_mlflow_init, "create the MLflow store and experiment", {}),
     "mlflow-sync": (cmd_mlflow_sync, "log every run.json under the root to MLflow",
                     {"root": dict(help="folder to search (default: the config's root)")}),

@@ -157,7 +157,7 @@ def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_pat
     assert hist["val_top1"] > 0.25                                   # 10 classes: chance is 0.1
     model = load_backbone(tmp_path / "t")                          # reads 28 px images, not timm's 224
     assert tuple(model.data_config["input_size"]) == (3, 28, 28)
-    from tests.loader import make_loader
+    from spot.data.stream import make_loader
     assert next(iter(make_loader(root / "shards", "val", model.data_config, 4))).images.shape == (4, 3, 28, 28)
     grid = read_json(root / "backbones" / "grid-b" / "backbone.json")
     assert grid["tokens"] == "grid" and grid["steps"] > 0

@@ -189,3 +189,35 @@ def test_fetch_checkpoint_of_another_architecture_is_one_line(tmp_path, other, k
         fetch("b", tmp_path / "b", model="vit_tiny_patch16_224", checkpoint=str(src), **TINY)
     one_line(e, src, key)
     assert not (tmp_path / "b").exists()
+
+
+def flip_64_bytes(path: Path) -> None:
+    """XOR 64 bytes in the middle of `path` (a safetensors file's tensor data), keeping its size."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    path.write_bytes(data)
+
+
+def test_damaged_backbone_weights_are_refused_in_one_line(tmp_path):
+    src = tmp_path / "vit.pth"
+    torch.save(tiny_vit().state_dict(), src)
+    fetch("b", tmp_path / "b", model="vit_tiny_patch16_224", checkpoint=str(src), **TINY)
+    load_backbone(tmp_path / "b")
+    weights = tmp_path / "b" / "model.safetensors"
+    flip_64_bytes(weights)
+    with pytest.raises(ValueError) as e:
+        load_backbone(tmp_path / "b")
+    one_line(e, weights, "does not have the sha256", tmp_path / "b" / "backbone.json")
+
+
+def test_damaged_placer_weights_are_refused_in_one_line(tmp_path):
+    from spot.methods.placer import Placer
+    from spot.training.placer_files import load_placer, save_placer
+    save_placer(Placer(4, in_size=14, seed=0), tmp_path / "p", meta={"budget": 4})
+    load_placer(tmp_path / "p")
+    weights = tmp_path / "p" / "placer.safetensors"
+    flip_64_bytes(weights)
+    with pytest.raises(ValueError) as e:
+        load_placer(tmp_path / "p")
+    one_line(e, weights, "does not have the sha256", tmp_path / "p" / "placer.json")

@@ -119,7 +119,8 @@ def test_seeds_plan_a_replicate_per_seed_with_its_own_jobs(tmp_path):
     """params.yaml's `backbones.spot.seeds: [0, 1, 2]`: spot trains with seed 0, spot-s1 and spot-s2
     with 1 and 2, each with its own backbone, evaluate and oracle jobs and label-free placement at
     replicates.placement_budgets only; transfers, analyses and placer transfers leave replicates out;
-    DVC watches the key the params file spells (backbones.spot)."""
+    DVC watches the key the params file spells (backbones.spot). Every default backbone has 3 seeds:
+    the findings speak of trained backbones only at the level of their training runs."""
     from collections import Counter
 
     from spot.workflow.dvc import dvc_yaml
@@ -127,7 +128,9 @@ def test_seeds_plan_a_replicate_per_seed_with_its_own_jobs(tmp_path):
     cfg = load_config(REPO / "params.yaml")
     assert DEFAULT["backbones"]["spot"]["seeds"] == [0, 1, 2]
     assert {b: (s["seed"], s["replicate_of"]) for b, s in cfg["backbones"].items() if s.get("replicate_of")} == \
-        {"spot-s1": (1, "spot"), "spot-s2": (2, "spot")} and cfg["backbones"]["spot"]["seed"] == 0
+        {"spot-s1": (1, "spot"), "spot-s2": (2, "spot"), "spot-small-s2": (2, "spot-small"),
+         "spot-small-s3": (3, "spot-small"), "vit-grid-s1": (1, "vit-grid"), "vit-grid-s2": (2, "vit-grid")}
+    assert cfg["backbones"]["spot"]["seed"] == 0 and cfg["backbones"]["spot-small"]["seed"] == 1
     jobs = Counter((s.name, w.get("backbone") or w.get("dst")) for s, w in all_jobs(cfg))
     for name in ("backbone", "evaluate", "oracle-gather"):
         assert jobs[name, "spot-s1"] == jobs[name, "spot-s2"] == jobs[name, "spot"] == 1

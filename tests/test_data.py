@@ -2,6 +2,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +22,8 @@ from spot.data.loading import decode_image, read_shard, verify_shards
 from spot.data.saliency import write_saliency
 from spot.data.shards import check_image, write_shard, write_shards
 from spot.data.sources import Sample, escape, fashion_mnist_arrays, make_key, make_source, split_key, unescape
-from tests.conftest import FASHION_MNIST, IMAGENET_SAMPLE
-from tests.loader import make_loader, shard_paths
+from spot.data.stream import make_loader, shard_paths
+from tests.conftest import FASHION_MNIST, IMAGENET_SAMPLE, smoke_config
 
 CFG = dict(input_size=(3, 64, 64), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875,
            crop_mode="center")
@@ -639,3 +640,37 @@ def test_prefetched_keeps_order_raises_the_producers_error_and_stops_early():
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     it.close()                                                      # the consumer stops: so does the thread
     assert len(made) < 10
+
+
+def test_a_damaged_shard_fails_saliency_in_one_line_naming_it(imagenet_shards, tmp_path):
+    """64 bytes flipped in the middle of a val shard, its size kept: the saliency stage refuses it by
+    its sha256 instead of reading a shorter tar (and writes nothing)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(imagenet_shards[0], shards)
+    tar = sorted(shards.glob("val-*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    tar.write_bytes(data)
+    with pytest.raises(ValueError, match=f"^shard {tar} does not have the sha256 its manifest.json gives"):
+        write_saliency(shards, tmp_path / "saliency", "spectral_residual", 16)
+    assert not (tmp_path / "saliency" / "manifest.json").exists()
+
+
+def test_a_full_disk_while_sharding_names_the_file_and_leaves_no_temporary_file(tmp_path):
+    """`spot shard` onto a 32 KiB tmpfs (mounted in a mount namespace of its own), its writers in
+    processes: one line, 'no space left on device' and the tar being written, and no `.tmp-*` file left."""
+    params = smoke_config(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (f"mount -t tmpfs -o size=32k tmpfs {out} || exit 99; "
+              f"{sys.executable} -m spot.cli shard --params {params}; rc=$?; find {out} -name '.tmp-*'; exit $rc")
+    r = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"))
+    if r.returncode == 99 or "unshare:" in r.stderr:
+        pytest.skip(f"no tmpfs in a mount namespace here: {r.stderr.strip()[:200]}")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and re.fullmatch(
+        rf"spot shard: error: \[Errno 28\] no space left on device writing {out / 'shards'}/\.tmp-\S+ \(\d+ bytes free "
+        r"on its file system\)", last), r.stderr[-2000:]
+    assert r.stdout.strip() == "", r.stdout

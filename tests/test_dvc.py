@@ -114,6 +114,22 @@ def test_push_to_a_local_remote_and_pull_back(repro, tmp_path):
     assert "up to date" in dvc(repro, "status")
 
 
+def test_where_only_dvc_ran_a_changed_parameter_reruns_its_jobs_in_both_engines(repro, tmp_path):
+    """A clone where DVC ran every job and Snakemake none: `spot dvc-done` gives Snakemake a record of
+    every job (its params, code and inputs), so a value changed later reruns exactly the jobs that
+    read it, in Snakemake as in DVC (the report's resamples: the report job alone)."""
+    cwd = tmp_path / "repo"
+    shutil.copytree(repro, cwd, symlinks=True)
+    assert not (cwd / ".snakemake").exists()
+    assert "nothing to do" in run(cwd, "spot", "dvc-done", "--params", SMOKE)
+    assert "Nothing to be done" in (r := snakemake(cwd, "-n")).stdout + r.stderr
+    cfg = yaml.safe_load((cwd / SMOKE).read_text())
+    cfg["report"]["resamples"] = 2000
+    (cwd / SMOKE).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    by_snakemake, rerun = changed_by_snakemake(cwd)
+    assert changed_by_dvc(cwd) == by_snakemake == rerun == {REPORT}, (by_snakemake, rerun)
+
+
 @pytest.fixture(scope="module")
 def experiment(repro):
     """`repro` after `dvc exp run -S oracle.steps=3` (applied to its workspace): (repo, whether an

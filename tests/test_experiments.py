@@ -11,11 +11,11 @@ import torch
 from spot.cli import main
 from spot.data import decoded, loading
 from spot.data.loading import decode_image
+from spot.data.stream import make_loader
 from spot.report.stats import percent_pm
 from spot.stages import oracle as oracle_stage
 from spot.workflow.table import all_jobs
 from tests.conftest import linked_root
-from tests.loader import make_loader
 
 
 def spot(params, *argv):

@@ -17,8 +17,8 @@ from timm.data import ImageNetInfo
 
 from spot.data.loading import read_shard
 from spot.data.sources import split_key
+from spot.data.stream import shard_paths
 from tests.conftest import REPO, copy_repo, snakemake
-from tests.loader import shard_paths
 from tests.test_pipeline import expected_jobs, job_counts
 
 pytestmark = pytest.mark.end_to_end

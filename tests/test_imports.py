@@ -11,7 +11,7 @@ A module of layer L (the folder under spot/, or cli / __init__) may import spot 
     stages    -> core, methods, data, training, report, utils (a stage never imports another stage;
                  the package's __init__, the Record type, is shared)
     workflow  -> core, methods, data, training, utils (it names stage entry points as strings only)
-    cli       -> workflow, utils
+    cli       -> workflow, report, utils         (report: `spot verdicts` compares two reports)
     __init__  -> core, methods                   the public API
 
 and its own layer. core and methods import the standard library, torch and timm only: no files,
@@ -34,7 +34,7 @@ ALLOWED = {
     "report": {"core", "methods", "data", "training", "utils"},
     "stages": {"core", "methods", "data", "training", "report", "utils"},
     "workflow": {"core", "methods", "data", "training", "utils"},
-    "cli": {"workflow", "utils"},
+    "cli": {"workflow", "report", "utils"},
     "__init__": {"core", "methods"},
 }
 MATHS_PACKAGES = {"torch", "timm"}

@@ -131,6 +131,15 @@ def test_server_answers_this_machines_names_and_no_other(mlflow_server):
     assert mlflow_server.get(path, f"spot.invalid:{mlflow_server.port}")[0] == 403
 
 
+def test_concurrent_jobs_logging_the_same_new_datasets_lose_no_run(mlflow_server, tmp_path):
+    """8 processes log jobs at once with the same new datasets through the server to PostgreSQL, where MLflow
+    get-or-creates a dataset's row in two steps too: every job has one FINISHED run with its metrics and datasets."""
+    from spot.workflow import tracking
+    from tests.test_tracking import concurrent_jobs
+    assert tracking.init("race", mlflow_server.uri)
+    concurrent_jobs(mlflow_server.uri, "race", tmp_path)
+
+
 @dataclass
 class Logged:
     """The smoke DAG's run against the server: its repository copy and output, its job folders

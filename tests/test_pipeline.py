@@ -146,7 +146,9 @@ def test_smoke_report_has_intervals_and_replicate_spread(smoke):
     reps = pd.read_csv(cwd / "out" / "report" / "replicates.csv")
     assert set(reps.kind) == {"training seeds", "prior seeds"} and (reps.r == 2).all()
     found = (cwd / "out" / "report" / "findings.md").read_text()
-    assert re.search(r"in (all 2|1 of 2) replicates", found)
+    assert re.search(r"spot-a, 4 tokens: best off-grid prior vs grid: .*over 2 runs x n = \d+", found)
+    claims = pd.read_csv(cwd / "out" / "report" / "findings.csv")
+    assert set(claims[claims.subject.str.startswith("spot-a,")].level) == {"2 training runs"}
 
 
 def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):

@@ -13,7 +13,7 @@ from spot.data.sources import fashion_mnist_arrays
 from spot.methods.entropy_search import entropy_search, prediction_entropy
 from spot.methods.learned_prior import batches_forever, fit_global_prior, initial_positions
 from spot.methods.placer import Placer, chamfer_distance, train_placer
-from spot.training.placers import load_placer, save_placer
+from spot.training.placer_files import load_placer, save_placer
 from tests.conftest import FASHION_MNIST
 
 

@@ -6,11 +6,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import to_hex
 
-from spot.report.analyse import metric_rows
 from spot.report.evidence import Evidence, with_intervals
 from spot.report.findings import findings
 from spot.report.plots import plot_budgets
-from spot.report.stats import selection_slice
+from spot.report.summary import metric_rows
 from spot.report.tables import paper_table
 
 COLUMNS = ["backbone", "prior", "oracle", "budget", "top1", "knn", "top1_init", "top1_snapped", "extra_flops"]
@@ -72,23 +71,67 @@ def test_intervals_of_results_match_the_binomial_standard_error():
     assert set(rows["b/grid.json"]["4"]) == {"top1", "knn", "top1_low", "top1_high", "knn_low", "knn_high"}
 
 
+def verdicts(text: str) -> dict[str, str]:
+    """findings.md's lines as {subject: verdict and level}."""
+    return {m[1]: m[2] for m in re.finditer(r"^- (.*?): (?:\w+ vs \w+ )?[+-][\d.]+ \[.*?\] points(?: \(.*?\))?: "
+                                             r"(.*?)[.;]?$", text, re.M)}
+
+
 def test_findings_classify_each_claim_and_a_close_winner_is_not_distinguishable():
-    """Constructed per-image data: at 4 tokens sobol beats grid by 15 points (holds); at 16 tokens the
-    'winner' center is 1 point above grid on independent images (not distinguishable); the placer
-    falls 10 points below the best fixed prior (reversed); the best prior is chosen held out."""
-    df, ev = evidence({("b", "grid", False, 4): 0.40, ("b", "sobol", False, 4): 0.55,
-                       ("b", "isotropic", False, 4): 0.45, ("b", "grid", False, 16): 0.70,
-                       ("b", "center", False, 16): 0.71, ("b", "sobol", False, 16): 0.60,
-                       ("b", "isotropic", False, 16): 0.61, ("b", "isotropic", True, 4): 0.90,
-                       ("b", "placer", False, 4): 0.45, ("b", "learned", False, 4): 0.70})
-    text = findings(df, ev, seed=0, resamples=1000)
-    lines = {m[1]: m[2] for m in re.finditer(r"^- (.*?), (?:[+-][\d.]+ \[.*?\] points): (.*?)[.;]", text, re.M)}
-    assert lines["b, 4 tokens: best off-grid prior sobol vs grid"] == "holds at n = " + str(len(ev.rows[
-        "b", "grid", False, 4].index[~selection_slice(ev.rows["b", "grid", False, 4].index)]))
-    assert lines["b, 16 tokens: best off-grid prior center vs grid"].startswith("not distinguishable at n = ")
-    assert lines["SPoT-placer b N=4 vs the best fixed prior sobol"].startswith("reversed")
+    """Constructed per-image data on one training run: at 4 tokens sobol beats grid by 15 points
+    (holds); at 16 tokens the 'winner' center is 1 point above grid on independent images (not
+    distinguishable); the placer falls 10 points below the best fixed prior (reversed). Each claim on
+    a single run says so; fetched weights are one fixed network."""
+    cells = {("b", "grid", False, 4): 0.40, ("b", "sobol", False, 4): 0.55,
+             ("b", "isotropic", False, 4): 0.45, ("b", "grid", False, 16): 0.70,
+             ("b", "center", False, 16): 0.71, ("b", "sobol", False, 16): 0.60,
+             ("b", "isotropic", False, 16): 0.61, ("b", "isotropic", True, 4): 0.90,
+             ("b", "placer", False, 4): 0.45, ("b", "learned", False, 4): 0.70}
+    df, ev = evidence(cells)
+    text, claims = findings(df, ev, seed=0, resamples=1000)
+    lines = verdicts(text)
+    assert lines["b, 4 tokens: best off-grid prior vs grid"] == ("holds at n = 1000 (one training run); "
+                                                                 "candidates that beat every opponent: sobol")
+    assert lines["b, 16 tokens: best off-grid prior vs grid"].startswith("not distinguishable at n = 1000 (one")
+    assert lines["SPoT-placer b N=4 vs the best fixed prior"].startswith("reversed at n = 1000 (one training run)")
     assert lines["what seeing the image adds, b N=4: placer vs learned prior"].startswith("reversed")
     assert "chosen on 30% of the images" in text and "gap closed" in text
+    assert set(claims.level) == {"one training run"} and len(claims) == 8
+    assert all(t in text and "(one training run)" in t for t in claims.text)
+    fetched, _ = findings(df, ev, fixed={"b"}, seed=0, resamples=1000)
+    assert "(fixed weights)" in fetched and not re.search(r"^- .*\(one training run\)", fetched, re.M)
+
+
+def replicated(effects: dict[str, list[float]], n: int = 1000) -> tuple[pd.DataFrame, Evidence, dict]:
+    """Backbone 'b' with replicates 'b-s1', 'b-s2' at 16 tokens: grid at 50 %, and each other prior at
+    50 % + its effect in run 0, 1, 2; images drawn independently."""
+    cells = {}
+    for s, b in enumerate(("b", "b-s1", "b-s2")):
+        cells[b, "grid", False, 16] = 0.5
+        for prior, eff in effects.items():
+            cells[b, prior, False, 16] = 0.5 + eff[s]
+    df, ev = evidence(cells, n=n)
+    return df, ev, {"b": ["b", "b-s1", "b-s2"]}
+
+
+def test_a_seed_effect_makes_a_recipe_claim_not_distinguishable():
+    """Every run alone shows sobol above the grid (7 to 21 points, each holding on its images), but
+    the runs disagree: over runs and images it is not distinguishable, and the claim is a recipe's."""
+    df, ev, replicas = replicated({"sobol": [0.07, 0.14, 0.21]})
+    one = {b: verdicts(findings(df[df.backbone == b], ev, seed=0, resamples=1000)[0]) for b in replicas["b"]}
+    assert all(v["b, 16 tokens: best off-grid prior vs grid".replace("b,", f"{b},")].startswith("holds") for b, v in
+               one.items())
+    text, claims = findings(df, ev, replicas, seed=0, resamples=1000)
+    assert verdicts(text)["b, 16 tokens: best off-grid prior vs grid"] == "not distinguishable over 3 runs x n = 1000"
+    assert claims.level.tolist() == ["3 training runs"]
+
+
+def test_runs_that_agree_make_a_recipe_claim_hold():
+    df, ev, replicas = replicated({"sobol": [0.12, 0.13, 0.12], "center": [0.11, 0.12, 0.12]})
+    text, _ = findings(df, ev, replicas, seed=0, resamples=1000)
+    line = verdicts(text)["b, 16 tokens: best off-grid prior vs grid"]
+    assert line.startswith("holds over 3 runs x n = 1000; candidates that beat every opponent: ") and "sobol" in line \
+        and "center" in line
 
 
 def test_every_series_of_the_budget_plot_has_its_own_colour_and_marker(tmp_path):

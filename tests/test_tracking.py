@@ -26,8 +26,9 @@ def uri(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
-    """No parent run, no store chosen by an earlier test, and artifacts (MLflow's default root is ./mlruns)
-    under the test's folder."""
+    """No parent run, no store chosen or found failing by an earlier test, and artifacts (MLflow's default root
+    is ./mlruns) under the test's folder."""
+    monkeypatch.setattr(tracking, "DOWN", set())
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -174,6 +175,17 @@ def test_a_rerun_with_other_params_keeps_the_old_run_visible_and_superseded(tmp_
     assert set(by_id) == {again, other}
     assert by_id[again].data.tags["spot.superseded_by"] == other and "spot.superseded_by" not in by_id[other].data.tags
     assert by_id[again].data.params["train.lr"] == "0.1" and by_id[other].data.params["train.lr"] == "0.01"
+
+
+def test_a_finished_rerun_with_other_params_ends_a_killed_attempt(tmp_path, uri):
+    """A job killed before its record leaves its run RUNNING; the job's rerun with other params keeps it,
+    superseded, and ends it KILLED."""
+    c = tracking.connect(uri)
+    attempt = dict(stage="backbone", job="backbone/b", params={"backbone": "b", "train.lr": 0.1}, code_version="x")
+    killed = tracking.new_run(c, tracking.experiment_id(c, "killed"), attempt, tmp_path / "b")
+    run_id, _ = job(tmp_path / "b", uri, "killed", params={"backbone": "b", "train.lr": 0.01})
+    r = c.get_run(killed)
+    assert r.info.status == "KILLED" and r.data.tags["spot.superseded_by"] == run_id
 
 
 def test_a_failed_rerun_keeps_the_last_good_run_and_its_error_names_the_file(tmp_path, uri):
@@ -337,12 +349,13 @@ def test_a_backbone_is_a_registered_mlflow_model_giving_its_logits(tmp_path, uri
             assert got.shape == (2, 10) and np.allclose(got, expected.numpy(), atol=1e-5)
 
 
-def test_a_placer_is_a_registered_mlflow_model_giving_its_positions(tmp_path, uri):
-    """A placer job's run holds its model, registered as spot-placer-<backbone>-<N>: its positions."""
+def test_a_placer_is_a_registered_mlflow_model_giving_its_positions(tmp_path, uri, capfd, recwarn):
+    """A placer job's run holds its model, registered as spot-placer-<backbone>-<N>: its positions. Logging
+    and loading it write no carriage return (MLflow's progress bars) or ANSI colour (its warnings) to a job's log."""
     import torch
 
     from spot.methods.placer import Placer
-    from spot.training.placers import load_placer, save_placer
+    from spot.training.placer_files import load_placer, save_placer
     out = tmp_path / "placer" / "tiny" / "4"
     save_placer(Placer(4, in_size=8, width=2, seed=3), out, meta=dict(backbone="tiny", budget=4))
     run_id, _ = job(out, uri, "models", stage="placer", job_id="placer/tiny/4", params={"backbone": "tiny", "budget": 4})
@@ -351,3 +364,129 @@ def test_a_placer_is_a_registered_mlflow_model_giving_its_positions(tmp_path, ur
     got = model.predict({"images": images.numpy()})
     with torch.inference_mode():
         assert got.shape == (2, 4, 2) and np.allclose(got, load_placer(out)(images).numpy(), atol=1e-6)
+    err = capfd.readouterr().err
+    assert "\r" not in err and "\x1b[" not in err, err[-2000:]
+    assert not [str(w.message) for w in recwarn if "\x1b[" in str(w.message)]
+
+
+def data_folders(folder: Path, tag: int) -> dict:
+    """Two data folders (shards, decoded) whose datasets are new to the store: their digests come from `tag`."""
+    inputs = {}
+    for i, name in enumerate(("shards", "decoded")):
+        write_json(folder / name / "manifest.json", {"splits": {"train": {"count": 8, "shards": [
+            {"sha256": f"{tag:062x}{i:02x}"}]}}})
+        inputs[name] = folder / name
+    return inputs
+
+
+def _log_jobs(uri: str, name: str, folder: Path, worker: int, rounds: int, barrier) -> None:
+    """One of `concurrent_jobs`' processes: a job per round, started with every other process's."""
+    for r in range(rounds):
+        barrier.wait(timeout=300)
+        job(folder / f"w{worker}-{r}", uri, name, job_id=f"backbone/w{worker}-{r}", inputs=data_folders(folder / str(r), r),
+            steps=range(1, 3))
+
+
+def concurrent_jobs(uri: str, name: str, folder: Path, workers: int = 8, rounds: int = 3) -> None:
+    """`workers` processes each log `rounds` jobs as `job` does; in each round they start at once and read the
+    same two data folders, whose datasets the store has not seen: every process get-or-creates the same rows.
+    Then every job has one FINISHED run with its metrics, series and both datasets."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(workers)
+    procs = [ctx.Process(target=_log_jobs, args=(uri, name, folder, w, rounds, barrier)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0] * workers
+    by_job = {}
+    for r in runs(uri, name):
+        assert r.data.tags["spot.job"] not in by_job, r.data.tags["spot.job"]
+        by_job[r.data.tags["spot.job"]] = r
+    assert sorted(by_job) == sorted(f"backbone/w{w}-{r}" for w in range(workers) for r in range(rounds))
+    for job_id, r in by_job.items():
+        assert r.info.status == "FINISHED" and r.data.metrics["val/top1"] == 0.25, (job_id, r.info.status)
+        assert history(uri, r.info.run_id, "train/loss") == [(1, 1.0), (2, 0.5)], job_id
+        assert sorted(d.dataset.name for d in r.inputs.dataset_inputs) == ["decoded", "shards"], job_id
+
+
+@pytest.mark.stage                     # 8 processes that import torch: a minute or two on 2 cores
+def test_concurrent_jobs_logging_the_same_new_datasets_lose_no_run(tmp_path):
+    """8 processes log jobs at once with the same new datasets to a fresh SQLite store, whose SQLAlchemy store
+    get-or-creates a dataset's row in two steps: the process that loses the race finds the row and goes on."""
+    uri = f"sqlite:///{tmp_path / 'race.db'}"
+    assert tracking.init("race", uri)
+    concurrent_jobs(uri, "race", tmp_path)
+
+
+KILLED_JOB = """
+import os, signal, sys
+from spot.utils import live
+from spot.workflow import tracking
+from spot.workflow.outputs import write_run_record
+out, uri, params = sys.argv[1], sys.argv[2], {"backbone": "b", "prior": "uniform", "budget": 4}
+with tracking.JobRun(out, experiment="orphan", uri=uri, stage="evaluate", job="evaluate/b/uniform/4",
+                     params=params) as run:
+    live.log_metrics({"evaluate/loss": 0.5}, step=1)
+    write_run_record(out, stage="evaluate", job=run.job, params=params, metrics={"top1": 0.5}, artifacts=[],
+                     **run.record_fields())
+    run.flush()
+    os.kill(os.getpid(), signal.SIGKILL)            # killed after its record, before its run ended
+"""
+
+
+def test_sync_replaces_the_orphan_of_a_killed_job_under_its_parent_and_the_end_line_names_it(tmp_path, uri,
+                                                                                              monkeypatch):
+    """A job killed after writing run.json leaves its run RUNNING: the end-of-run line names the job, and
+    `spot mlflow-sync` replaces that run by a FINISHED one under the same parent run (one run per job)."""
+    import subprocess
+    import sys
+    cfg = {"name": "orphan", "root": str(tmp_path / "out"), "mlflow": {"tracking_uri": uri}}
+    parent = tracking.start_pipeline(cfg, "params.yaml")
+    out = tmp_path / "out" / "eval"
+    r = subprocess.run([sys.executable, "-c", KILLED_JOB, str(out), uri], capture_output=True, text=True)
+    assert r.returncode == -9 and (out / "run.json").is_file(), r.stderr[-2000:]
+    (orphan,) = [r for r in runs(uri, "orphan") if "spot.job" in r.data.tags]
+    assert orphan.info.status == "RUNNING" and orphan.data.tags["mlflow.parentRunId"] == parent
+    line = tracking.check(cfg, "config/x.yaml")
+    assert line.startswith("spot: warning: 1 jobs did not reach MLflow") and "(evaluate/b/uniform/4)" in line, line
+    assert line.endswith("`spot mlflow-sync --params config/x.yaml`"), line
+    tracking.end_pipeline(cfg)
+    monkeypatch.delenv(tracking.PARENT_ENV)                   # the sync runs later, from a shell
+    (run_id,) = tracking.sync(tmp_path / "out", "orphan", uri)
+    (r,) = [r for r in runs(uri, "orphan") if "spot.job" in r.data.tags]
+    assert r.info.run_id == run_id != orphan.info.run_id and r.info.status == "FINISHED"
+    assert r.data.tags["mlflow.parentRunId"] == parent and r.info.start_time == orphan.info.start_time
+    assert r.data.metrics["evaluate/top1"] == 0.5 and history(uri, run_id, "evaluate/loss") == [(1, 0.5)]
+    assert MlflowClient(uri).get_run(orphan.info.run_id).info.lifecycle_stage == "deleted"
+    assert tracking.check(cfg, "params.yaml").startswith("MLflow runs: `mlflow ui --backend-store-uri sqlite:")
+
+
+def test_a_run_whose_logging_fails_ends_failed_and_the_end_line_names_its_job(tmp_path, uri, capsys):
+    """The store refuses a metric name: the job goes on with one warning, its run ends FAILED (not RUNNING),
+    tagged with the error, and the end-of-run line names the job."""
+    with tracking.JobRun(tmp_path / "out" / "b", experiment="refused", uri=uri, stage="backbone", job="backbone/b",
+                         params={}) as run:
+        live.log_metrics({"train/bad#name": 1.0}, step=1)
+        write_run_record(run.out, stage="backbone", job=run.job, params={}, metrics={}, artifacts=[],
+                         **run.record_fields())
+        assert run.finish() is None
+    assert capsys.readouterr().err.count("spot: warning: MLflow") == 1
+    (r,) = runs(uri, "refused")
+    assert r.info.status == "FAILED" and r.data.tags["spot.error"].startswith("logging failed: "), r.data.tags
+    assert "bad#name" in r.data.tags["spot.error"]
+    cfg = {"name": "refused", "root": str(tmp_path / "out"), "mlflow": {"tracking_uri": uri}}
+    assert "1 jobs did not reach MLflow" in tracking.check(cfg, "params.yaml")
+
+
+@pytest.mark.stage                     # one Snakemake job in a repository copy: about 30 s
+def test_the_end_of_a_snakemake_run_names_the_jobs_that_did_not_reach_mlflow(tmp_path):
+    """A run whose tracking store is down succeeds, and is not reported as all well: its end names the jobs
+    that MLflow lacks and the command that logs them."""
+    from tests.conftest import copy_repo, snakemake
+    r = snakemake(copy_repo(tmp_path), "shard", MLFLOW_TRACKING_URI=closed_port())
+    (line,) = [s for s in (r.stdout + r.stderr).splitlines() if "did not reach MLflow" in s]
+    assert line.startswith("spot: warning: 1 jobs did not reach MLflow at http://127.0.0.1:") and "(shard)" in line
+    assert line.endswith("log them with `spot mlflow-sync --params config/smoke.yaml`"), line
+    assert "MLflow runs:" not in r.stdout + r.stderr

@@ -75,12 +75,19 @@ class SPoTViT(nn.Module):
     def tokens(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(B, P + N, D) input sequence for the transformer blocks: prefix tokens then N window tokens."""
         vit = self.vit
-        B = images.shape[0]
         w, b = self.embed_weight()
         x = F.linear(extract_windows(images, positions, self.k).flatten(2), w, b)   # (B, N, D)
         x = vit.patch_embed.norm(x)
         if vit.pos_embed is not None:
             x = x + self.pos_encoding(positions).to(x.dtype)
+        return self.with_prefix(x)
+
+    def with_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P + N, D) input sequence from N position-encoded patch tokens x (B, N, D): the prefix
+        tokens (class, registers; with their pos_embed entries) first, then timm's pos/patch dropout
+        and pre-norm."""
+        vit = self.vit
+        B = x.shape[0]
         prefix = [t.expand(B, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
         if prefix:
             prefix = torch.cat(prefix, dim=1)

@@ -129,6 +129,8 @@ def sample_positions(prior: str, batch: int, n: int, height: int, width: int, k:
     - isotropic: deterministic near-square lattice; at n = (H/k)*(W/k) exactly the patch centres.
     - center: the lattice warped to the centre, 0.5 + d(1 - exp(-(d/s)²)), d = p - 0.5.
     - grid: n distinct random cells of the patch grid (patch dropout at inference), row-major order.
+      With SPoTViT this is the random-drop baseline of exactly n grid tokens (timm's PatchDropout
+      keeps int(L·(1 - p)) tokens: 24 for 25 of 196).
     - salient / inv_salient: drawn from saliency (B, h, w) (any h, w) / from 1 - saliency/max as a
       density, uniform jitter inside the map cell, then clamped onto the margin (the window still
       covers the drawn point).

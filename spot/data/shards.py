@@ -7,7 +7,7 @@ source and the parameters, never on `workers`.
 
 The folder is complete or visibly not: the run holds its lock, removes manifest.json and run.json
 before writing anything and writes them last; the manifest lists every shard with its size and
-sha256 (readers check them, `spot.data.loading.shard_paths`), every source entry it left out and
+sha256 (readers check them, `spot.data.loading.verify_shards`), every source entry it left out and
 why, the class names in label order and, per split, the classes whose folder holds no image.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import struct
 import sys
 import tarfile
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 from spot.data.sources import Sample, Unreadable, make_source
-from spot.utils.io import atomic_path, write_json, writing
+from spot.utils.io import atomic_path, disk_full, no_space, write_json, writing
 from spot.utils.progress import progress
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9-]+-[0-9]{6,}\.tar")      # <split>-NNNNNN.tar
@@ -164,27 +164,35 @@ def write_shard(path: Path, records: list[dict]) -> dict:
 
 def write_group(source, shard_bytes: float, prefix: str) -> dict:
     """Check, encode and write every sample of `source` (a slice of a split) into tars `<prefix>-0`,
-    `-1`, ..., a new one where the next image would pass `shard_bytes`. Returns dict(parts, skipped)."""
+    `-1`, ..., a new one where the next image would pass `shard_bytes`. Returns dict(parts, skipped).
+    A failure removes the group's tars; a full disk is one line naming the tar being written."""
     parts, skipped, shard = [], [], None
-    for i in range(len(source)):
-        try:
-            sample = source[i]
-        except Unreadable as e:
-            skipped.append(e.entry)
-            continue
-        reason = check_image(sample)
-        if reason:
-            skipped.append(dict(key=sample.key, path=sample.meta.get("path", sample.key), reason=reason))
-            continue
-        rec = encode(sample)
-        nbytes = len(rec[sample.ext])
-        if shard is None or shard.bytes + nbytes > shard_bytes:
-            if shard:
-                parts.append(shard.close())
-            shard = ShardFile(Path(f"{prefix}-{len(parts)}"))
-        shard.write(rec, sample.label, nbytes)
-    if shard:
-        parts.append(shard.close())
+    try:
+        for i in range(len(source)):
+            try:
+                sample = source[i]
+            except Unreadable as e:
+                skipped.append(e.entry)
+                continue
+            reason = check_image(sample)
+            if reason:
+                skipped.append(dict(key=sample.key, path=sample.meta.get("path", sample.key), reason=reason))
+                continue
+            rec = encode(sample)
+            nbytes = len(rec[sample.ext])
+            if shard is None or shard.bytes + nbytes > shard_bytes:
+                if shard:
+                    parts.append(shard.close())
+                shard = ShardFile(Path(f"{prefix}-{len(parts)}"))
+            shard.write(rec, sample.label, nbytes)
+        if shard:
+            parts.append(shard.close())
+    except BaseException as e:
+        for path in [p["path"] for p in parts] + ([shard.path] if shard else []):
+            Path(path).unlink(missing_ok=True)
+        if shard and disk_full(e, shard.path.parent):
+            raise no_space(shard.path) from e
+        raise
     return dict(parts=parts, skipped=skipped)
 
 
@@ -228,7 +236,7 @@ def check_keys(sources: dict) -> None:
 
 def remove_unlisted(out: Path, names: set[str]) -> None:
     """Remove the shards of `out` not in `names`: left by an earlier run with other parameters (a
-    killed run's temporary files go when the folder is taken, `spot.workflow.outputs.writing`). Call while
+    killed run's temporary files go when the folder is taken, `spot.utils.io.writing`). Call while
     holding the folder's lock."""
     with os.scandir(out) as entries:
         stale = [e.name for e in entries if SHARD_NAME.fullmatch(e.name) and e.name not in names]
@@ -256,7 +264,8 @@ def write_shards(source: str, root: str | Path, out_dir: str | Path, splits=("tr
     subset reproducible from `seed`. `workers` processes (default: `default_workers()`) write the
     shards; each is written under a temporary name and renamed when complete, and a rerun rewrites
     identical bytes. Two samples with one key stop the run before anything is written; so does
-    another process writing `out_dir`.
+    another process writing `out_dir`. A failed run leaves no temporary file; a full disk is one line
+    naming the tar being written.
     """
     if images_per_shard < 1:
         raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard} (data.images_per_shard)")
@@ -271,7 +280,17 @@ def write_shards(source: str, root: str | Path, out_dir: str | Path, splits=("tr
                for split in splits}
     check_keys(sources)
     manifest["class_names"] = next(iter(sources.values())).class_names
-    with group_writer(workers or default_workers()) as write_groups, writing(out):  # pool first: no lock in it
+    try:
+        return _write_shards(sources, out, manifest, images_per_shard, shard_bytes, workers or default_workers())
+    except Exception:
+        with suppress(RuntimeError), writing(out):  # (the lock again, the pool gone: `writing` removes the
+            pass                                     # .tmp-* files of the writers the pool killed)
+        raise
+
+
+def _write_shards(sources: dict, out: Path, manifest: dict, images_per_shard: int, shard_bytes: float,
+                  workers: int) -> dict:
+    with group_writer(workers) as write_groups, writing(out):  # pool first: no lock in it
         for split, samples in sources.items():
             manifest["skipped"] += samples.skipped
             jobs = ((samples[i:i + images_per_shard], shard_bytes, str(out / f".tmp-{split}-{g:06d}"))

@@ -8,7 +8,7 @@ import pandas as pd
 from matplotlib.ticker import NullLocator
 
 from spot.methods import LABEL_FREE
-from spot.report.analyse import PAPER_ORDER
+from spot.report.summary import PAPER_ORDER
 from spot.utils.figures import save_fig
 
 MARKERS = "osD^v<>pPXh*"

@@ -11,8 +11,8 @@ import pandas as pd
 from spot.data.decoded import Decoded
 from spot.data.imagenet import short_name
 from spot.methods import LABEL_FREE
-from spot.report.analyse import model_name
 from spot.report.collect import records
+from spot.report.summary import model_name
 from spot.training.backbones import read_meta
 from spot.utils.figures import draw_tokens, save_fig, to_display
 from spot.utils.io import read_json

@@ -1,19 +1,22 @@
-"""How sure the report's numbers are: bootstrap intervals over val images, paired comparisons, the
-fraction of the oracle gap closed, the best fixed prior chosen on held-out images, replicate spread.
+"""How sure the report's numbers are: intervals over val images and over training runs, paired
+comparisons, the best of several candidates without a selection step, the fraction of the oracle
+gap closed, replicate spread.
 
-Every number of the report is a mean over val images, so its interval comes from one call of
-`scipy.stats.bootstrap` that resamples the images; the vectors of a comparison are resampled with
-the same image indices (`paired=True`), so what the images share cancels. Inputs are per-image
-vectors, shape (n,) for n images, or cells stacked in leading axes (..., n) on the same images:
-stacked cells see the same resamples, so a cell's interval is the same alone or stacked, and a
-stack is one vectorised call. Values are fractions (accuracies in [0, 1]); the `percent_*`
-helpers render percent and percent points.
+Two levels (docs/uncertainty.md derives both):
+- Over the images of one trained network: one call of `scipy.stats.bootstrap` resamples the images;
+  the vectors of a comparison are resampled with the same image indices (`paired=True`), so what the
+  images share cancels. Inputs are per-image vectors (n,), or cells stacked in leading axes (..., n)
+  on the same images: stacked cells see the same resamples, so a cell's interval is the same alone
+  or stacked.
+- Over the training runs of a recipe and the images together (`crossed_interval`): r runs (training
+  seeds) evaluated on the same n images give an (r, n) table; its mean gets a random-effects t
+  interval whose variance adds the spread of the runs' means to that of the images' means.
+Values are fractions (accuracies in [0, 1]); the `percent_*` helpers render percent and percent points.
 """
 from __future__ import annotations
 
 import hashlib
 import warnings
-from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,12 +32,15 @@ SELECT_SALT = b"spot-best-prior"  # personalises the key hash of `selection_slic
 
 @dataclass(frozen=True)
 class Interval:
-    """A statistic of `n` images (a mean, a difference of means, a ratio of them) and its bootstrap
-    interval [`low`, `high`]: floats, or arrays (...,) for stacked cells."""
+    """A statistic of `n` images (a mean, a difference of means, a ratio of them) and its interval
+    [`low`, `high`]: floats, or arrays (...,) for stacked cells; `runs` training runs (1: the images
+    of one network, bootstrapped; more: `crossed_interval`) and the interval's `confidence`."""
     value: float | np.ndarray
     low: float | np.ndarray
     high: float | np.ndarray
     n: int
+    runs: int = 1
+    confidence: float = 0.95
 
     @property
     def half_width(self) -> float | np.ndarray:
@@ -49,8 +55,9 @@ class Interval:
         return str(v) if v.ndim == 0 else v
 
     def claim(self) -> str:
-        """The verdict of one difference with its sample size: 'not distinguishable at n = 1000'."""
-        return f"{self.verdict} at n = {self.n}"
+        """The verdict of one difference with its sample size: 'not distinguishable at n = 1000', or
+        over training runs 'holds over 3 runs x n = 700'."""
+        return f"{self.verdict} " + (f"over {self.runs} runs x n = {self.n}" if self.runs > 1 else f"at n = {self.n}")
 
 
 def bootstrap(samples: Sequence, statistic: Callable, *, confidence: float = 0.95, resamples: int = 2000,
@@ -72,7 +79,38 @@ def bootstrap(samples: Sequence, statistic: Callable, *, confidence: float = 0.9
         res = stats.bootstrap(samples, statistic, n_resamples=resamples, batch=batch, vectorized=True, paired=True,
                               axis=-1, confidence_level=confidence, method=method, rng=seed)
     ci = res.confidence_interval
-    return Interval(_plain(statistic(*samples, axis=-1)), _plain(ci.low), _plain(ci.high), n)
+    return Interval(_plain(statistic(*samples, axis=-1)), _plain(ci.low), _plain(ci.high), n, 1, confidence)
+
+
+def crossed_interval(cells, *, confidence: float = 0.95) -> Interval:
+    """The mean of `cells` ((r, n): r >= 2 training runs, each evaluated on the same n images; e.g.
+    per-image paired differences) with a random-effects t interval over runs and images.
+
+    Each cell is mean + run effect + image effect + noise. The variance of the mean is estimated by
+    var(run means) / r + var(image means) / n (each over-counts the noise by its share, so the sum is
+    conservative by noise / (r n)), with Welch-Satterthwaite's degrees of freedom: about r - 1 where
+    the runs' spread dominates (a t quantile of 4.30 at 3 runs), about n - 1 where the images' does.
+    A zero variance gives a zero-width interval."""
+    d = np.asarray(cells, dtype=float)
+    if d.ndim != 2 or min(d.shape) < 2:
+        raise ValueError(f"crossed_interval: cells need shape (runs >= 2, images >= 2), got {d.shape}")
+    r, n = d.shape
+    v_runs, v_images = d.mean(axis=1).var(ddof=1) / r, d.mean(axis=0).var(ddof=1) / n
+    v = v_runs + v_images
+    df = v**2 / (v_runs**2 / (r - 1) + v_images**2 / (n - 1)) if v > 0 else np.inf
+    half = stats.t.ppf((1 + confidence) / 2, df) * np.sqrt(v)
+    mean = float(d.mean())
+    return Interval(mean, mean - half, mean + half, n, r, confidence)
+
+
+def difference(a, b, *, confidence: float = 0.95, **options) -> Interval:
+    """mean(a) - mean(b) on the same images: (n,) per image (one network: `paired_difference`), or
+    (r, n) per training run and image, r >= 2 (`crossed_interval` of the differences). `options`:
+    the bootstrap's (seed, resamples) for one network."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.ndim == 2 and len(a) > 1:
+        return crossed_interval(a - b, confidence=confidence)
+    return paired_difference(a.reshape(-1), b.reshape(-1), confidence=confidence, **options)
 
 
 def _plain(x) -> float | np.ndarray:
@@ -185,64 +223,71 @@ def best_held_out(table: pd.DataFrame, fraction: float = SELECT_FRACTION) -> Cho
     return Choice(str(acc.index[0]), acc, table.index[~select])
 
 
-@dataclass(frozen=True)
-class BestPrior:
-    """A method against the best fixed prior chosen on held-out images: `choice` (`best_held_out`:
-    the prior, its selection, the images compared), `difference` (method - prior on those images,
-    paired) and `gap` (the fraction of the oracle gap closed there; None without an oracle)."""
-    choice: Choice
-    difference: Interval
-    gap: Interval | None
-
-
-def against_best_prior(method: pd.Series, priors: pd.DataFrame, oracle: pd.Series | None = None, *,
-                       fraction: float = SELECT_FRACTION, **options) -> BestPrior:
-    """A label-free method against the best fixed prior without favouring the prior: the prior is
-    chosen on the selection slice (`best_held_out`) and compared on the other images only.
-    `method`, `oracle`: per-image 0/1 (index: image key), `priors`: a 0/1 column per fixed prior,
-    all on the same keys. `options` as `accuracy_interval`."""
-    priors, method, oracle = align(priors=priors, method=method, oracle=oracle)
-    choice = best_held_out(priors, fraction)
-    m, p = method[choice.keys].to_numpy(), priors.loc[choice.keys, choice.name].to_numpy()
-    gap = gap_closed_interval(m, p, oracle[choice.keys].to_numpy(), **options) if oracle is not None else None
-    return BestPrior(choice, paired_difference(m, p, **options), gap)
+def gap_closed(method, best_prior, oracle, *, confidence: float = 0.95, **options) -> Interval:
+    """The fraction of the oracle gap closed, (m - p) / (o - p), on (n,) per-image vectors of one
+    network (`gap_closed_interval`) or (r, n) tables of r >= 2 training runs on the same images: the
+    ratio of the pooled means, its interval by the delta method on `crossed_interval` (the linearised
+    cells (m - p - g (o - p)) / mean(o - p)). NaN value where the pooled gap is <= 0; NaN bounds where
+    the gap's own interval holds 0 (the fraction is then unbounded)."""
+    m, p, o = (np.asarray(x, dtype=float) for x in (method, best_prior, oracle))
+    if m.ndim < 2 or len(m) < 2:
+        return gap_closed_interval(m.reshape(-1), p.reshape(-1), o.reshape(-1), confidence=confidence, **options)
+    gap = crossed_interval(o - p, confidence=confidence)
+    if gap.value <= 0:
+        return Interval(np.nan, np.nan, np.nan, m.shape[1], len(m), confidence)
+    g = (m - p).mean() / gap.value
+    z = crossed_interval((m - p - g * (o - p)) / gap.value, confidence=confidence)
+    low, high = (g + z.low - z.value, g + z.high - z.value) if gap.low > 0 else (np.nan, np.nan)
+    return Interval(float(g), low, high, m.shape[1], len(m), confidence)
 
 
 @dataclass(frozen=True)
-class Replicates:
-    """A number over replicates (training seeds, prior seeds): `mean` and `sd` (ddof 1; NaN for one
-    replicate) over the replicates' axis, their count `r`, and the verdict of a paired comparison in
-    each replicate (`verdicts`, empty if none was given)."""
-    mean: float | np.ndarray
-    sd: float | np.ndarray
-    r: int
-    verdicts: tuple[str, ...] = ()
-
-    @property
-    def every(self) -> str | None:
-        """The verdict of every replicate if they agree, else None."""
-        return self.verdicts[0] if self.verdicts and len(set(self.verdicts)) == 1 else None
-
-    @property
-    def agreement(self) -> str:
-        """'holds in all 3 replicates', or each verdict's count: 'holds in 2 of 3 replicates, not
-        distinguishable in 1'."""
-        if self.every:
-            return f"{self.every} in all {self.r} replicates"
-        (top, c), *rest = Counter(self.verdicts).most_common()
-        return f"{top} in {c} of {self.r} replicates" + "".join(f", {v} in {k}" for v, k in rest)
+class Contest:
+    """The best of candidates A against the best of B: `verdict` ('holds': some a beats every b;
+    'reversed': some b beats every a; else 'not distinguishable'), the pair `a`, `b` that shows it (the
+    highest-scoring winner against the highest-scoring other side; without a winner the highest-scoring
+    a against the b it does not beat) and their difference `interval` (a - b at the confidence of the
+    side that decides), `winners` (every a
+    that beats every b, or every b that beats every a), `side` (the number of candidates on the side
+    that decides) and `same` (pairs left out: identical data)."""
+    verdict: str
+    a: str
+    b: str
+    interval: Interval
+    winners: tuple[str, ...]
+    side: int
+    same: tuple[tuple[str, str], ...] = ()
 
 
-def replicate_summary(values, verdicts: Sequence[str] = ()) -> Replicates:
-    """Mean and sd of `values` ((r,) one number per replicate, or (r, ...) cells) over the replicates,
-    with the verdict of a paired comparison in each replicate (`Interval.verdict`), if given."""
-    v, verdicts = np.asarray(values, dtype=float), tuple(verdicts)
-    r = len(v)
-    if r == 0 or (verdicts and len(verdicts) != r) or any(x not in VERDICTS for x in verdicts):
-        raise ValueError(f"replicate_summary: {r} values and verdicts {list(verdicts)}: need >= 1 value and, "
-                         f"if given, one verdict of {VERDICTS} per value")
-    sd = v.std(axis=0, ddof=1) if r > 1 else np.full(v.shape[1:], np.nan)
-    return Replicates(_plain(v.mean(axis=0)), _plain(sd), r, verdicts)
+def best_of(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *, confidence: float = 0.95,
+            **options) -> Contest | None:
+    """Is the best of `a` better than the best of `b`? No step chooses a best: max(A) > max(B) iff some a
+    beats every b. Each a is tested against every b (an intersection-union test: every pair at the
+    level), the |A| tests of the a's are Bonferroni-corrected (confidence 1 - (1 - confidence) / |A|),
+    and 'reversed' is the same test with the sides swapped. So near-tied candidates cannot change the
+    verdict by which one wins a selection. Values: per-image arrays, (n,) of one network or (r, n) of
+    r training runs on the same images (`difference`); a pair whose data are identical (the same
+    placement, e.g. isotropic and grid on the full grid) leaves its a out. None if no a is left."""
+    same = tuple((x, y) for x in a for y in b if np.array_equal(a[x], b[y]))
+    a = {x: v for x, v in a.items() if x not in {p[0] for p in same}}
+    if not a:
+        return None
+    level = {"a": 1 - (1 - confidence) / len(a), "b": 1 - (1 - confidence) / len(b)}
+    iv = {(side, x, y): difference(a[x], b[y], confidence=level[side], **options)
+          for side in level for x in a for y in b}
+    lows = {x: min(iv["a", x, y].low for y in b) for x in a}        # x beats every b where its lowest bound > 0
+    highs = {y: max(iv["b", x, y].high for x in a) for y in b}      # y beats every a where this is < 0
+    wins_a, wins_b = [x for x in a if lows[x] > 0], [y for y in b if highs[y] < 0]
+    mean = {k: float(np.mean(v)) for k, v in (a | b).items()}
+    top_a, top_b = max(a, key=mean.get), max(b, key=mean.get)
+    if wins_b:                                       # the best-scoring b that beats every a, against the top a
+        y = max(wins_b, key=mean.get)
+        return Contest(VERDICTS[1], top_a, y, iv["b", top_a, y], tuple(wins_b), len(b), same)
+    if wins_a:                                       # the best-scoring a that beats every b, against the top b
+        x = max(wins_a, key=mean.get)
+        return Contest(VERDICTS[0], x, top_b, iv["a", x, top_b], tuple(wins_a), len(a), same)
+    y = min(b, key=lambda y: iv["a", top_a, y].low)  # the top a against the opponent it does not beat
+    return Contest(VERDICTS[2], top_a, y, iv["a", top_a, y], (), len(a), same)
 
 
 def percent_pm(value: float, low: float, high: float, digits: int = 1) -> str:

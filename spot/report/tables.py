@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 
 from spot.methods import LABEL_FREE
-from spot.report.analyse import PAPER_ORDER, model_name
 from spot.report.render import render
 from spot.report.stats import percent_pm, percent_sd
+from spot.report.summary import PAPER_ORDER, model_name
 
 INTRO = ("Top-1 and kNN accuracy (%) per token budget, ± half the width of the 95% bootstrap interval over the val "
          "images. SPoT-ON rows use labels (an oracle upper bound); bold: the best non-oracle value per column (ties: "

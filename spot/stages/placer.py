@@ -14,7 +14,7 @@ from spot.methods.placer import Placer, train_placer
 from spot.stages import Record
 from spot.training.backbones import load_backbone
 from spot.training.evaluation import SplitBatches, evaluate_placement
-from spot.training.placers import save_placer
+from spot.training.placer_files import save_placer
 from spot.utils import live
 from spot.utils.io import read_json, write_json
 
@@ -24,7 +24,7 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
     width; it starts at the learned global prior of this backbone and budget when `init` is
     'learned', else at that prior's positions) on batches of `placement.batch_size` train images
     with the classification loss, then evaluate it (`spot.training.evaluation.evaluate_placement`). Writes
-    placer.safetensors + placer.json (`spot.methods.placer.save_placer`), metrics.json (with extra_flops:
+    placer.safetensors + placer.json (`spot.training.placer_files.save_placer`), metrics.json (with extra_flops:
     the placer's FLOPs over the backbone's forward at `budget` tokens), predictions.parquet, bank.npz."""
     placement, device = cfg["placement"], resolve_device(cfg["device"])
     settings = placement["placer"]

@@ -10,7 +10,7 @@ from spot.data.decoded import Decoded
 from spot.stages import Record
 from spot.training.backbones import load_backbone
 from spot.training.evaluation import evaluate_placement
-from spot.training.placers import load_placer
+from spot.training.placer_files import load_placer
 from spot.utils.io import read_json, write_json
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from spot.report.analyse import flat_metrics, gap_closed, metric_rows
 from spot.report.collect import collect, environments, in_order, oracle_curves, placer_transfers
 from spot.report.evidence import read_evidence, replicates, with_intervals
 from spot.report.findings import findings
 from spot.report.plots import plot_budgets, plot_oracle_steps
 from spot.report.render import html_page
 from spot.report.sheets import learned_sheet, prior_sheet, trajectory_sheet
+from spot.report.summary import flat_metrics, gap_closed, metric_rows
 from spot.report.tables import tables_markdown
 from spot.stages import Record
 from spot.utils.environment import environment
@@ -22,10 +22,11 @@ from spot.utils.io import atomic_path, write_json
 
 def run(cfg: dict, inputs: dict, out: Path) -> Record:
     """Gather every result into `out`: results.{parquet,csv} (each accuracy with its bootstrap
-    interval `<c>_low`, `<c>_high`; `replicate_of`, `seed`), replicates.csv (mean and sd over training
+    interval `<c>_low`, `<c>_high`; `replicate_of`, `seed`), findings.csv (a row per claim of findings.md:
+    `spot.report.findings.Claim`), replicates.csv (mean and sd over training
     seeds and prior draws: `spot.report.evidence.replicates`), tables.{md,html}, findings.{md,html},
     metrics.json (every number, flat), metrics/<backbone>/<row>.json (the DVC metrics:
-    `spot.report.analyse.metric_rows`), plots/accuracy_vs_budget.{png,csv}, plots/oracle_steps.png,
+    `spot.report.summary.metric_rows`), plots/accuracy_vs_budget.{png,csv}, plots/oracle_steps.png,
     pictures/priors.png (priors in `eval.priors` order, then the label-free placements and SPoT-ON),
     pictures/trajectories.png, pictures/learned.png (the learned global priors, when stage learned ran)."""
     order, specs = list(cfg["backbones"]), cfg["backbones"]
@@ -46,7 +47,10 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
         results.to_csv(tmp, index=False)
     gaps, ptrans = gap_closed(results), placer_transfers(inputs, order)
     tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()], reps)
-    found = findings(results, ev, replicas, start=cfg["oracle"]["prior"], **options)
+    fixed = {b for b, s in specs.items() if s["make"] == "fetch"}
+    found, claims = findings(results, ev, replicas, fixed=fixed, start=cfg["oracle"]["prior"], **options)
+    with atomic_path(out / "findings.csv") as tmp:
+        claims.to_csv(tmp, index=False)
     for name, text, title in (("tables", tables, "SPoT results"), ("findings", found, "SPoT findings")):
         with atomic_path(out / f"{name}.md") as tmp:
             tmp.write_text(text)

@@ -33,13 +33,17 @@ def describe(model: SPoTViT, name: str, timm_name: str, model_kwargs: dict, sour
 
 
 def save_backbone(model: SPoTViT, out_dir: str | Path, meta: dict) -> None:
-    """Write the timm state dict (safetensors) and `backbone.json` (`meta`, from `describe`) atomically."""
+    """Write the timm state dict (safetensors) and `backbone.json` (`meta`, from `describe`, and the
+    weights' sha256, which `load_backbone` checks) atomically."""
     from safetensors.torch import save_file
+
+    from spot.data.loading import file_sha256
     out = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.vit.state_dict().items()}
     with atomic_path(out / "model.safetensors") as tmp:
         save_file(state, str(tmp))
-    write_json(out / "backbone.json", meta)
+        sha256 = file_sha256(tmp)
+    write_json(out / "backbone.json", dict(meta, weights_sha256=sha256))
 
 
 def build(timm_name: str, model_kwargs: dict, **create_kwargs) -> torch.nn.Module:
@@ -77,13 +81,14 @@ def load_backbone(backbone_dir: str | Path, device: str | torch.device = "cpu") 
     from safetensors.torch import load_file
 
     from spot.core.model import SPoTViT
-    from spot.training.checkpoint import load_state, read_errors
+    from spot.training.checkpoint import check_weights, load_state, read_errors
     meta = read_meta(backbone_dir)
     vit = uninitialised(meta["timm_name"], meta["model_kwargs"])
     weights = Path(backbone_dir) / "model.safetensors"
     with read_errors(weights):
         state = load_file(str(weights))
     load_state(vit, state, weights)
+    check_weights(weights, Path(backbone_dir) / "backbone.json", meta.get("weights_sha256"))
     model = SPoTViT(vit, k=meta["patch_size"])
     model.data_config = dict(model.data_config, **meta["data_config"])
     model.meta = meta

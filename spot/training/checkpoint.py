@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from spot.data.loading import file_sha256
 from spot.utils.io import atomic_path
 from spot.utils.records import flatten, plain
 
@@ -118,3 +119,11 @@ def load_checkpoint(path: str | Path, fingerprint: dict, *, required: bool) -> d
         raise ValueError(f"checkpoint {path} was {why}: rerun with --no-resume")
     print(f"warning: checkpoint {path} was {why}: starting over", file=sys.stderr)
     return None
+
+
+def check_weights(path: Path, record: Path, sha256: str | None) -> None:
+    """A one-line ValueError when the weights file `path` lacks the `sha256` that `record` (the json
+    its job wrote with it) gives: damaged since. A record without one (older spot) is not checked."""
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ValueError(f"{path} does not have the sha256 that {record} gives: it changed after its job wrote it "
+                         "(run that job again)")

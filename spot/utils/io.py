@@ -38,13 +38,17 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
     except Exception as e:
         if disk_full(e, path.parent):
-            free = shutil.disk_usage(path.parent).free
-            raise OSError(errno.ENOSPC, f"no space left on device writing {path} ({free} bytes free on its "
-                                        "file system)") from e
+            raise no_space(path) from e
         raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def no_space(path: Path) -> OSError:
+    """The one-line error of a write to `path` that ran out of disk."""
+    free = shutil.disk_usage(path.parent).free
+    return OSError(errno.ENOSPC, f"no space left on device writing {path} ({free} bytes free on its file system)")
 
 
 def disk_full(e: BaseException, folder: Path) -> bool:

@@ -4,7 +4,7 @@ A stage calls `log_metrics({...}, step)` as it goes (the training: loss, accurac
 per step, val accuracy per epoch) and `start_series(step)` when it resumes; the job's MLflow run
 (`spot.workflow.tracking.JobRun`, attached by `spot.cli.run_stage`) sends them to MLflow and to the job's
 series.csv. Outside a job (a stage function called directly, a DDP rank other than 0) they do
-nothing. Standard library only: a stage's code dependencies (`spot.workflow.stage.code_deps`, DVC's deps)
+nothing. Standard library only: a stage's code dependencies (`spot.workflow.dvc.code_deps`, DVC's deps)
 hold this file, not the MLflow code, so changing how results are logged reruns no stage.
 """
 from __future__ import annotations

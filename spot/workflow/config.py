@@ -1,5 +1,5 @@
-"""The configuration: a params file loaded, validated against workflow/schemas/params.schema.yaml,
-and completed with the schema's defaults, once. Every stage reads the result."""
+"""The configuration: a params file loaded, validated against the schema shipped with the package
+(spot/workflow/schemas/params.schema.yaml), and completed with the schema's defaults, once. Every stage reads the result."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +11,7 @@ import yaml
 
 from spot.utils.text import one_line
 
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "params.schema.yaml"
+SCHEMA = Path(__file__).resolve().parent / "schemas" / "params.schema.yaml"   # package data
 TRAIN_MODEL = "vit_tiny_patch16_224"     # the timm architecture a `make: train` backbone builds on
 
 

@@ -76,7 +76,11 @@ def dvc_stage(stage: Stage, wildcards: dict, cfg: dict, raw: dict, params_file: 
 
 
 def dvc_yaml(cfg: dict, params_file: str = "params.yaml") -> str:
-    """The text of dvc.yaml for the (validated) config `cfg` read from `params_file`."""
+    """The text of dvc.yaml for the (validated) config `cfg` read from `params_file` (in the
+    repository, the working directory: a `root` outside it is a one-line ValueError)."""
+    if outside_repository(cfg["root"]):
+        raise ValueError(f"{params_file}: root {cfg['root']} is outside the repository, where DVC cannot track "
+                         "outputs (DVC 3 has no external outputs): give a root inside it, or run Snakemake without DVC")
     raw = read(params_file)
     code: dict[str, list[str]] = {}
     stages = {}
@@ -89,6 +93,12 @@ def dvc_yaml(cfg: dict, params_file: str = "params.yaml") -> str:
     results = f"{Layout(cfg['root'])('report')}/results.csv"
     return HEADER.format(params=params_file) + yaml.safe_dump({"stages": stages, "plots": data_plots(results)},
                                                               sort_keys=False, width=120)
+
+
+def outside_repository(root: str) -> bool:
+    """Whether output root `root` lies outside the repository (the working directory), where DVC 3
+    tracks nothing. A link inside the repository is inside."""
+    return not Path(os.path.abspath(root)).is_relative_to(Path.cwd())
 
 
 def data_plots(results: str) -> list[dict]:
@@ -121,14 +131,17 @@ def commit_after_snakemake(params_file: str, jobs: list[tuple[str, dict]]) -> st
     """After a successful Snakemake run: record the outputs of `jobs` (rule name, wildcards: the
     jobs of the run's DAG, all complete and current now) in dvc.lock with `dvc commit --force`, so
     `dvc status` agrees with Snakemake and `dvc repro` does not redo them. Only where dvc.yaml was
-    generated for the same `params_file`, DVC is set up (`.dvc/`, the `dvc` command) and
-    SPOT_DVC_COMMIT is not 0. Never raises: returns one line saying what it did or why not."""
+    generated for the same `params_file`, its root is inside the repository, DVC is set up (`.dvc/`,
+    the `dvc` command) and SPOT_DVC_COMMIT is not 0. Never raises: returns one line saying what it
+    did or why not."""
     why = ("SPOT_DVC_COMMIT=0" if os.environ.get("SPOT_DVC_COMMIT", "1") == "0" else
            "no .dvc/ folder" if not Path(".dvc").is_dir() else
            "no dvc command" if shutil.which("dvc") is None else None)
     made_for = generated_for()
     if why is None and made_for != params_file:
         why = f"dvc.yaml is for {made_for}, this run for {params_file}" if made_for else "no generated dvc.yaml"
+    if why is None and outside_repository(read(params_file).get("root", "out")):
+        why = "its root is outside the repository"
     if why:
         return f"dvc commit skipped ({why})"
     by_rule = {s.rule: s for s in STAGES}
@@ -154,9 +167,10 @@ def commit_after_snakemake(params_file: str, jobs: list[tuple[str, dict]]) -> st
 def record_in_snakemake(params_file: str) -> str:
     """After `dvc repro` or `dvc exp run`: record DVC's jobs in Snakemake's metadata, so `snakemake -n`
     has nothing to do. Only when `dvc status` finds every stage current (DVC then vouches for each
-    output under today's params, code and inputs): Snakemake's own `--touch` run then marks its jobs
-    done, writing their params, inputs and commands as a run would. A param changed later still
-    reruns its jobs. A one-line RuntimeError when DVC has work left or Snakemake fails."""
+    output under today's params, code and inputs): Snakemake's own `--touch --forceall` run then marks
+    every job done, writing its params, inputs and code as a run would (a plain `--touch` records
+    only the jobs Snakemake would run, and a job without a record reruns on nothing). A param changed
+    later still reruns its jobs. A one-line RuntimeError when DVC has work left or Snakemake fails."""
     made_for = generated_for()
     if made_for != params_file:
         raise RuntimeError(f"dvc.yaml is for {made_for}, not {params_file}" if made_for else "no generated dvc.yaml")
@@ -166,7 +180,8 @@ def record_in_snakemake(params_file: str) -> str:
     if changed := sorted(json.loads(r.stdout or "{}")):
         raise RuntimeError(f"dvc status lists {len(changed)} stages not current ({', '.join(changed[:3])}, ...): "
                            "run `dvc repro` first")
-    r = subprocess.run(["snakemake", "--touch", "--cores", "1", "--quiet", "--config", f"params={params_file}"],
+    r = subprocess.run(["snakemake", "--touch", "--forceall", "--cores", "1", "--quiet",
+                        "--config", f"params={params_file}"],
                        capture_output=True, text=True, env=os.environ | {"SPOT_DVC_COMMIT": "0"})
     if r.returncode != 0:
         raise RuntimeError(f"snakemake --touch failed: {((r.stderr or r.stdout).strip().splitlines() or [''])[-1]}")

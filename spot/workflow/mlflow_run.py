@@ -86,8 +86,9 @@ def job_tags(record: dict, out) -> dict:
     from spot.workflow.table import STAGE
     stage, job = record["stage"], record["job"]
     about = STAGE[stage].help if stage in STAGE else stage
-    tags = {JOB_TAG: job, PARAMS_TAG: lineage(record["params"], record.get("inputs")), "spot.stage": stage, "mlflow.runName": job, "mlflow.source.name":
-            f"spot/stages/{stage.replace('-', '_')}.py", "mlflow.note.content": f"**{job}**: {about}.\n\nJob folder: `{out}`"}
+    tags = {JOB_TAG: job, PARAMS_TAG: lineage(record["params"], record.get("inputs")), "spot.stage": stage,
+            "mlflow.runName": job, "mlflow.source.name": f"spot/stages/{stage.replace('-', '_')}.py",
+            "mlflow.note.content": f"**{job}**: {about}.\n\nJob folder: `{out}`"}
     env = {f"spot.env.{k}": str(v) for k, v in (record.get("environment") or {}).items() if v is not None}
     return source_tags(record["code_version"]) | tags | env
 
@@ -140,7 +141,9 @@ def dataset(name: str, folder: Path, context: str):
 
 def log_inputs(c, run_id: str, stage: str, inputs: dict | None) -> None:
     """Data inputs as MLflow datasets (context 'train' for a training, else 'eval'); every single
-    upstream job folder as a tag `spot.input.<name>` = its job."""
+    upstream job folder as a tag `spot.input.<name>` = its job. MLflow get-or-creates a dataset's row in
+    two steps, so a concurrent job may insert it in between: the call is then retried, and finds it (each
+    failure means one more of the rows exists, so one retry per dataset is always enough)."""
     datasets = []
     for name, value in (inputs or {}).items():
         for folder in map(Path, as_list(value)):
@@ -148,8 +151,17 @@ def log_inputs(c, run_id: str, stage: str, inputs: dict | None) -> None:
                 datasets.append(data)
             elif not isinstance(value, list) and (folder / "run.json").is_file():
                 c.set_tag(run_id, f"spot.input.{name}", read_json(folder / "run.json")["job"])
-    if datasets:
-        c.log_inputs(run_id, datasets=datasets)
+    for attempt in range(len(datasets) + 1 if datasets else 0):
+        try:
+            return c.log_inputs(run_id, datasets=datasets)
+        except Exception as e:
+            if attempt == len(datasets) or not duplicate(e):
+                raise
+
+
+def duplicate(error: Exception) -> bool:
+    """Whether a store error is a row inserted concurrently (SQLite's IntegrityError, PostgreSQL's UniqueViolation)."""
+    return any(s in str(error) for s in ("UNIQUE constraint failed", "UniqueViolation", "duplicate key value"))
 
 
 def log_rows(c, run_id: str, rows: list[tuple], synchronous: bool = True) -> list:

@@ -20,7 +20,6 @@ from spot.utils.text import describe_error, one_line
 from spot.workflow.config import TRAIN_MODEL
 
 
-
 class Problem(Exception):
     """One problem at one config key; `check` turns it into its ValueError / FileNotFoundError."""
 

@@ -1,7 +1,7 @@
 """The job runner: one job of a stage, from its input checks to its run.json and MLflow run.
 
-`run_job` checks that the job's inputs are complete, takes each output folder
-(`spot.utils.io.writing`) and runs the stage with the config keys it declares. It writes run.json
+`run_job` checks that the job's inputs are complete, takes every output folder's lock for the whole
+job (`spot.utils.io.writing`) and runs the stage with the config keys it declares. It writes run.json
 last and logs it to MLflow; logging is never fatal (`spot mlflow-sync` logs it later).
 """
 from __future__ import annotations
@@ -19,15 +19,11 @@ def run_job(stage: Stage, cfg: dict, params_file: str, job: dict, chosen: dict |
     """Run the job `job` (its wildcards) of `stage` for the config read from `params_file`. With
     `each`, `chosen` may name some values of each such wildcard (default: all the config's). A GPU job
     of a machine with several holds one of them meanwhile (`spot.workflow.gpus`)."""
+    from spot.utils.io import writing
     from spot.workflow.gpus import gpu_slot
-    check_job(stage, cfg, job, params_file)
-    with gpu_slot(stage, cfg):
-        run_checked_job(stage, cfg, job, chosen, params_file, options)
-
-
-def run_checked_job(stage: Stage, cfg: dict, job: dict, chosen: dict | None, params_file: str, options: dict) -> None:
     from spot.workflow.outputs import require_complete
     layout = Layout(cfg["root"])
+    check_job(stage, cfg, job, params_file)
     for name, folders in stage.job_inputs(cfg, layout, job).items():
         for f in as_list(folders):
             require_complete(f, f"input {name}")
@@ -38,14 +34,18 @@ def run_checked_job(stage: Stage, cfg: dict, job: dict, chosen: dict | None, par
     if int(os.environ.get("RANK", "0")) > 0:           # a torchrun rank other than 0 only trains along
         run(cfg_job, stage.input_folders(cfg, layout, job), layout(stage.output, **job), **job, **options)
         return
-    if stage.one_pass:                                 # a group of folders at once, one pass over the data
-        for group in passes(stage, folders):
-            run_pass(stage, cfg, layout, job, group, run, cfg_job, options)
-        return
-    for f in folders:                                  # one folder after another, in this process
-        out, inputs = layout(stage.output, **f), stage.input_folders(cfg, layout, f)
-        with job_run(stage, cfg, f, out, inputs) as mlflow_run:
-            finish(stage, mlflow_run, run(cfg_job, inputs, out, **f, **options), inputs)
+    with contextlib.ExitStack() as held:               # every folder's lock for the whole job: a second
+        for f in folders:                              # writer stops before this job writes any of them
+            held.enter_context(writing(layout(stage.output, **f)))
+        held.enter_context(gpu_slot(stage, cfg))       # its own GPU, before torch starts CUDA
+        if stage.one_pass:                             # a group of folders at once, one pass over the data
+            for group in passes(stage, folders):
+                run_pass(stage, cfg, layout, job, group, run, cfg_job, options)
+            return
+        for f in folders:                              # one folder after another, in this process
+            out, inputs = layout(stage.output, **f), stage.input_folders(cfg, layout, f)
+            with job_run(stage, cfg, f, out, inputs) as mlflow_run:
+                finish(stage, mlflow_run, run(cfg_job, inputs, out, **f, **options), inputs)
 
 
 def run_pass(stage: Stage, cfg: dict, layout: Layout, job: dict, group: list[dict], run, cfg_job: dict,

@@ -112,8 +112,11 @@ class Stage:
 
     def command(self, params_file: str, wildcards: dict) -> str:
         """The job's command line, e.g. `spot evaluate --params params.yaml --backbone spot ...`."""
-        flags = "".join(f" --{w} {wildcards[w]}" for w in self.wildcards)
-        return f"spot {self.name} --params {params_file}{flags}"
+        return f"spot {self.name} --params {params_file}{self.flags(wildcards)}"
+
+    def flags(self, wildcards: dict) -> str:
+        """The job's options after `--params`: ' --backbone spot' (empty without wildcards)."""
+        return "".join(f" --{w} {wildcards[w]}" for w in self.wildcards)
 
 
 def lookup(cfg: dict, key: str):

@@ -221,10 +221,12 @@ STAGES = [
           params=lambda cfg, w: ["placement.entropy", "oracle.prior", "eval.batch_size", "eval.knn", "seed", "device"],
           inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True),
     Stage("report", "the paper's tables, plots, pictures and findings", (),
-          params=lambda cfg, w: ["report", "eval.priors", "eval.prior_seeds", "oracle.prior", "backbones"], inputs=report_inputs, jobs=lambda cfg: [{}],
-          output="report", metrics=("metrics",), plots=("plots/accuracy_vs_budget.png", "plots/oracle_steps.png"),
-          files=("tables.md", "tables.html", "findings.md", "findings.html", "results.csv", "results.parquet", "replicates.csv",
-                 "metrics.json", "plots/accuracy_vs_budget.csv", "pictures", "run.json")),
+          params=lambda cfg, w: ["report", "eval.priors", "eval.prior_seeds", "oracle.prior", "backbones"],
+          inputs=report_inputs, jobs=lambda cfg: [{}], output="report", metrics=("metrics",),
+          plots=("plots/accuracy_vs_budget.png", "plots/oracle_steps.png"),
+          files=("tables.md", "tables.html", "findings.md", "findings.html", "findings.csv", "results.csv",
+                 "results.parquet", "replicates.csv", "metrics.json", "plots/accuracy_vs_budget.csv", "pictures",
+                 "run.json")),
 ]
 STAGE = {s.name: s for s in STAGES}
 

@@ -53,6 +53,7 @@ onerror:
     from spot.workflow import tracking
 
     tracking.end_pipeline(config, "FAILED")
+    print(tracking.check(config, PARAMS))  # the jobs whose results did not reach MLflow, if any
 
 
 # After a run, `dvc commit` records the outputs of its jobs in dvc.lock when dvc.yaml was generated
@@ -60,11 +61,9 @@ onerror:
 onsuccess:
     from spot.workflow import tracking
     from spot.workflow.dvc import commit_after_snakemake
-    from spot.workflow.mlflow_run import ui_link
 
     tracking.end_pipeline(config, "FINISHED")  # (Snakemake keeps one onsuccess: MLflow's parent run ends here)
-    if exp := tracking.init(config["name"], tracking.tracking_uri(config)):
-        print(f"MLflow runs: {ui_link(tracking.tracking_uri(config), exp)}")
+    print(tracking.check(config, PARAMS))  # the runs table, or the jobs whose results did not reach MLflow
     print(commit_after_snakemake(PARAMS, [(job.rule.name, job.wildcards_dict) for job in workflow.dag.jobs]))
 
 
@@ -79,6 +78,24 @@ def stage_params(stage, wildcards):
     return stage.param_values(config, stage.typed(wildcards))
 
 
-def stage_command(stage, wildcards):
-    """The job's `spot` command line."""
-    return stage.command(PARAMS, stage.typed(wildcards))
+def stage_flags(stage, wildcards):
+    """The job's options after `--params` (its command line is DVC's, `Stage.command`)."""
+    return stage.flags(stage.typed(wildcards))
+
+
+REPORT_ITEMS = yaml.safe_load((Path(workflow.basedir) / "workflow" / "report" / "items.yaml").read_text())
+
+
+def report_output(stage, name, item):
+    """File `name` of a stage's folder flagged for the report (captions are relative to workflow/rules/)."""
+    return report(
+        f"{LAYOUT.pattern(stage.output)}/{name}",
+        caption=f"../report/{item['caption']}",
+        category=item["category"],
+        labels={"result": item["label"]},
+    )
+
+
+def shown(item):
+    """Whether a report item is written: always, or (`when: <stage>`) when that stage has jobs."""
+    return "when" not in item or bool(STAGE[item["when"]].jobs(config))

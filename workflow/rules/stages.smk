@@ -1,27 +1,11 @@
-import os
-
 # One rule per stage of spot.workflow.table.STAGES: its output is the job folder's run.json (written
 # last; a stage with `each` writes one folder per value), its inputs the run.json of its input
-# folders, its params the config values it reads.
-# Files of its folder listed in workflow/report/items.yaml are outputs too, shown by
+# folders, its params the config values it reads and its command line but the params file (PARAMS in
+# the shell: the rerun trigger is the values a job reads, not the path of the file that holds them).
+# Files of its folder listed in workflow/report/items.yaml are outputs too (`report_output`), shown by
 # `snakemake --report report.html` with their category, label and caption.
 # A failed job's stderr goes to its log; its last line (the `spot ...: error:` line, or a traceback's
 # last) is printed on Snakemake's console too, with the log's path, and the job keeps its exit status.
-REPORT_ITEMS = yaml.safe_load(open(os.path.join(workflow.basedir, "workflow", "report", "items.yaml")))
-
-
-# (a lambda: the report() flag of one file; captions are relative to this file)
-report_output = lambda stage, name, item: report(
-    f"{LAYOUT.pattern(stage.output)}/{name}",
-    caption=f"../report/{item['caption']}",
-    category=item["category"],
-    labels={"result": item["label"]},
-)
-
-
-def shown(item):
-    """Whether a report item is written: always, or (`when: <stage>`) when that stage has jobs."""
-    return "when" not in item or bool(STAGE[item["when"]].jobs(config))
 
 
 for stage in STAGES:
@@ -37,7 +21,8 @@ for stage in STAGES:
         params:
             values=partial(stage_params, stage),
             lock=LOCK,
-            cmd=partial(stage_command, stage),
+            cmd=f"spot {stage.name}",
+            flags=partial(stage_flags, stage),
         threads: stage.threads
         resources:
             gpu=GPU if stage.gpu else 0,
@@ -46,4 +31,4 @@ for stage in STAGES:
         conda:
             "../envs/spot.yaml"
         shell:
-            '{params.cmd} 2> {log} || (s=$?; echo "{log}: $(tail -n 1 {log})" >&2; exit $s)'
+            '{params.cmd} --params {PARAMS}{params.flags} 2> {log} || (s=$?; echo "{log}: $(tail -n 1 {log})" >&2; exit $s)'

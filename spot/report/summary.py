@@ -1,4 +1,5 @@
-"""Analyse: what the collected results say, as tables of numbers (`spot.report.collect` makes them).
+"""The collected results summarised (`spot.report.collect` makes them): the paper's model names, the
+fixed priors, the gap the label-free placements close, and the numbers of metrics.json and the DVC metrics.
 
 `results` has a row per backbone, prior (or label-free method), oracle flag and budget. The fixed
 priors are the rows that are neither SPoT-ON nor a label-free placement.

@@ -1,6 +1,6 @@
 """The reference reader of the shards: every image decoded on the fly with timm's eval geometry, in
-stored order. The decode stage's arrays are tested against it (`spot.data.decoded`), and the
-benchmarks time it beside them. Not part of the package: the stages read the decoded arrays."""
+stored order. The stages read the decode stage's arrays instead (`spot.data.decoded`); the tests check
+those arrays against this reader, and the benchmarks time the two side by side."""
 from __future__ import annotations
 
 import io
