@@ -8,7 +8,7 @@
 # KERNELS="VAR=value ..." sets others. Exit 2 if a claim flips between holds and reversed.
 set -euo pipefail
 params=${1:-params.yaml}
-base=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['root'])" "$params")
+base=$(python -c "import sys; from spot.workflow.config import load_config; print(load_config(sys.argv[1])['root'])" "$params")
 root=${2:-$base-kernels}
 if [ -z "${KERNELS:-}" ]; then
     if grep -qw avx512f /proc/cpuinfo; then
