@@ -53,7 +53,8 @@ def missing(text: str, known_tags: set[str]) -> list[str]:
     """The backticked names and paths of `text` that name nothing."""
     bad = [f"`{p}`" for p in PATH.findall(text) if not (REPO / p).is_file()]
     for name, star in DOTTED.findall(text):
-        ok = any(t.startswith(f"{name}.") for t in known_tags) if star else name in known_tags or resolves(name)
+        ok = any(t.startswith(f"{name}.") for t in known_tags) if star else name in known_tags or resolves(name) \
+            or any(t.endswith(".") and t.count(".") > 1 and name.startswith(t) for t in known_tags)  # f"spot.env.{k}"
         bad += [] if ok else [f"`{name}{star}`"]
     return bad
 
