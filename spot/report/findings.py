@@ -92,13 +92,11 @@ class Claims:
     def level(self, backbone: str, runs: int) -> str:
         return FIXED if backbone in self.fixed_weights else ONE_RUN if runs == 1 else f"{runs} training runs"
 
-    def say(self, case: int, subject: str, backbone: str, runs: int, iv: Interval | None, detail: str = "",
+    def say(self, case: int, subject: str, backbone: str, runs: int, iv: Interval, detail: str = "",
             pair: str = "") -> str:
         """Record the claim and give its line: 'subject: pair +0.7 [-2.0, +3.4] points: not
         distinguishable at n = 1000 (one training run)detail'."""
         level = self.level(backbone, runs)
-        if iv is None:
-            return f"{subject}: no per-image data"
         conf = "" if iv.confidence == 0.95 else f" ({100 * iv.confidence:.1f} % interval)"
         text = (f"{subject}: {pair}{percent_points(iv.value, iv.low, iv.high)} points{conf}: {iv.claim()}"
                 + ("" if runs > 1 else f" ({level})") + detail)
@@ -114,7 +112,8 @@ class Claims:
         return self.say(case, subject, backbone, runs, difference(x["a"], x["b"], **self.options), detail)
 
     def contest(self, case: int, subject: str, backbone: str, group_a, group_b, budget: int) -> str | None:
-        """The best fixed prior of `group_a` against the best of `group_b` (`stats.best_of`)."""
+        """The best of `group_a` against the best of `group_b` (rows of the results by prior or method
+        name, at `budget`; `stats.best_of`). None where one side has no data."""
         getters = {p: (lambda r, p=p: self.correct(r, p, budget)) for p in (*group_a, *group_b)}
         x, runs = self.arrays(backbone, {p: g for p, g in getters.items() if g(backbone) is not None})
         a, b = ({p: x[p] for p in group if p in x} for group in (group_a, group_b))
