@@ -1,5 +1,5 @@
-"""Kills and hostile input through the real engines: a killed Snakemake's plain rerun finishes the
-job, a renamed params file reruns nothing, a deleted folder reruns its job and its consumers, a
+"""Kills and hostile input through the real engines: a killed Snakemake's rerun (README:
+Troubleshooting) finishes the job, a renamed params file reruns nothing, a deleted folder reruns its job and its consumers, a
 params file that is not a mapping stops Snakemake in one line naming it. The jobs are the smoke
 config's cheapest (shard, saliency), in a repository copy, or its whole DAG (`smoke_run`)."""
 import os
@@ -53,8 +53,8 @@ def test_a_deleted_folder_reruns_its_job_and_its_consumers(smoke_run, tmp_path):
 
 def test_after_a_killed_snakemake_the_plain_rerun_finishes_the_job(sharded, tmp_path):
     """kill -9 of Snakemake while its job runs: the job finishes on its own, Snakemake's marker says
-    its output is incomplete. After `snakemake --unlock` (README: Troubleshooting), the plain command
-    reruns the job (the default profile's rerun-incomplete) instead of stopping."""
+    its output is incomplete. After `snakemake --unlock`, the command the README's Troubleshooting
+    names (`--rerun-incomplete`) reruns the job instead of stopping."""
     cwd = tmp_path / "repo"
     shutil.copytree(sharded, cwd, symlinks=True)
     incomplete = cwd / ".snakemake" / "incomplete"
@@ -72,7 +72,7 @@ def test_after_a_killed_snakemake_the_plain_rerun_finishes_the_job(sharded, tmp_
         time.sleep(0.5)
     time.sleep(2)                                  # (its process exits after run.json)
     snakemake(cwd, "--unlock")
-    r = snakemake(cwd, "out/shards/run.json", cores=1)
+    r = snakemake(cwd, "out/shards/run.json", "--rerun-incomplete", cores=1)
     assert "1 of 1 steps (100%) done" in r.stdout + r.stderr, r.stderr[-2000:]
 
 

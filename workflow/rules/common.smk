@@ -1,3 +1,4 @@
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -27,6 +28,9 @@ except (ValueError, FileNotFoundError) as e:
     sys.exit(f"snakemake: error: {e}")
 
 LAYOUT = Layout(config["root"])
+# Jobs read the params file's path from the environment (set here, for local and cluster jobs alike),
+# not from their params or their shell text: the rerun trigger is the values a job reads, not the path.
+os.environ.update(SPOT_PARAMS=PARAMS)
 LOCK = lock_digest(Path(workflow.basedir) / "requirements.lock")  # every job's rerun trigger
 GPU = 1 if config["device"].startswith("cuda") else 0
 

@@ -1,7 +1,7 @@
 # One rule per stage of spot.workflow.table.STAGES: its output is the job folder's run.json (written
 # last; a stage with `each` writes one folder per value), its inputs the run.json of its input
-# folders, its params the config values it reads and its command line but the params file (PARAMS in
-# the shell: the rerun trigger is the values a job reads, not the path of the file that holds them).
+# folders, its params the config values it reads and its command line but the params file ($SPOT_PARAMS in
+# the shell, set in common.smk: the rerun trigger is the values a job reads, not the file's path).
 # Files of its folder listed in workflow/report/items.yaml are outputs too (`report_output`), shown by
 # `snakemake --report report.html` with their category, label and caption.
 # A failed job's stderr goes to its log; its last line (the `spot ...: error:` line, or a traceback's
@@ -31,4 +31,4 @@ for stage in STAGES:
         conda:
             "../envs/spot.yaml"
         shell:
-            '{params.cmd} --params {PARAMS}{params.flags} 2> {log} || (s=$?; echo "{log}: $(tail -n 1 {log})" >&2; exit $s)'
+            '{params.cmd} --params "$SPOT_PARAMS"{params.flags} 2> {log} || (s=$?; echo "{log}: $(tail -n 1 {log})" >&2; exit $s)'
