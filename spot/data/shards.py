@@ -23,7 +23,7 @@ import struct
 import sys
 import tarfile
 from collections import Counter
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 from spot.data.sources import Sample, Unreadable, make_source
-from spot.utils.io import atomic_path, disk_full, no_space, write_json, writing
+from spot.utils.io import atomic_path, disk_full, no_space, remove_temporary, write_json, writing
 from spot.utils.progress import progress
 
 SHARD_NAME = re.compile(r"[A-Za-z0-9-]+-[0-9]{6,}\.tar")      # <split>-NNNNNN.tar
@@ -208,12 +208,19 @@ def _die_with_parent() -> None:
 
 @contextmanager
 def group_writer(workers: int):
-    """A function: jobs -> write_group(*job) for each, in job order; here, or in `workers` processes."""
+    """A function: jobs -> write_group(*job) for each, in job order; here, or in `workers` processes.
+    Its `stop()` ends the writer processes and waits for them."""
     if workers <= 1:
-        yield lambda jobs: map(_write_group, jobs)
+        def write(jobs):
+            return map(_write_group, jobs)
+        write.stop = lambda: None
+        yield write
         return
     with multiprocessing.Pool(workers, initializer=_die_with_parent) as pool:
-        yield lambda jobs: pool.imap(_write_group, jobs)
+        def write(jobs):
+            return pool.imap(_write_group, jobs)
+        write.stop = lambda: (pool.terminate(), pool.join())
+        yield write
 
 
 def default_workers() -> int:
@@ -280,40 +287,40 @@ def write_shards(source: str, root: str | Path, out_dir: str | Path, splits=("tr
                for split in splits}
     check_keys(sources)
     manifest["class_names"] = next(iter(sources.values())).class_names
-    try:
-        return _write_shards(sources, out, manifest, images_per_shard, shard_bytes, workers or default_workers())
-    except Exception:
-        with suppress(RuntimeError), writing(out):  # (the lock again, the pool gone: `writing` removes the
-            pass                                     # .tmp-* files of the writers the pool killed)
-        raise
+    return _write_shards(sources, out, manifest, images_per_shard, shard_bytes, workers or default_workers())
 
 
 def _write_shards(sources: dict, out: Path, manifest: dict, images_per_shard: int, shard_bytes: float,
                   workers: int) -> dict:
     with group_writer(workers) as write_groups, writing(out):  # pool first: no lock in it
-        for split, samples in sources.items():
-            manifest["skipped"] += samples.skipped
-            jobs = ((samples[i:i + images_per_shard], shard_bytes, str(out / f".tmp-{split}-{g:06d}"))
-                    for g, i in enumerate(range(0, len(samples), images_per_shard)))
-            shards, classes = [], Counter()
-            with progress(total=len(samples), desc=f"shard {split}", unit="img") as bar:
-                for group in write_groups(jobs):
-                    for part in group["parts"]:
-                        name = f"{split}-{len(shards):06d}.tar"
-                        os.replace(part["path"], out / name)
-                        shards.append(dict(name=name, count=part["count"], size=part["size"],
-                                           sha256=part["sha256"]))
-                        classes.update(part["classes"])
-                    manifest["skipped"] += group["skipped"]
-                    bar.update(sum(p["count"] for p in group["parts"]) + len(group["skipped"]))
-            empty = [samples.class_names[c] for c in samples.present if not classes[c]]
-            if empty:
-                print(f"warning: {split}: {len(empty)} class folder(s) without an image in the shards: "
-                      f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} (manifest.json: empty_classes)",
-                      file=sys.stderr)
-            manifest["splits"][split] = dict(count=sum(s["count"] for s in shards), shards=shards,
-                                             classes={str(c): n for c, n in sorted(classes.items())},
-                                             empty_classes=empty)
-        remove_unlisted(out, {s["name"] for v in manifest["splits"].values() for s in v["shards"]})
-        write_json(out / "manifest.json", manifest)
+        try:
+            for split, samples in sources.items():
+                manifest["skipped"] += samples.skipped
+                jobs = ((samples[i:i + images_per_shard], shard_bytes, str(out / f".tmp-{split}-{g:06d}"))
+                        for g, i in enumerate(range(0, len(samples), images_per_shard)))
+                shards, classes = [], Counter()
+                with progress(total=len(samples), desc=f"shard {split}", unit="img") as bar:
+                    for group in write_groups(jobs):
+                        for part in group["parts"]:
+                            name = f"{split}-{len(shards):06d}.tar"
+                            os.replace(part["path"], out / name)
+                            shards.append(dict(name=name, count=part["count"], size=part["size"],
+                                               sha256=part["sha256"]))
+                            classes.update(part["classes"])
+                        manifest["skipped"] += group["skipped"]
+                        bar.update(sum(p["count"] for p in group["parts"]) + len(group["skipped"]))
+                empty = [samples.class_names[c] for c in samples.present if not classes[c]]
+                if empty:
+                    print(f"warning: {split}: {len(empty)} class folder(s) without an image in the shards: "
+                          f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} (manifest.json: empty_classes)",
+                          file=sys.stderr)
+                manifest["splits"][split] = dict(count=sum(s["count"] for s in shards), shards=shards,
+                                                 classes={str(c): n for c, n in sorted(classes.items())},
+                                                 empty_classes=empty)
+            remove_unlisted(out, {s["name"] for v in manifest["splits"].values() for s in v["shards"]})
+            write_json(out / "manifest.json", manifest)
+        except BaseException:
+            write_groups.stop()              # every writer gone, the lock still ours: no .tmp-* is left
+            remove_temporary(out)
+            raise
     return manifest
