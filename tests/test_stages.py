@@ -54,11 +54,13 @@ def test_dvc_stages_are_the_jobs_with_their_params_and_commands(path, monkeypatc
 @pytest.mark.parametrize("path", CONFIGS)
 @pytest.mark.stage
 def test_snakemake_runs_the_same_commands_as_dvc(path, tmp_path):
-    """Every job of a dry run is a DVC stage's command (jobs with their logs redirected)."""
+    """Every job of a dry run is a DVC stage's command (jobs with their logs redirected; the params
+    file reaches Snakemake's jobs as $SPOT_PARAMS, which the shell expands to its path)."""
     from tests.conftest import copy_repo
     cwd = copy_repo(tmp_path)
     r = snakemake(cwd, "-n", "-p", config=path)
-    commands = [m.split(" 2> ")[0].strip() for m in re.findall(r"Shell command: (spot .*)$", r.stdout + r.stderr, re.M)]
+    commands = [m.split(" 2> ")[0].strip().replace('"$SPOT_PARAMS"', path)
+                for m in re.findall(r"Shell command: (spot .*)$", r.stdout + r.stderr, re.M)]
     cfg = load_config(cwd / path)
     dvc = [e["cmd"] for e in yaml.safe_load(dvc_yaml(cfg, path) if path != "params.yaml" else
                                             (cwd / "dvc.yaml").read_text())["stages"].values()]
