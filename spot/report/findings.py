@@ -79,15 +79,15 @@ class Claims:
                 return group
         return []
 
-    def arrays(self, backbone: str, getters: dict[str, Getter]) -> tuple[dict[str, np.ndarray], int]:
-        """{name: (runs, n) per-image values on the first getter's image order} over `runs`, and the
-        number of runs ({} if some getter has no data)."""
+    def arrays(self, backbone: str, getters: dict[str, Getter]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """{name: (runs, n) per-image values on the first getter's image order of the first run} over
+        `runs`, and those runs ({}, [] if some getter has no data)."""
         runs = self.runs(backbone, *getters.values())
         if not runs:
-            return {}, 0
+            return {}, []
         first = next(iter(getters.values()))(runs[0])
         out = {k: np.stack([align(ref=first, x=g(r))[1].to_numpy() for r in runs]) for k, g in getters.items()}
-        return out, len(runs)
+        return out, runs
 
     def level(self, backbone: str, runs: int) -> str:
         return FIXED if backbone in self.fixed_weights else ONE_RUN if runs == 1 else f"{runs} training runs"
@@ -109,7 +109,7 @@ class Claims:
         x, runs = self.arrays(backbone, {"a": a, "b": b})
         if not runs:
             return None
-        return self.say(case, subject, backbone, runs, difference(x["a"], x["b"], **self.options), detail)
+        return self.say(case, subject, backbone, len(runs), difference(x["a"], x["b"], **self.options), detail)
 
     def contest(self, case: int, subject: str, backbone: str, group_a, group_b, budget: int) -> str | None:
         """The best of `group_a` against the best of `group_b` (rows of the results by prior or method
@@ -118,7 +118,7 @@ class Claims:
         x, runs = self.arrays(backbone, {p: g for p, g in getters.items() if g(backbone) is not None})
         a, b = ({p: x[p] for p in group if p in x} for group in (group_a, group_b))
         won = best_of(a, b, **self.options) if a and b else None
-        return None if won is None else self.say(case, subject, backbone, runs, won.interval, contest_detail(won),
+        return None if won is None else self.say(case, subject, backbone, len(runs), won.interval, contest_detail(won),
                                                  f"{won.a} vs {won.b} ")
 
 
@@ -196,7 +196,7 @@ def gap_line(c: Claims, backbone: str, method: str, budget: int, start: str) -> 
     x, runs = c.arrays(backbone, getters)
     if not runs:
         return "no SPoT-ON at this budget", None
-    keys = c.correct(c.runs(backbone, *getters.values())[0], fixed[0], budget).index
+    keys = getters[fixed[0]](runs[0]).index             # the image order of the arrays
     choice = best_held_out(pd.DataFrame({p: x[p].mean(axis=0) for p in fixed}, index=keys))
     rest = keys.isin(choice.keys)                   # the images not used to choose
     gap = gap_closed(x["method"][:, rest], x[choice.name][:, rest], x["oracle"][:, rest], **c.options)
