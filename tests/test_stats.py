@@ -280,3 +280,31 @@ def test_over_simulated_recipes_the_crossed_interval_covers_what_one_run_misses(
         half = 1.96 * d[0].std(ddof=1) / np.sqrt(1000)
         single += abs(d[0].mean() - 0.05) <= half
     assert crossed / 300 > 0.85 and single / 300 < 0.7
+
+
+def test_the_run_prior_recovers_the_spread_of_sample_variances():
+    """Sample variances on 2 degrees of freedom of true variances drawn scaled inverse-chi-square(d0 = 8,
+    s0^2 = 4): the moment fit finds about d0 and s0^2; variances that differ only by sampling give d0 =
+    inf; zeros are left out, and fewer than 3 variances give None."""
+    rng = np.random.default_rng(0)
+    true = 8 * 4 / rng.chisquare(8, 4000)
+    prior = stats.run_prior(true * rng.chisquare(2, 4000) / 2, np.full(4000, 2))
+    assert prior.df == pytest.approx(8, rel=0.3) and prior.var == pytest.approx(4, rel=0.1)
+    common = stats.run_prior(4 * rng.chisquare(2, 4000) / 2, np.full(4000, 2))
+    assert common.df > 100 and common.var == pytest.approx(4, rel=0.1)
+    assert stats.run_prior([0.0, 1.0, 2.0], [2, 2, 2]) is None
+
+
+def test_a_prior_keeps_three_agreeing_runs_from_deciding_alone_how_wide_the_interval_is():
+    """Where many claims show runs that scatter by 5 points, three runs that happen to agree still get
+    an interval about as wide as the others', on more degrees of freedom than 2."""
+    rng = np.random.default_rng(1)
+    claims = [runs(0.6 + 0.05 * rng.standard_normal(3), seed=60 + k) - runs([0.55] * 3, seed=90 + k)
+              for k in range(30)]
+    prior = stats.run_prior([stats.crossed_interval(d).run_var for d in claims], [2] * 30)
+    lucky = runs([0.60, 0.601, 0.599], seed=50) - runs([0.55] * 3, seed=51)
+    alone, moderated = stats.crossed_interval(lucky), stats.crossed_interval(lucky, prior=prior)
+    assert moderated.half_width > 1.5 * alone.half_width
+    typical = np.median([stats.crossed_interval(d, prior=prior).half_width for d in claims])
+    assert moderated.half_width == pytest.approx(typical, rel=0.5)
+    assert stats.difference(lucky, np.zeros_like(lucky), prior=prior) == moderated

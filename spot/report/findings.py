@@ -22,6 +22,7 @@ from spot.report.stats import (
     SELECT_FRACTION,
     Contest,
     Interval,
+    RunPrior,
     accuracy_interval,
     align,
     best_held_out,
@@ -30,6 +31,7 @@ from spot.report.stats import (
     gap_closed,
     percent_pm,
     percent_points,
+    run_prior,
 )
 from spot.report.summary import fixed_priors, model_name
 
@@ -58,13 +60,15 @@ class Claim:
 
 class Claims:
     """The comparisons of one run: per-image evidence `ev`, `replicas` (backbone -> it and its
-    replicates), `fixed` (backbones of fetched weights) and the bootstrap `options` (seed, resamples)."""
+    replicates), `fixed` (backbones of fetched weights), the bootstrap `options` (seed, resamples) and
+    the `prior` of the runs' spread that every claim over training runs is moderated by."""
 
     def __init__(self, results: pd.DataFrame, ev: Evidence, replicas: dict[str, list[str]], fixed: set[str],
-                 options: dict):
+                 options: dict, prior: RunPrior | None = None):
         self.results, self.ev, self.replicas, self.fixed_weights, self.options = results, ev, replicas, fixed, options
-        self.fixed = fixed_priors(results)
+        self.prior, self.fixed = prior, fixed_priors(results)
         self.made: list[Claim] = []
+        self.spreads: list[tuple[float, int]] = []     # (variance of the run means, runs - 1) per claim over runs
 
     def correct(self, backbone: str, prior: str, budget: int, column: str = "correct", oracle: bool = False):
         row = self.ev.row(backbone, prior, budget, oracle)
@@ -97,6 +101,8 @@ class Claims:
         """Record the claim and give its line: 'subject: pair +0.7 [-2.0, +3.4] points: not
         distinguishable at n = 1000 (one training run)detail'."""
         level = self.level(backbone, runs)
+        if runs > 1:
+            self.spreads.append((iv.run_var, runs - 1))
         conf = "" if iv.confidence == 0.95 else f" ({100 * iv.confidence:.1f} % interval)"
         text = (f"{subject}: {pair}{percent_points(iv.value, iv.low, iv.high)} points{conf}: {iv.claim()}"
                 + ("" if runs > 1 else f" ({level})") + detail)
@@ -109,7 +115,8 @@ class Claims:
         x, runs = self.arrays(backbone, {"a": a, "b": b})
         if not runs:
             return None
-        return self.say(case, subject, backbone, len(runs), difference(x["a"], x["b"], **self.options), detail)
+        return self.say(case, subject, backbone, len(runs), difference(x["a"], x["b"], prior=self.prior, **self.options),
+                        detail)
 
     def contest(self, case: int, subject: str, backbone: str, group_a, group_b, budget: int) -> str | None:
         """The best of `group_a` against the best of `group_b` (rows of the results by prior or method
@@ -117,7 +124,7 @@ class Claims:
         getters = {p: (lambda r, p=p: self.correct(r, p, budget)) for p in (*group_a, *group_b)}
         x, runs = self.arrays(backbone, {p: g for p, g in getters.items() if g(backbone) is not None})
         a, b = ({p: x[p] for p in group if p in x} for group in (group_a, group_b))
-        won = best_of(a, b, **self.options) if a and b else None
+        won = best_of(a, b, prior=self.prior, **self.options) if a and b else None
         return None if won is None else self.say(case, subject, backbone, len(runs), won.interval, contest_detail(won),
                                                  f"{won.a} vs {won.b} ")
 
@@ -245,17 +252,30 @@ def label_free(c: Claims, start: str) -> list[str]:
     return [x for x in lines if x]
 
 
+def describe(prior: RunPrior) -> str:
+    """The prior in words: 'a run sd of 2.5 points, worth 4.6 runs' degrees of freedom'."""
+    df = "infinitely many (one spread for all claims)" if np.isinf(prior.df) else f"{prior.df:.1f}"
+    return f"a run sd of {100 * np.sqrt(prior.var):.1f} points, worth {df} degrees of freedom"
+
+
 def findings(results: pd.DataFrame, ev: Evidence, replicas: dict[str, list[str]] | None = None, *,
              fixed: set[str] = frozenset(), start: str = "isotropic", **options) -> tuple[str, pd.DataFrame]:
     """findings.md and a row per claim (`Claim`): every claim of the collected `results` as a paired
     comparison on the per-image evidence `ev`. `replicas`: each reported backbone -> it and its
     replicates (default: every backbone of `results`, alone); `fixed`: backbones of fetched weights;
-    `start`: oracle.prior; `options`: seed, resamples of the bootstrap over one network's images."""
+    `start`: oracle.prior; `options`: seed, resamples of the bootstrap over one network's images.
+    The claims are made twice: the first time tells how the runs of this report spread
+    (`stats.run_prior` of every claim over runs), the second moderates each claim's spread by it."""
     replicas = replicas or {b: [b] for b in results.backbone.unique()}
-    c = Claims(results, ev, replicas, set(fixed), options)
-    budgets = sorted(c.fixed.budget.unique())
-    comparisons = dict(off_grid=off_grid(c, budgets), object_centric=object_centric(c, budgets), oracle=oracle(c),
+
+    def made(prior: RunPrior | None) -> tuple[Claims, dict[str, list[str]]]:
+        c = Claims(results, ev, replicas, set(fixed), options, prior)
+        budgets = sorted(c.fixed.budget.unique())
+        return c, dict(off_grid=off_grid(c, budgets), object_centric=object_centric(c, budgets), oracle=oracle(c),
                        transfers=[x for x in transfers(c, start) if x], label_free=label_free(c, start))
-    text = render("findings.md.j2", fraction=SELECT_FRACTION, count=len(c.made),
+    first, _ = made(None)
+    prior = run_prior(*zip(*first.spreads)) if first.spreads else None
+    c, comparisons = made(prior)
+    text = render("findings.md.j2", fraction=SELECT_FRACTION, count=len(c.made), prior=prior and describe(prior),
                   recipes=sum(not x.level.startswith(("one", "fixed")) for x in c.made), **comparisons)
     return text, pd.DataFrame([asdict(x) for x in c.made], columns=list(Claim.__dataclass_fields__))

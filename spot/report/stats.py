@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
 
 VERDICTS = ("holds", "reversed", "not distinguishable")
 BATCH_BYTES = 1 << 26            # memory of the resampled copies of the data held at once (64 MiB)
@@ -34,13 +34,15 @@ SELECT_SALT = b"spot-best-prior"  # personalises the key hash of `selection_slic
 class Interval:
     """A statistic of `n` images (a mean, a difference of means, a ratio of them) and its interval
     [`low`, `high`]: floats, or arrays (...,) for stacked cells; `runs` training runs (1: the images
-    of one network, bootstrapped; more: `crossed_interval`) and the interval's `confidence`."""
+    of one network, bootstrapped; more: `crossed_interval`), the interval's `confidence` and, over
+    runs, `run_var`: the sample variance of the run means (before any `RunPrior`)."""
     value: float | np.ndarray
     low: float | np.ndarray
     high: float | np.ndarray
     n: int
     runs: int = 1
     confidence: float = 0.95
+    run_var: float = np.nan
 
     @property
     def half_width(self) -> float | np.ndarray:
@@ -82,7 +84,46 @@ def bootstrap(samples: Sequence, statistic: Callable, *, confidence: float = 0.9
     return Interval(_plain(statistic(*samples, axis=-1)), _plain(ci.low), _plain(ci.high), n, 1, confidence)
 
 
-def crossed_interval(cells, *, confidence: float = 0.95) -> Interval:
+@dataclass(frozen=True)
+class RunPrior:
+    """What the report's claims say together about the spread of a recipe's runs: the sample variances
+    of run means are scaled inverse-chi-square around `var` with `df` degrees of freedom (`run_prior`;
+    inf: one common variance). `crossed_interval` moderates a claim's own variance with it."""
+    df: float
+    var: float
+
+
+def run_prior(variances, df) -> RunPrior | None:
+    """The prior of `RunPrior` fitted by moments to sample variances (k,) on `df` (k,) degrees of freedom
+    each (Smyth 2004, limma's `fitFDist` without covariates): log s^2 has mean log s0^2 + digamma(d/2) -
+    log(d/2) - digamma(d0/2) + log(d0/2) and variance trigamma(d/2) + trigamma(d0/2). Zero variances
+    (identical runs) tell nothing and are left out; None with fewer than 3 left."""
+    s2, d = np.asarray(variances, dtype=float), np.asarray(df, dtype=float)
+    keep = s2 > 0
+    s2, d = s2[keep], d[keep]
+    if len(s2) < 3:
+        return None
+    e = np.log(s2) - special.digamma(d / 2) + np.log(d / 2)
+    spread = e.var(ddof=1) - special.polygamma(1, d / 2).mean()
+    if spread <= 0:                                   # no more spread than sampling gives: one variance
+        return RunPrior(np.inf, float(np.exp(e.mean())))
+    d0 = 2 * _trigamma_inverse(spread)
+    return RunPrior(float(d0), float(np.exp(e.mean() + special.digamma(d0 / 2) - np.log(d0 / 2))))
+
+
+def _trigamma_inverse(y: float) -> float:
+    """x with trigamma(x) = y > 0, by Newton's method from 0.5 + 1 / y (as limma's `trigammaInverse`)."""
+    x = 0.5 + 1 / y
+    for _ in range(50):
+        tri = special.polygamma(1, x)
+        step = tri * (1 - tri / y) / special.polygamma(2, x)
+        x += step
+        if -step / x < 1e-8:
+            break
+    return float(x)
+
+
+def crossed_interval(cells, *, confidence: float = 0.95, prior: RunPrior | None = None) -> Interval:
     """The mean of `cells` ((r, n): r >= 2 training runs, each evaluated on the same n images; e.g.
     per-image paired differences) with a random-effects t interval over runs and images.
 
@@ -90,26 +131,32 @@ def crossed_interval(cells, *, confidence: float = 0.95) -> Interval:
     var(run means) / r + var(image means) / n (each over-counts the noise by its share, so the sum is
     conservative by noise / (r n)), with Welch-Satterthwaite's degrees of freedom: about r - 1 where
     the runs' spread dominates (a t quantile of 4.30 at 3 runs), about n - 1 where the images' does.
-    A zero variance gives a zero-width interval."""
+    With a `prior` (`run_prior` of many claims) var(run means) is moderated: (d0 s0^2 + (r - 1) s^2) /
+    (d0 + r - 1) on d0 + r - 1 degrees of freedom (Smyth 2004), so 3 runs do not decide alone how
+    wide the interval is. A zero variance gives a zero-width interval."""
     d = np.asarray(cells, dtype=float)
     if d.ndim != 2 or min(d.shape) < 2:
         raise ValueError(f"crossed_interval: cells need shape (runs >= 2, images >= 2), got {d.shape}")
     r, n = d.shape
-    v_runs, v_images = d.mean(axis=1).var(ddof=1) / r, d.mean(axis=0).var(ddof=1) / n
+    s2, df_runs = d.mean(axis=1).var(ddof=1), r - 1
+    if prior is not None and s2 > 0:
+        s2, df_runs = ((prior.var, np.inf) if np.isinf(prior.df)
+                       else ((prior.df * prior.var + df_runs * s2) / (prior.df + df_runs), prior.df + df_runs))
+    v_runs, v_images = s2 / r, d.mean(axis=0).var(ddof=1) / n
     v = v_runs + v_images
-    df = v**2 / (v_runs**2 / (r - 1) + v_images**2 / (n - 1)) if v > 0 else np.inf
+    df = v**2 / (v_runs**2 / df_runs + v_images**2 / (n - 1)) if v > 0 else np.inf
     half = stats.t.ppf((1 + confidence) / 2, df) * np.sqrt(v)
     mean = float(d.mean())
-    return Interval(mean, mean - half, mean + half, n, r, confidence)
+    return Interval(mean, mean - half, mean + half, n, r, confidence, d.mean(axis=1).var(ddof=1))
 
 
-def difference(a, b, *, confidence: float = 0.95, **options) -> Interval:
+def difference(a, b, *, confidence: float = 0.95, prior: RunPrior | None = None, **options) -> Interval:
     """mean(a) - mean(b) on the same images: (n,) per image (one network: `paired_difference`), or
-    (r, n) per training run and image, r >= 2 (`crossed_interval` of the differences). `options`:
-    the bootstrap's (seed, resamples) for one network."""
+    (r, n) per training run and image, r >= 2 (`crossed_interval` of the differences, moderated by
+    `prior`). `options`: the bootstrap's (seed, resamples) for one network."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.ndim == 2 and len(a) > 1:
-        return crossed_interval(a - b, confidence=confidence)
+        return crossed_interval(a - b, confidence=confidence, prior=prior)
     return paired_difference(a.reshape(-1), b.reshape(-1), confidence=confidence, **options)
 
 
