@@ -31,3 +31,11 @@ def test_commands_start_as_root_without_sudo_under_set_e(tmp_path):
         done = subprocess.run(["/bin/bash", "-euo", "pipefail", "-c", f'{prefix} echo "sudo=[$S]"'],
                               env={"PATH": str(tmp_path)}, capture_output=True, text=True)
         assert done.returncode == 0 and done.stdout == "sudo=[]\n", (prefix, done.stderr)
+
+
+def test_the_readme_stays_short_and_its_links_resolve():
+    """At most 300 lines, depth in docs/; every relative link names a file of the repository."""
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    links = re.findall(r"\]\(((?!https?:|#)[^)#]+)", text)
+    assert links and [x for x in links if not (REPO / x).exists()] == []
