@@ -4,11 +4,13 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 from matplotlib.colors import to_hex
 
 from spot.report.evidence import Evidence, with_intervals
 from spot.report.findings import findings
 from spot.report.plots import plot_budgets
+from spot.report.stats import crossed_interval, run_prior
 from spot.report.summary import metric_rows
 from spot.report.tables import paper_table
 
@@ -151,3 +153,27 @@ def test_every_series_of_the_budget_plot_has_its_own_colour_and_marker(tmp_path)
         assert len({c for c, _ in style.values()}) == len({m for _, m in style.values()}) == 12, style
         styles.append(style)
     assert styles[0] == styles[1] and [ax.get_title() for ax in fig.axes[:2]] == ["b", "a"]
+
+
+def test_claims_over_runs_are_moderated_by_the_spread_of_all_of_them():
+    """Five claims over 3 runs: findings.md states the prior fitted to their run spreads, and a claim's
+    interval is its crossed interval under that prior, not under its own 3 runs alone."""
+    rng = np.random.default_rng(3)
+    cells = {}
+    for b in ("b", "b-s1", "b-s2"):
+        for n in (4, 16, 49):
+            cells[b, "grid", False, n] = 0.5
+            cells[b, "sobol", False, n] = 0.6 + 0.03 * rng.standard_normal()
+            cells[b, "center", False, n] = 0.55 + 0.03 * rng.standard_normal()
+    df, ev = evidence(cells)
+    text, claims = findings(df, ev, {"b": ["b", "b-s1", "b-s2"]}, seed=0, resamples=1000)
+    assert "each claim's spread over runs is moderated by what all of them show together: a run sd of" in text
+    per_run = {(p, n): np.stack([ev.row(r, p, n)["correct"] for r in ("b", "b-s1", "b-s2")])
+               for p in ("grid", "sobol", "center") for n in (4, 16, 49)}
+    own = [crossed_interval(per_run["sobol", n] - per_run["grid", n]) for n in (4, 16, 49)]
+    own += [crossed_interval(per_run["center", n] - per_run["sobol", n]) for n in (4, 49)]
+    prior = run_prior([iv.run_var for iv in own], [2] * 5)
+    line = claims[claims.subject == "b, 16 tokens: best off-grid prior vs grid"].iloc[0]
+    moderated = crossed_interval(per_run["sobol", 16] - per_run["grid", 16], confidence=line.confidence, prior=prior)
+    assert (line.low, line.high) == pytest.approx((moderated.low, moderated.high))
+    assert (line.low, line.high) != pytest.approx((own[1].low, own[1].high), abs=1e-4)
