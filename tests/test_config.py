@@ -118,13 +118,15 @@ def test_retired_keys_point_to_what_replaced_them(tmp_path, capsys, old, value, 
 def test_seeds_plan_a_replicate_per_seed_with_its_own_jobs(tmp_path):
     """params.yaml's `backbones.spot.seeds: [0, 1, 2]`: spot trains with seed 0, spot-s1 and spot-s2
     with 1 and 2, each with its own backbone, evaluate and oracle jobs and label-free placement at
-    replicates.placement_budgets only; transfers, analyses and placer transfers leave replicates out;
+    replicates.placement_budgets only; transfers and placer transfers reach each replicate from the
+    other recipes' runs of the same draw (none with replicates.transfers: false); analyses leave them out;
     DVC watches the key the params file spells (backbones.spot). Every default backbone has 3 seeds:
     the findings speak of trained backbones only at the level of their training runs."""
     from collections import Counter
 
     from spot.workflow.dvc import dvc_yaml
-    from spot.workflow.table import all_jobs
+    from spot.workflow.layout import Layout
+    from spot.workflow.table import STAGE, all_jobs
     cfg = load_config(REPO / "params.yaml")
     assert DEFAULT["backbones"]["spot"]["seeds"] == [0, 1, 2]
     assert {b: (s["seed"], s["replicate_of"]) for b, s in cfg["backbones"].items() if s.get("replicate_of")} == \
@@ -136,7 +138,18 @@ def test_seeds_plan_a_replicate_per_seed_with_its_own_jobs(tmp_path):
         assert jobs[name, "spot-s1"] == jobs[name, "spot-s2"] == jobs[name, "spot"] == 1
     for name in ("learned", "placer", "entropy"):
         assert jobs[name, "spot"] == len(cfg["placement"]["budgets"]) and jobs[name, "spot-s1"] == 1
-    assert not {"spot-s1", "spot-s2"} & {b for (name, b) in jobs if name in ("transfer", "analyze", "placer-transfer")}
+    assert not {"spot-s1", "spot-s2"} & {b for (name, b) in jobs if name == "analyze"}
+    assert jobs["transfer", "spot-s1"] == 1 and jobs["placer-transfer", "spot-s2"] == 2
+    pairs = {(w["src"], w["dst"]) for s, w in all_jobs(cfg) if s.name == "placer-transfer"}
+    assert ("spot", "spot-small-s3") in pairs and ("spot", "spot-s1") not in pairs
+    transfer = STAGE["transfer"]
+    src_run = transfer.input_folders(cfg, Layout("out"), {"dst": "spot-small-s3", "src": "spot", "budget": 4})["oracle"]
+    assert src_run == Layout("out")("oracle", backbone="spot-s2", budget=4)          # the third run of each
+    alone = copy.deepcopy(DEFAULT)
+    alone["replicates"]["transfers"] = False
+    (tmp_path / "alone.yaml").write_text(yaml.safe_dump(alone))
+    cut = load_config(tmp_path / "alone.yaml")
+    assert not {"spot-s1", "spot-small-s2"} & {w.get("dst") for s, w in all_jobs(cut) if s.name.endswith("transfer")}
     stages = yaml.safe_load(dvc_yaml(cfg))["stages"]
     assert stages["backbone_spot-s2"]["params"] == sorted(["backbones.spot", "device", "seed", "train"])
     both = copy.deepcopy(DEFAULT)

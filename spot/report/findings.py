@@ -187,10 +187,11 @@ def oracle(c: Claims) -> list[str]:
 
 
 def transfers(c: Claims, start: str) -> list[str]:
-    """Case study 4: another backbone's oracle placements against the destination's own start prior."""
+    """Case study 4: another backbone's oracle placements against the destination's own start prior,
+    over the destination's runs (each with the source's run of the same draw, where replicates transfer)."""
     return [c.compare(4, f"{src} -> {dst}, N={n}: {src}'s oracle placements vs {dst}'s {start} prior", dst,
-                      lambda r, t=t: t if r == dst else None, lambda r, n=n: c.correct(r, start, n))
-            for (src, dst, n), t in c.ev.transfer.items()]
+                      lambda r, k=(src, n): c.ev.transfer.get((k[0], r, k[1])), lambda r, n=n: c.correct(r, start, n))
+            for src, dst, n in c.ev.transfer if dst in c.replicas]
 
 
 def gap_line(c: Claims, backbone: str, method: str, budget: int, start: str) -> tuple[str, Interval | None]:
@@ -246,9 +247,10 @@ def label_free(c: Claims, start: str) -> list[str]:
         lines.append(f"closes >= 30% of the gap at <= 25% extra FLOPs, {n} tokens (holds: the whole interval is above "
                      f"30%; not shown: it holds 30%; fails: below; no gap: SPoT-ON does not beat the prior): "
                      + ", ".join(verdicts))
-    for (src, dst, n), t in c.ev.placer_transfer.items():
+    for src, dst, n in [k for k in c.ev.placer_transfer if k[1] in c.replicas]:
         lines.append(c.compare(5, f"placer transfer {src} -> {dst}, N={n}: {src}'s placer vs {dst}'s own", dst,
-                               lambda r, t=t: t if r == dst else None, lambda r, n=n: c.correct(r, "placer", n)))
+                               lambda r, k=(src, n): c.ev.placer_transfer.get((k[0], r, k[1])),
+                               lambda r, n=n: c.correct(r, "placer", n)))
     return [x for x in lines if x]
 
 

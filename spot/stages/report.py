@@ -46,6 +46,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
     gaps, ptrans = gap_closed(results), placer_transfers(inputs, order)
+    trans, ptrans = (t[~t.dst.isin(list(replicate_of))] if len(t) else t for t in (trans, ptrans))  # tables: first runs
     tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()], reps)
     fixed = {b for b, s in specs.items() if s["make"] == "fetch"}
     found, claims = findings(results, ev, replicas, fixed=fixed, start=cfg["oracle"]["prior"], **options)

@@ -16,7 +16,7 @@ from pathlib import Path
 from spot.data.geometry import GEOMETRY, geometry_name, overlay
 from spot.methods import LABEL_FREE
 from spot.utils.io import read_json, write_json
-from spot.workflow.config import primaries
+from spot.workflow.config import paired_runs, primaries, same_draw
 from spot.workflow.stage import Stage, lookup, product
 
 
@@ -113,11 +113,13 @@ def placement_jobs(method):
 
 
 def placer_transfers(cfg) -> list[dict]:
-    """Every ordered pair of different backbones, replicates left out (each at `placement.transfer`),
-    if placers run."""
+    """Every ordered pair of a primary backbone `src` and a backbone `dst` of another recipe that
+    transfers reach (`paired_runs`; src's placer of dst's draw: `same_draw`), each at
+    `placement.transfer`, if placers run."""
     if "placer" not in cfg["placement"]["methods"] or not cfg["placement"]["transfer"]:
         return []
-    return [j for j in product(src=primaries(cfg), dst=primaries(cfg)) if j["src"] != j["dst"]]
+    return [j for j in product(src=primaries(cfg), dst=paired_runs(cfg))
+            if j["src"] != (cfg["backbones"][j["dst"]].get("replicate_of") or j["dst"])]
 
 
 def model_inputs(cfg, w):
@@ -187,12 +189,13 @@ STAGES = [
                                  "eval": eval_of(cfg, w["backbone"], w["budget"])},
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
           output="oracle", **ORACLE_BUDGETS),
-    Stage("transfer", "every backbone's oracle placements evaluated on --dst", ("dst",),
+    Stage("transfer", "every recipe's oracle placements (its run of --dst's draw) evaluated on --dst", ("dst",),
           params=lambda cfg, w: ["oracle.prior", "eval.batch_size", "device"],
-          inputs=lambda cfg, w: {"oracle": ("oracle", {"backbone": w["src"], "budget": w["budget"]}),
+          inputs=lambda cfg, w: {"oracle": ("oracle", {"backbone": same_draw(cfg, w["src"], w["dst"]),
+                                                       "budget": w["budget"]}),
                                  "eval": eval_of(cfg, w["dst"], w["budget"]),
                                  "backbone": ("backbone", {"backbone": w["dst"]}), "decoded": decoded(cfg, w["dst"])},
-          jobs=lambda cfg: product(dst=primaries(cfg)), output="transfer", gpu=True, each=("src", "budget"),
+          jobs=lambda cfg: product(dst=paired_runs(cfg)), output="transfer", gpu=True, each=("src", "budget"),
           values=lambda cfg: product(src=primaries(cfg), budget=cfg["transfer"]["budgets"])),
     Stage("analyze", "saliency under the oracle positions, trajectory pictures", ("backbone",),
           params=lambda cfg, w: ["report.pictures"],
@@ -210,10 +213,11 @@ STAGES = [
           inputs=lambda cfg, w: model_inputs(cfg, w) | ({"learned": ("learned", w)}
                                                         if cfg["placement"]["placer"]["init"] == "learned" else {}),
           jobs=placement_jobs("placer"), output="placer", gpu=True),
-    Stage("placer-transfer", "the placer of --src placing the tokens of --dst",
+    Stage("placer-transfer", "the placer of --src (its run of --dst's draw) placing the tokens of --dst",
           ("src", "dst"),
           params=lambda cfg, w: ["eval.batch_size", "eval.knn", "device"],
-          inputs=lambda cfg, w: {"placer": ("placer", {"backbone": w["src"], "budget": w["budget"]}),
+          inputs=lambda cfg, w: {"placer": ("placer", {"backbone": same_draw(cfg, w["src"], w["dst"]),
+                                                       "budget": w["budget"]}),
                                  "own": ("placer", {"backbone": w["dst"], "budget": w["budget"]}),
                                  **model_inputs(cfg, {"backbone": w["dst"]})},
           jobs=placer_transfers, output="placer-transfer", gpu=True, **covering(budget="placement.transfer")),
