@@ -76,7 +76,7 @@ class Claims:
 
     def runs(self, backbone: str, *getters: Getter) -> list[str]:
         """The training runs of `backbone` that every getter has data of: all its replicas, else the
-        backbone alone (e.g. transfers, which replicates do not run), else none."""
+        backbone alone (e.g. a transfer that replicates do not run), else none."""
         names = self.replicas.get(backbone, [backbone])
         for group in (names, names[:1]):
             if all(g(r) is not None for g in getters for r in group):
