@@ -4,7 +4,8 @@
 # Installs from requirements.lock into a new virtual environment .venv-gpu (CPython 3.11), then runs
 # the model, tokenizer and oracle tests on the GPU, bench_launches, bench_core (batch 256, bf16) and
 # bench_pipeline at the size of one SPoT-ON part of config/imagenet.yaml, with its GPU-hour estimate.
-# Last, the GPU each of 2 jobs per GPU used (benchmarks/gpu_slots.py: the slot and PCI bus from its run.json).
+# Then ToMe r = 13 on AugReg ViT-B/16 against the ToMe paper (benchmarks/bench_tome.py; skipped without
+# ImageNet val or the weights). Last, the GPU each of 2 jobs per GPU used (benchmarks/gpu_slots.py: the slot and PCI bus from its run.json).
 # Writes $OUT (default out/bench): the benchmarks' JSON, environment.json (spot.utils.environment), the log.
 # A machine without the registry but with torch installed: SPOT_SYSTEM_TORCH=1 keeps its torch and
 # installs the other packages from the wheels in $SPOT_WHEELS (default .whl/), without the lock.
@@ -43,6 +44,10 @@ python3 -m benchmarks.bench_launches --device "$DEVICE" --model "$model"
 python3 -m benchmarks.bench_core --device "$DEVICE" --model "$model" --batch "$batch"
 python3 -m benchmarks.bench_pipeline --device "$DEVICE" --model "$model" --batch "$batch" "${size[@]}" \
     --estimate config/imagenet.yaml
+# ToMe r = 13 on timm's AugReg ViT-B/16 against the paper (84.57 -> 82.60 %), when ImageNet val
+# (IMAGENET_VAL) and the weights (the Hugging Face cache, or TOME_CHECKPOINT) are at hand; else it says so.
+[ "$DEVICE" = cpu ] || python3 -m benchmarks.bench_tome --val "${IMAGENET_VAL:-/datasets/imagenet/val}" \
+    ${TOME_CHECKPOINT:+--checkpoint "$TOME_CHECKPOINT"}
 [ "$OUT" = out/bench ] || cp out/bench/*.json "$OUT"/
 # Which GPU each job used: twice as many jobs as GPUs take GPU slots at once (spot.workflow.gpus), a
 # line per job's run.json. (A pipeline's: python3 -m benchmarks.gpu_slots --root out-imagenet)

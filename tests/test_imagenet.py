@@ -117,6 +117,11 @@ def test_imagenet_config_rehearsal(tmp_path):
         assert recorded[b]["data_config_from"] == {"timm": cfg["backbones"][b]["model"], "params": {}}
     assert sorted(p.name for p in (out / "decoded").iterdir()) == ["64x64-bicubic-crop0.875-center",
                                                                   "64x64-bicubic-crop0.9-center"]
+    for b in cfg["backbones"]:                          # the frontier: every method planned on every backbone
+        matches = json.loads((out / "reduction" / b / "metrics.json").read_text())["matches"]
+        assert {m["method"] for m in matches} == set(cfg["reduction"]["methods"])
+    assert "## Accuracy at matched FLOPs" in (out / "report" / "tables.md").read_text()
+    assert (out / "report" / "plots" / "frontier.png").is_file()
     tables = (out / "report" / "tables.md").read_text()
     assert [tables.index(f"## Backbone: {b}") for b in cfg["backbones"]] == sorted(
         tables.index(f"## Backbone: {b}") for b in cfg["backbones"])

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spot.core.cost import vit_flops
 from spot.core.model import SPoTViT
 from spot.methods.merging import merge_schedule, tome_flops
 from spot.methods.pruning import evit_flops
 from spot.methods.resolution import grid_for, low_res_flops
 
-METHODS = ("tome", "evit", "lowres")
+METHODS = ("tome", "evit", "lowres", "drop")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class Match:
     """The setting of `method` nearest `target` FLOPs per image, and whether it is within tolerance.
 
     setting: tome, the per-block merge counts; evit, the keep rate at `block`; lowres, the token count
-    (of the grid `grid_for` gives). cheapest: the method's least FLOPs on this model."""
+    (of the grid `grid_for` gives); drop, the patch tokens kept (random drop: the grid prior).
+    cheapest: the method's least FLOPs on this model."""
     method: str
     target: float
     setting: list[int] | float | int
@@ -43,7 +45,8 @@ def ladder(model: SPoTViT, method: str, block: int = 0) -> list[tuple[object, in
     tome: r + 1 merges in the first m blocks and r in the rest, r = 0, 1, ... and m = 0..depth - 1
     (clipped schedules that repeat are left out); evit: keep rate j / T at `block`, j = T..0 but T - 1
     (which fuses one token into one, at the cost of the class attention);
-    lowres: n = T..1 tokens, where `grid_for` gives a grid of exactly n."""
+    lowres: n = T..1 tokens, where `grid_for` gives a grid of exactly n; drop: n = T..1 random patches
+    (the plain ViT on n tokens, SPoT's own cost at n)."""
     depth, T = len(model.vit.blocks), model.num_tokens
     if method == "tome":
         schedules, seen = [], set()
@@ -61,6 +64,8 @@ def ladder(model: SPoTViT, method: str, block: int = 0) -> list[tuple[object, in
     if method == "lowres":
         exact = [n for n in range(T, 0, -1) if grid_for(model, n)[0] * grid_for(model, n)[1] == n]
         return [(n, low_res_flops(model, n)) for n in exact]
+    if method == "drop":
+        return [(n, vit_flops(model.vit, n)) for n in range(T, 0, -1)]
     raise ValueError(f"unknown reduction method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -70,3 +75,47 @@ def match_flops(model: SPoTViT, method: str, target: float, tol: float = 0.02, b
     rungs = ladder(model, method, block)
     setting, flops = min(rungs, key=lambda t: abs(t[1] - target))
     return Match(method, target, setting, flops, min(f for _, f in rungs), abs(flops / target - 1) <= tol)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One setting of a reduction method to evaluate: `name` (unique per method and setting, e.g.
+    'tome r=2,1,1,0'), its FLOPs per image, and the SPoT budgets whose FLOPs it matches."""
+    method: str
+    setting: list[int] | float | int
+    flops: int
+    budgets: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        s = self.setting
+        return f"{self.method} " + {"tome": lambda: "r=" + ",".join(map(str, s)), "evit": lambda: f"keep={s:.4g}",
+                                    "lowres": lambda: f"n={s}", "drop": lambda: f"n={s}"}[self.method]()
+
+
+def plan(model: SPoTViT, budgets, methods=METHODS, sweep: int = 0, tol: float = 0.02, block: int = 0
+         ) -> tuple[list[Point], list[Match]]:
+    """The settings to evaluate and the matches behind them. For each method: its setting nearest the
+    FLOPs of SPoT at each of `budgets` tokens (`vit_flops`), kept where within ±tol (`match_flops`), and
+    `sweep` more rungs of its ladder, nearest to FLOPs spread evenly from its full cost down to its
+    cheapest (the last one; so each method draws a curve to its floor); duplicates merged. Returns
+    (points, matches: one per method and budget, in that order, reachable or not)."""
+    points: dict[tuple, Point] = {}
+    matches = []
+    for method in methods:
+        rungs = ladder(model, method, block)
+        full, cheapest = rungs[0][1], min(f for _, f in rungs)
+        chosen: dict[int, tuple] = {}
+        for n in budgets:
+            m = match_flops(model, method, vit_flops(model.vit, n), tol, block)
+            matches.append(m)
+            if m.reachable:
+                chosen.setdefault(rungs.index((m.setting, m.flops)), ())
+                chosen[rungs.index((m.setting, m.flops))] += (n,)
+        for i in range(1, sweep + 1):
+            target = full - (full - cheapest) * i / sweep
+            chosen.setdefault(min(range(len(rungs)), key=lambda j: abs(rungs[j][1] - target)), ())
+        for j, ns in sorted(chosen.items()):
+            setting, flops = rungs[j]
+            points[method, str(setting)] = Point(method, setting, flops, tuple(sorted(ns)))
+    return list(points.values()), matches

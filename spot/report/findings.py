@@ -260,8 +260,47 @@ def describe(prior: RunPrior) -> str:
     return f"a run sd of {100 * np.sqrt(prior.var):.1f} points, worth {df} degrees of freedom"
 
 
+def frontier(c: Claims, matches: pd.DataFrame | None, budget_flops: dict, tol: float = 0.02) -> list[str]:
+    """Case study 6: at each budget, the best label-free SPoT method (a fixed off-grid prior, or a
+    label-free placement whose FLOPs are within +tol of the budget's) against the best token-reduction
+    baseline whose setting lands within ±tol of that compute (`matches` of stage reduction; random drop
+    is the grid prior), paired on the same images (`Claims.contest`, over training runs where the
+    backbone has replicates). A method that reaches no setting there is named unreachable with the
+    distance of its cheapest setting, and a budget no baseline reaches is stated as such."""
+    if matches is None or matches.empty:
+        return []
+    names = {"tome": "ToMe", "evit": "EViT", "lowres": "low resolution", "drop": "random drop"}
+    lines = []
+    for b in c.replicas:
+        mine = matches[matches.backbone == b]
+        for n in sorted(mine.budget.unique()):
+            at = mine[mine.budget == n]
+            flops = budget_flops.get((b, int(n)))
+            where = f"{b}, {n} tokens ({flops / 1e6:.2f} MFLOPs)" if flops else f"{b}, {n} tokens"
+            off = "; unreachable at this compute: " + ", ".join(
+                f"{names.get(r.method, r.method)} (cheapest {100 * (r.cheapest / r.target - 1):+.0f}%)"
+                for r in at[~at.reachable].itertuples()) if (~at.reachable).any() else ""
+            reach = [m for m in at[at.reachable].method if c.correct(b, m, int(n)) is not None]
+            if not reach:
+                lines.append(f"{where}: no reduction baseline reaches this compute{off}")
+                continue
+            mine_rows = c.results[(c.results.backbone == b) & (c.results.budget == n) & ~c.results.oracle]
+            free = mine_rows[mine_rows.prior.isin(LABEL_FREE)]
+            over = free[free.extra_flops.fillna(0) > tol]
+            spot = [p for p in c.fixed[(c.fixed.backbone == b) & (c.fixed.budget == n)].prior if p != "grid"]
+            spot += [p for p in free.prior if p not in set(over.prior)]
+            line = c.contest(6, f"{where}: best label-free SPoT vs best reduction baseline at equal FLOPs", b, spot,
+                             reach, int(n))
+            if line:
+                left = "; left out, above this compute: " + ", ".join(
+                    f"{model_name(r.prior, False)} ({100 * r.extra_flops:+.1f}% FLOPs)" for r in over.itertuples())
+                lines.append(line + off + (left if len(over) else ""))
+    return lines
+
+
 def findings(results: pd.DataFrame, ev: Evidence, replicas: dict[str, list[str]] | None = None, *,
-             fixed: set[str] = frozenset(), start: str = "isotropic", **options) -> tuple[str, pd.DataFrame]:
+             fixed: set[str] = frozenset(), start: str = "isotropic", matches: pd.DataFrame | None = None,
+             budget_flops: dict | None = None, tolerance: float = 0.02, **options) -> tuple[str, pd.DataFrame]:
     """findings.md and a row per claim (`Claim`): every claim of the collected `results` as a paired
     comparison on the per-image evidence `ev`. `replicas`: each reported backbone -> it and its
     replicates (default: every backbone of `results`, alone); `fixed`: backbones of fetched weights;
@@ -274,7 +313,8 @@ def findings(results: pd.DataFrame, ev: Evidence, replicas: dict[str, list[str]]
         c = Claims(results, ev, replicas, set(fixed), options, prior)
         budgets = sorted(c.fixed.budget.unique())
         return c, dict(off_grid=off_grid(c, budgets), object_centric=object_centric(c, budgets), oracle=oracle(c),
-                       transfers=[x for x in transfers(c, start) if x], label_free=label_free(c, start))
+                       transfers=[x for x in transfers(c, start) if x], label_free=label_free(c, start),
+                       frontier=frontier(c, matches, budget_flops or {}, tolerance))
     first, _ = made(None)
     prior = run_prior(*zip(*first.spreads)) if first.spreads else None
     c, comparisons = made(prior)

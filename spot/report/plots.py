@@ -84,3 +84,49 @@ def plot_oracle_steps(curves: pd.DataFrame, path: Path) -> None:
             ax.plot([], [], "x", color="grey", label="snapped to grid")
             ax.legend(fontsize=7, loc="best")
     save_fig(fig, path)
+
+
+REDUCTION_NAMES = {"tome": "ToMe", "evit": "EViT top-k", "lowres": "low resolution", "drop": "random drop (grid)"}
+
+
+def plot_frontier(points: pd.DataFrame, results: pd.DataFrame, path: Path):
+    """Top-1 against inference FLOPs per image, one panel per backbone that replicates none (in the order
+    of `results`): each token-reduction method a curve over its settings with its 95% interval as a band
+    (`points`, `spot.report.frontier.read_frontier`); SPoT's fixed priors (but the grid, which is random
+    drop) and label-free placements as points at their FLOPs (`results.flops`, placer or search
+    included); SPoT-ON apart, as open stars (it uses labels). Returns the (closed) figure."""
+    if "replicate_of" in results:
+        results = results[results.replicate_of.isna()]
+    backbones = list(results.backbone.unique()) or ["(no results)"]
+    spot = results[~results.oracle & (results.prior != "grid")]
+    rank = {p: i for i, p in enumerate(PAPER_ORDER + LABEL_FREE)}
+    priors = sorted(spot.prior.unique(), key=lambda p: (rank.get(p, len(rank)), p))
+    styles = series_styles([*REDUCTION_NAMES, *priors])
+    fig, axes = plt.subplots(1, len(backbones), figsize=(4.8 * len(backbones), 3.8), squeeze=False)
+    for ax, b in zip(axes[0], backbones):
+        mine = points[points.backbone == b].drop_duplicates(["method", "setting"])
+        for method, name in REDUCTION_NAMES.items():
+            g = mine[mine.method == method].sort_values("flops")
+            if g.empty:
+                continue
+            x = g.flops / 1e6
+            ax.plot(x, 100 * g.top1, "-", ms=4, label=name, **styles[method])
+            ax.fill_between(x, 100 * g.top1_low.astype(float), 100 * g.top1_high.astype(float),
+                            color=styles[method]["color"], alpha=0.12, lw=0)
+        for prior in priors:
+            g = spot[(spot.backbone == b) & (spot.prior == prior)]
+            if not g.empty:
+                ax.errorbar(g.flops / 1e6, 100 * g.top1, [100 * (g.top1 - g.top1_low), 100 * (g.top1_high - g.top1)],
+                            fmt=styles[prior]["marker"], color=styles[prior]["color"], ms=5, lw=1, capsize=2,
+                            label=f"SPoT-{prior}" if prior in LABEL_FREE else f"SPoT {prior}")
+        on = results[(results.backbone == b) & results.oracle]
+        if not on.empty:
+            ax.plot(on.flops / 1e6, 100 * on.top1, "*", mfc="none", color="black", ms=9,
+                    label="SPoT-ON (uses labels)")
+        ax.set(title=b, xlabel="MFLOPs per image", ylabel="top-1 (%), band: 95% interval", xscale="log")
+        ax.grid(alpha=0.3)
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}
+    if handles:
+        axes[0][-1].legend(handles.values(), handles.keys(), fontsize=6, loc="lower right")
+    save_fig(fig, path)
+    return fig

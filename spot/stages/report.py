@@ -10,7 +10,8 @@ import numpy as np
 from spot.report.collect import collect, environments, in_order, oracle_curves, placer_transfers
 from spot.report.evidence import read_evidence, replicates, with_intervals
 from spot.report.findings import findings
-from spot.report.plots import plot_budgets, plot_oracle_steps
+from spot.report.frontier import add_evidence, frontier_markdown, matched_table, read_frontier, results_table, with_flops
+from spot.report.plots import plot_budgets, plot_frontier, plot_oracle_steps
 from spot.report.render import html_page
 from spot.report.sheets import learned_sheet, prior_sheet, trajectory_sheet
 from spot.report.summary import flat_metrics, gap_closed, metric_rows
@@ -25,6 +26,9 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     interval `<c>_low`, `<c>_high`; `replicate_of`, `seed`), findings.csv (a row per claim of findings.md:
     `spot.report.findings.Claim`), replicates.csv (mean and sd over training
     seeds and prior draws: `spot.report.evidence.replicates`), tables.{md,html}, findings.{md,html},
+    results.csv also has `flops` (inference FLOPs per image) and the token-reduction settings of stage
+    reduction as rows (`spot.report.frontier`; `setting`), tables.md their table at matched FLOPs,
+    findings.md case study 6, plots/frontier.png accuracy against FLOPs;
     metrics.json (every number, flat), metrics/<backbone>/<row>.json (the DVC metrics:
     `spot.report.summary.metric_rows`), plots/accuracy_vs_budget.{png,csv}, plots/oracle_steps.png,
     pictures/priors.png (priors in `eval.priors` order, then the label-free placements and SPoT-ON),
@@ -35,21 +39,27 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
         raise FileNotFoundError("no evaluation results: the report needs at least one evaluate job")
     ev, options = read_evidence(inputs), dict(seed=cfg["report"]["seed"], resamples=cfg["report"]["resamples"])
     replicate_of = {b: s["replicate_of"] for b, s in specs.items() if s.get("replicate_of")}
-    results = with_intervals(results, ev, **options).assign(
+    points, matches, budget_flops, per_image = read_frontier(inputs, order, **options)
+    tol = cfg["reduction"]["tolerance"]
+    results = with_flops(with_intervals(results, ev, **options), budget_flops).assign(
         replicate_of=lambda d: d.backbone.map(replicate_of), seed=lambda d: d.backbone.map(lambda b: specs[b]["seed"]))
     reps = replicates(results, ev, replicate_of)
     with atomic_path(out / "replicates.csv") as tmp:
         reps.to_csv(tmp, index=False)
     replicas = {b: [b, *(r for r, of in replicate_of.items() if of == b)] for b in order if b not in replicate_of}
+    table = results_table(results, points)
     with atomic_path(out / "results.parquet") as tmp:
-        results.to_parquet(tmp, index=False)
+        table.to_parquet(tmp, index=False)
     with atomic_path(out / "results.csv") as tmp:
-        results.to_csv(tmp, index=False)
+        table.to_csv(tmp, index=False)
     gaps, ptrans = gap_closed(results), placer_transfers(inputs, order)
     trans, ptrans = (t[~t.dst.isin(list(replicate_of))] if len(t) else t for t in (trans, ptrans))  # tables: first runs
     tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()], reps)
+    tables += frontier_markdown(matched_table(results, points, matches, budget_flops, tol), tol)
     fixed = {b for b, s in specs.items() if s["make"] == "fetch"}
-    found, claims = findings(results, ev, replicas, fixed=fixed, start=cfg["oracle"]["prior"], **options)
+    add_evidence(ev, per_image)
+    found, claims = findings(results, ev, replicas, fixed=fixed, start=cfg["oracle"]["prior"], matches=matches,
+                             budget_flops=budget_flops, tolerance=tol, **options)
     with atomic_path(out / "findings.csv") as tmp:
         claims.to_csv(tmp, index=False)
     for name, text, title in (("tables", tables, "SPoT results"), ("findings", found, "SPoT findings")):
@@ -64,6 +74,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
         plot_data.to_csv(tmp, index=False)
     plot_budgets(results, out / "plots" / "accuracy_vs_budget.png", reps)
     plot_oracle_steps(oracle_curves(inputs, order), out / "plots" / "oracle_steps.png")
+    plot_frontier(points, results, out / "plots" / "frontier.png")
     budgets = sorted(results.budget.unique())
     prior_sheet(inputs, out / "pictures" / "priors.png", cfg["eval"]["priors"], int(budgets[len(budgets) // 2]),
                 cfg["report"]["pictures"])

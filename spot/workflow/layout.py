@@ -24,6 +24,7 @@ FOLDERS = {
     "placer": "placer/{backbone}/{budget}",
     "entropy": "entropy/{backbone}/{budget}",
     "placer-transfer": "placer-transfer/{src}/{dst}/{budget}",
+    "reduction": "reduction/{backbone}",
     "report": "report",
     "logs": "logs",
 }

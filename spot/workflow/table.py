@@ -91,11 +91,11 @@ def eval_of(cfg, backbone, budget):
 
 def report_inputs(cfg, w):
     jobs = {name: [(STAGE[name].output, f) for f in STAGE[name].all_output_wildcards(cfg)]
-            for name in ("evaluate", "oracle-gather", "transfer", "analyze", "placer-transfer", *LABEL_FREE)}
+            for name in ("evaluate", "oracle-gather", "transfer", "analyze", "placer-transfer", "reduction", *LABEL_FREE)}
     first = next(iter(cfg["backbones"]))                  # the config's first: its evaluations make the prior sheet
     return dict(backbone=("backbone", {"backbone": first}), decoded=decoded(cfg, first), eval=jobs["evaluate"],
                 oracle=jobs["oracle-gather"], transfer=jobs["transfer"], analysis=jobs["analyze"],
-                placer_transfer=jobs["placer-transfer"], **{m: jobs[m] for m in LABEL_FREE})
+                placer_transfer=jobs["placer-transfer"], reduction=jobs["reduction"], **{m: jobs[m] for m in LABEL_FREE})
 
 
 
@@ -137,6 +137,20 @@ def covering(**axes: str) -> dict:
     """`each` and `values` of a stage whose jobs cover every combination of the wildcards `axes`,
     each with its values at a dotted config key (a dict: its keys), e.g. budget="oracle.budgets"."""
     return dict(each=tuple(axes), values=lambda cfg: product(**{w: list(lookup(cfg, k)) for w, k in axes.items()}))
+
+
+def reduction_params(cfg, w):
+    """The reduction stage's keys: a replicate backbone sweeps `replicates.reduction_sweep` settings."""
+    replicate = cfg["backbones"][w["backbone"]].get("replicate_of")
+    return ["reduction", "eval.budgets", "eval.priors", "oracle.budgets", "eval.batch_size", "eval.knn", "seed",
+            "device"] + (["replicates.reduction_sweep"] if replicate else [])
+
+
+def reduction_inputs(cfg, w):
+    """The backbone, its images, and its grid-prior evaluations (random drop at each budget, and the plain
+    model where a budget is the full grid), if eval.priors has the grid."""
+    grid = [("eval", dict(backbone=w["backbone"], prior="grid", budget=n)) for n in cfg["eval"]["budgets"]]
+    return model_inputs(cfg, w) | ({"grid": grid} if "grid" in cfg["eval"]["priors"] else {})
 
 
 ORACLE_BUDGETS = covering(budget="oracle.budgets")
@@ -224,10 +238,15 @@ STAGES = [
     Stage("entropy", "label-free test-time search: lower the prediction's entropy", ("backbone", "budget"),
           params=lambda cfg, w: ["placement.entropy", "oracle.prior", "eval.batch_size", "eval.knn", "seed", "device"],
           inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True),
+    Stage("reduction", "token reduction (ToMe, EViT, low resolution, random drop) at SPoT's FLOPs, one backbone",
+          ("backbone",), params=reduction_params, inputs=reduction_inputs,
+          jobs=lambda cfg: product(backbone=list(cfg["backbones"])) if cfg["reduction"]["methods"] else [],
+          output="reduction", gpu=True),
     Stage("report", "the paper's tables, plots, pictures and findings", (),
-          params=lambda cfg, w: ["report", "eval.priors", "eval.prior_seeds", "oracle.prior", "backbones"],
+          params=lambda cfg, w: ["report", "eval.priors", "eval.prior_seeds", "oracle.prior", "backbones",
+                                 "reduction.tolerance"],
           inputs=report_inputs, jobs=lambda cfg: [{}], output="report", metrics=("metrics",),
-          plots=("plots/accuracy_vs_budget.png", "plots/oracle_steps.png"),
+          plots=("plots/accuracy_vs_budget.png", "plots/oracle_steps.png", "plots/frontier.png"),
           files=("tables.md", "tables.html", "findings.md", "findings.html", "findings.csv", "results.csv",
                  "results.parquet", "replicates.csv", "metrics.json", "plots/accuracy_vs_budget.csv", "pictures",
                  "run.json")),
