@@ -25,7 +25,8 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     interval `<c>_low`, `<c>_high`; `replicate_of`, `seed`), findings.csv (a row per claim of findings.md:
     `spot.report.findings.Claim`), replicates.csv (mean and sd over training
     seeds and prior draws: `spot.report.evidence.replicates`), tables.{md,html}, findings.{md,html},
-    metrics.json (every number, flat), metrics/<backbone>/<row>.json (the DVC metrics:
+    metrics.json (every number, flat; fractions), metrics/<backbone>/<row>.json and, for a backbone with
+    replicates, metrics/<backbone>/s<seed>/<row>.json (the DVC metrics, in percent:
     `spot.report.summary.metric_rows`), plots/accuracy_vs_budget.{png,csv}, plots/oracle_steps.png,
     pictures/priors.png (priors in `eval.priors` order, then the label-free placements and SPoT-ON),
     pictures/trajectories.png, pictures/learned.png (the learned global priors, when stage learned ran)."""
@@ -68,9 +69,9 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
                 cfg["report"]["pictures"])
     trajectory_sheet(inputs, out / "pictures" / "trajectories.png", order)
     learned_sheet(inputs, out / "pictures" / "learned.png", cfg["report"]["pictures"], order)
-    write_json(out / "metrics.json", flat_metrics(results, trans, gaps))
+    write_json(out / "metrics.json", flat_metrics(results, trans, gaps, sal))
     shutil.rmtree(out / "metrics", ignore_errors=True)            # exactly the files of this run's rows
-    for name, rows in metric_rows(results, trans, sal, ptrans).items():
+    for name, rows in metric_rows(results, trans, ptrans).items():
         write_json(out / "metrics" / name, rows)
     artifacts = [str(p.relative_to(out)) for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     return Record(dict(rows=len(results), transfers=len(trans)), artifacts)
