@@ -11,8 +11,8 @@ from matplotlib.colors import to_hex
 from spot.report.evidence import Evidence, with_intervals
 from spot.report.findings import findings
 from spot.report.plots import plot_budgets
-from spot.report.summary import metric_rows
-from spot.report.tables import paper_table
+from spot.report.summary import gap_closed, metric_rows
+from spot.report.tables import paper_table, tables_markdown
 from spot.utils.io import write_json
 from spot.workflow.config import load_config
 
@@ -72,6 +72,37 @@ def test_intervals_of_results_match_the_binomial_standard_error():
     assert np.allclose(half, 1.96 * np.sqrt(out.top1 * (1 - out.top1) / 4000), atol=0.0015)
     assert out.top1_init_low.isna().all()                      # fixed priors have no start accuracy
     assert metric_rows(out, pd.DataFrame())["b/grid.json"] == {"4": {"top1": 10.0, "knn": 5.0}}      # percent
+
+
+def test_every_table_is_in_percent_with_intervals_and_names_its_best_prior():
+    """tables.md of constructed per-image data: the transfer, label-free and placer-transfer tables give
+    accuracies as 'x ±h', gains as '+d [low, high]' points and the gap closed as 'g ±h' %, no fraction; the
+    label-free table says how its best fixed prior is chosen and that findings.md chooses differently."""
+    cells = {(b, p, False, 4): a for b in ("a", "b") for p, a in (("grid", 0.40), ("sobol", 0.55), ("isotropic", 0.45),
+                                                               ("learned", 0.60), ("placer", 0.70))}
+    df, ev = evidence(cells | {(b, "isotropic", True, 4): 0.90 for b in ("a", "b")}, n=1000)
+    df = with_intervals(df, ev, seed=0, resamples=500)
+    keys = ev.rows["b", "grid", False, 4].index
+    rng = np.random.default_rng(1)
+    ev.transfer["a", "b", 4] = pd.Series(rng.permutation(np.arange(1000) < 800).astype(float), index=keys)
+    ev.placer_transfer["a", "b", 4] = pd.Series(rng.permutation(np.arange(1000) < 650).astype(float), index=keys)
+    trans = pd.DataFrame([dict(src="a", dst="b", budget=4, gain=0.35, n=1000, top1_prior=0.45, top1_src_oracle=0.9,
+                               top1_transfer=0.8)])
+    ptrans = pd.DataFrame([dict(src="a", dst="b", budget=4, top1=0.65, top1_own=0.7, gain=-0.05)])
+    text = tables_markdown(df.assign(replicate_of=None), trans, gap_closed(df), ptrans, [{}], None, ev, "isotropic",
+                           seed=0, resamples=500)
+    assert not re.search(r"\b0\.\d{3}", text), "a fraction in tables.md"
+    extra = text[text.index("## Transfer of oracle placements"):]
+    rows = [line for line in extra.splitlines() if re.match(r"\| [ab] ", line)]
+    assert len(rows) == 1 + 4 + 1                                   # transfer, 2 methods x 2 backbones, placer
+    accuracy, points = r"\d+\.\d ±\d+\.\d", r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]"
+    assert re.search(rf"\| {accuracy} +\| {accuracy} +\| 80\.0 ±\d\.\d +\| \+35\.0 \[\+3\d\.\d, \+3\d\.\d\] +\|$", rows[0])
+    placer = next(line for line in rows if "SPoT-placer" in line and line.startswith("| b "))
+    assert "sobol" in placer and re.search(r"\| 43 ±\d+ +\|", placer)         # (70 - 55) / (90 - 55)
+    assert re.search(r"\| 65\.0 ±\d\.\d +\| 70\.0 ±\d\.\d +\| -5\.0 \[-\d\.\d, [+-]\d\.\d\] +\|$", rows[-1]), rows[-1]
+    assert all(re.search(accuracy, line) for line in rows) and len(re.findall(points, extra)) == 2
+    assert "Best fixed prior: the fixed prior with the highest top-1 on all val images" in text
+    assert "findings.md instead chooses it on 30% of the images" in text
 
 
 def verdicts(text: str) -> dict[str, str]:

@@ -47,7 +47,8 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
     gaps, ptrans = gap_closed(results), placer_transfers(inputs, order)
-    tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()], reps)
+    tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()], reps, ev,
+                             cfg["oracle"]["prior"], **options)
     fixed = {b for b, s in specs.items() if s["make"] == "fetch"}
     found, claims = findings(results, ev, replicas, fixed=fixed, start=cfg["oracle"]["prior"], **options)
     with atomic_path(out / "findings.csv") as tmp:
