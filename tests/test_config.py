@@ -1,5 +1,8 @@
-"""params.yaml validation: every shipped config passes, a bad value stops with one line naming it."""
+"""params.yaml validation: every shipped config passes, a bad value stops with one line naming it; the
+shipped params files are in the form DVC writes them, so `dvc exp run -S` changes one line."""
 import copy
+import difflib
+import shutil
 
 import pytest
 import yaml
@@ -15,6 +18,23 @@ DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 def test_shipped_configs_are_valid(path):
     cfg = load_config(REPO / path)
     assert cfg["oracle"]["prior"] in cfg["eval"]["priors"]
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "config/smoke.yaml", "config/imagenet.yaml"])
+def test_dvc_exp_run_set_param_rewrites_one_line_of_each_params_file(path, tmp_path):
+    """`dvc exp run -S <path>:oracle.steps=7` rewrites the file with DVC's own code (hydra overrides, ruamel
+    round trip): only that line differs, and setting a value to what it is changes no byte."""
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` calls on the file
+
+    before = (REPO / path).read_text()
+    steps = yaml.safe_load(before)["oracle"]["steps"]
+    for change, lines in ((f"oracle.steps={steps}", []), ("oracle.steps=7", [f"-  steps: {steps}", "+  steps: 7"]),
+                          ("seed=3", ["-seed: 0", "+seed: 3"])):
+        shutil.copy(REPO / path, tmp_path / "params.yaml")
+        apply_overrides(tmp_path / "params.yaml", [change])
+        diff = difflib.unified_diff(before.splitlines(), (tmp_path / "params.yaml").read_text().splitlines(),
+                                    lineterm="", n=0)
+        assert [d for d in diff if d[:1] in "+-" and d[:3] not in ("---", "+++")] == lines, change
 
 
 def put(cfg, dotted, value):

@@ -1,6 +1,8 @@
 """The report reads like the paper: one bold per column (ties stated), words that fit the numbers,
 a colour and a marker of its own for every series. Results tables made here, as `collect` makes them."""
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -11,8 +13,10 @@ from spot.report.evidence import Evidence, with_intervals
 from spot.report.findings import findings
 from spot.report.plots import plot_budgets
 from spot.report.stats import crossed_interval, run_prior
-from spot.report.summary import metric_rows
-from spot.report.tables import paper_table
+from spot.report.summary import gap_closed, metric_rows
+from spot.report.tables import paper_table, tables_markdown
+from spot.utils.io import write_json
+from spot.workflow.config import load_config
 
 COLUMNS = ["backbone", "prior", "oracle", "budget", "top1", "knn", "top1_init", "top1_snapped", "extra_flops"]
 
@@ -63,14 +67,44 @@ def evidence(cells: dict[tuple, float], n: int = 1000, seed: int = 0) -> tuple[p
 
 def test_intervals_of_results_match_the_binomial_standard_error():
     """with_intervals: at n = 4000 every interval's half-width is 1.96 sqrt(p(1-p)/n) within 0.15
-    points, for p from 0.1 to 0.9; the metrics files carry the bounds beside the point values."""
+    points, for p from 0.1 to 0.9; the DVC metrics carry the point values in percent."""
     df, ev = evidence({("b", p, False, 4): a for p, a in (("grid", 0.1), ("sobol", 0.5), ("center", 0.9))}, n=4000)
     out = with_intervals(df, ev, seed=0, resamples=2000)
     half = (out.top1_high - out.top1_low) / 2
     assert np.allclose(half, 1.96 * np.sqrt(out.top1 * (1 - out.top1) / 4000), atol=0.0015)
     assert out.top1_init_low.isna().all()                      # fixed priors have no start accuracy
-    rows = metric_rows(out, pd.DataFrame(), pd.DataFrame())
-    assert set(rows["b/grid.json"]["4"]) == {"top1", "knn", "top1_low", "top1_high", "knn_low", "knn_high"}
+    assert metric_rows(out, pd.DataFrame())["b/grid.json"] == {"4": {"top1": 10.0, "knn": 5.0}}      # percent
+
+
+def test_every_table_is_in_percent_with_intervals_and_names_its_best_prior():
+    """tables.md of constructed per-image data: the transfer, label-free and placer-transfer tables give
+    accuracies as 'x ±h', gains as '+d [low, high]' points and the gap closed as 'g ±h' %, no fraction; the
+    label-free table says how its best fixed prior is chosen and that findings.md chooses differently."""
+    cells = {(b, p, False, 4): a for b in ("a", "b") for p, a in (("grid", 0.40), ("sobol", 0.55), ("isotropic", 0.45),
+                                                               ("learned", 0.60), ("placer", 0.70))}
+    df, ev = evidence(cells | {(b, "isotropic", True, 4): 0.90 for b in ("a", "b")}, n=1000)
+    df = with_intervals(df, ev, seed=0, resamples=500)
+    keys = ev.rows["b", "grid", False, 4].index
+    rng = np.random.default_rng(1)
+    ev.transfer["a", "b", 4] = pd.Series(rng.permutation(np.arange(1000) < 800).astype(float), index=keys)
+    ev.placer_transfer["a", "b", 4] = pd.Series(rng.permutation(np.arange(1000) < 650).astype(float), index=keys)
+    trans = pd.DataFrame([dict(src="a", dst="b", budget=4, gain=0.35, n=1000, top1_prior=0.45, top1_src_oracle=0.9,
+                               top1_transfer=0.8)])
+    ptrans = pd.DataFrame([dict(src="a", dst="b", budget=4, top1=0.65, top1_own=0.7, gain=-0.05)])
+    text = tables_markdown(df.assign(replicate_of=None), trans, gap_closed(df), ptrans, [{}], None, ev, "isotropic",
+                           seed=0, resamples=500)
+    assert not re.search(r"\b0\.\d{3}", text), "a fraction in tables.md"
+    extra = text[text.index("## Transfer of oracle placements"):]
+    rows = [line for line in extra.splitlines() if re.match(r"\| [ab] ", line)]
+    assert len(rows) == 1 + 4 + 1                                   # transfer, 2 methods x 2 backbones, placer
+    accuracy, points = r"\d+\.\d ±\d+\.\d", r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]"
+    assert re.search(rf"\| {accuracy} +\| {accuracy} +\| 80\.0 ±\d\.\d +\| \+35\.0 \[\+3\d\.\d, \+3\d\.\d\] +\|$", rows[0])
+    placer = next(line for line in rows if "SPoT-placer" in line and line.startswith("| b "))
+    assert "sobol" in placer and re.search(r"\| 43 ±\d+ +\|", placer)         # (70 - 55) / (90 - 55)
+    assert re.search(r"\| 65\.0 ±\d\.\d +\| 70\.0 ±\d\.\d +\| -5\.0 \[-\d\.\d, [+-]\d\.\d\] +\|$", rows[-1]), rows[-1]
+    assert all(re.search(accuracy, line) for line in rows) and len(re.findall(points, extra)) == 2
+    assert "Best fixed prior: the fixed prior with the highest top-1 on all val images" in text
+    assert "findings.md instead chooses it on 30% of the images" in text
 
 
 def verdicts(text: str) -> dict[str, str]:
@@ -177,3 +211,36 @@ def test_claims_over_runs_are_moderated_by_the_spread_of_all_of_them():
     moderated = crossed_interval(per_run["sobol", 16] - per_run["grid", 16], confidence=line.confidence, prior=prior)
     assert (line.low, line.high) == pytest.approx((moderated.low, moderated.high))
     assert (line.low, line.high) != pytest.approx((own[1].low, own[1].high), abs=1e-4)
+
+
+def test_dvc_metrics_show_of_the_default_sweep_fits_160_columns_in_percent(tmp_path):
+    """The DVC metrics of every backbone (replicates included), prior, label-free placement, SPoT-ON and
+    transfer of params.yaml, through real `dvc metrics show`: lines of at most 160 characters,
+    accuracies in percent with one decimal, and each backbone before its replicates."""
+    cfg = load_config("params.yaml")
+    specs, budgets = cfg["backbones"], cfg["eval"]["budgets"]
+    rows = [(b, p, False, n, 0.73003) for b in specs for p in cfg["eval"]["priors"] for n in budgets]
+    rows += [(b, m, False, n, 0.1) for b in specs for m in cfg["placement"]["methods"] for n in budgets]
+    rows += [(b, cfg["oracle"]["prior"], True, n, 0.9) for b in specs for n in cfg["oracle"]["budgets"]]
+    df = results(rows).assign(replicate_of=lambda d: d.backbone.map(lambda b: specs[b].get("replicate_of")),
+                              seed=lambda d: d.backbone.map(lambda b: specs[b]["seed"]))
+    primary = [b for b in specs if not specs[b].get("replicate_of")]
+    trans = pd.DataFrame([dict(src=s, dst=d, budget=n, top1_transfer=0.5) for s in primary for d in primary
+                          for n in cfg["transfer"]["budgets"]])
+    ptrans = pd.DataFrame([dict(src=s, dst=d, budget=n, top1=0.5) for s in primary for d in primary if s != d
+                           for n in cfg["placement"]["transfer"]])
+    for name, values in metric_rows(df, trans, ptrans).items():
+        write_json(tmp_path / "metrics" / name, values)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = True\n")
+    (tmp_path / "dvc.yaml").write_text("metrics:\n- metrics\n")
+    shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show"], cwd=tmp_path, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    assert len(shown) == 1 + len(list((tmp_path / "metrics").rglob("*.json"))) > 100
+    assert max(map(len, shown)) <= 160, max(shown, key=len)
+    assert shown[0].split() == ["Path", *(f"{n:02d}.{c}" for n in budgets for c in ("knn", "top1"))]
+    assert shown[1].split()[1:] == ["36.5", "73.0"] * 3            # 0.73003 (kNN: half): percent, one decimal
+    paths = [line.split()[0] for line in shown[1:]]
+    first = {folder: min(i for i, p in enumerate(paths) if p.startswith(f"metrics/{folder}/"))
+             for folder in ("spot/s0", "spot/s1", "spot/s2", "spot-small/s1", "spot-small/s2")}
+    assert first["spot/s0"] < first["spot/s1"] < first["spot/s2"] and first["spot-small/s1"] < first["spot-small/s2"]

@@ -207,12 +207,11 @@ def test_report_metric_rows_are_the_paper_table_keyed_by_padded_budget():
         dict(backbone="b", prior="grid", oracle=True, budget=4, top1=0.9, knn=0.6, top1_init=0.5, top1_snapped=0.7)])
     trans = pd.DataFrame([dict(src="a", dst="b", budget=4, top1_transfer=0.8, gain=0.3),
                           dict(src="b", dst="b", budget=4, top1_transfer=0.9, gain=0.4)])
-    sal = pd.DataFrame([dict(backbone="b", prior="grid", budget=4, saliency_init=0.1, saliency_final=0.2)])
-    assert metric_rows(results, trans, sal) == {
-        "b/grid.json": {"04": {"top1": 0.5, "knn": 0.25, "saliency": 0.1}, "16": {"top1": 0.75, "knn": 0.5}},
-        "b/spot-on-snapped.json": {"04": {"top1": 0.7}},
-        "b/spot-on.json": {"04": {"top1": 0.9, "knn": 0.6, "saliency": 0.2}},
-        "b/transfer-from-a.json": {"04": {"top1": 0.8}}}
+    assert metric_rows(results, trans) == {                     # percent, one decimal
+        "b/grid.json": {"04": {"top1": 50.0, "knn": 25.0}, "16": {"top1": 75.0, "knn": 50.0}},
+        "b/spot-on-snapped.json": {"04": {"top1": 70.0}},
+        "b/spot-on.json": {"04": {"top1": 90.0, "knn": 60.0}},
+        "b/transfer-from-a.json": {"04": {"top1": 80.0}}}
     page = html_page("# T\n\nSome **bold** <text>.\n\n| a | b |\n|---|---|\n| x | **1.00** |\n\n- item\n", "t <t>")
     assert page.startswith("<!DOCTYPE html>") and "<title>t &lt;t&gt;</title>" in page
     assert "<h1>T</h1>" in page and "<strong>bold</strong> &lt;text&gt;" in page and "<li>item</li>" in page

@@ -50,14 +50,22 @@ def gap_closed(results: pd.DataFrame) -> pd.DataFrame:
         rank[c.name]) if c.name in rank else c, ignore_index=True)
 
 
-def flat_metrics(results: pd.DataFrame, trans: pd.DataFrame, gaps: pd.DataFrame) -> dict[str, float]:
+def flat_metrics(results: pd.DataFrame, trans: pd.DataFrame, gaps: pd.DataFrame,
+                 sal: pd.DataFrame | None = None) -> dict[str, float]:
     """Every number, flat ('<backbone>/<prior>[/oracle]/<budget>/top1', 'transfer/<src>__<dst>/<budget>/gain',
-    '<backbone>/<method>/<budget>/gap_closed'), rounded to 6 digits: the report's metrics.json."""
+    '<backbone>/<method>/<budget>/gap_closed', '<backbone>/<prior>[/oracle]/<budget>/saliency'), fractions
+    rounded to 6 digits: the report's metrics.json."""
     flat = {f"{r.backbone}/{r.prior}{'/oracle' if r.oracle else ''}/{r.budget}/{c}": round(float(getattr(r, c)), 6)
             for r in results.itertuples() for c in ("top1", "knn", *bounds(r, "top1", "knn"))}
     flat |= {f"transfer/{r.src}__{r.dst}/{r.budget}/gain": round(float(r.gain), 6) for r in trans.itertuples()}
     flat |= {f"{r.backbone}/{r.method}/{r.budget}/{c}": round(float(getattr(r, c)), 6)
              for r in gaps.itertuples() for c in ("gap_closed", "extra_flops") if not np.isnan(getattr(r, c))}
+    for r in sal.itertuples() if sal is not None else ():
+        for prefix in ("", "model_"):
+            for at, when in (("", "init"), ("/oracle", "final")):
+                value = getattr(r, f"{prefix}saliency_{when}", np.nan)
+                if not pd.isna(value):
+                    flat[f"{r.backbone}/{r.prior}{at}/{r.budget}/{prefix}saliency"] = round(float(value), 6)
     return flat
 
 
@@ -66,42 +74,47 @@ def bounds(row, *columns: str) -> list[str]:
     return [f"{c}_{b}" for c in columns for b in ("low", "high") if not pd.isna(getattr(row, f"{c}_{b}", np.nan))]
 
 
-def metric_rows(results: pd.DataFrame, trans: pd.DataFrame, sal: pd.DataFrame,
-                ptrans: pd.DataFrame | None = None) -> dict[str, dict]:
-    """The DVC metrics: one small file per backbone and way of placing tokens, keyed by budget, then
-    top1 / knn / saliency, so that `dvc metrics show` prints the paper's table, a row per file.
+def metric_folder(backbone: str, results: pd.DataFrame) -> str:
+    """The folder of a backbone's DVC metrics: '<backbone>', or '<recipe>/s<seed>' for a backbone with
+    replicates and for each replicate, so that `spot/s0` (the backbone) sorts before `spot/s1`."""
+    if "replicate_of" not in results:
+        return backbone
+    of = results.drop_duplicates("backbone").set_index("backbone").replicate_of.dropna()
+    recipe = of.get(backbone, backbone)
+    if recipe not in set(of):
+        return backbone
+    return f"{recipe}/s{int(results.loc[results.backbone == backbone, 'seed'].iloc[0])}"
+
+
+def metric_rows(results: pd.DataFrame, trans: pd.DataFrame, ptrans: pd.DataFrame | None = None) -> dict[str, dict]:
+    """The DVC metrics: one small file per backbone and way of placing tokens (`metric_folder`/<row>.json),
+    keyed by budget, then top1 / knn in percent (1 decimal), so that `dvc metrics show` prints the
+    paper's table, a row per file, in a few columns.
 
     Budgets are zero-padded, so `dvc metrics show` sorts its columns by budget. Rows: each prior,
     `spot-on` (the oracle), `spot-on-snapped` (its positions snapped to the grid),
     `transfer-from-<src>` (another backbone's oracle positions), `learned`, `placer`, `entropy`
-    (label-free placements), `placer-from-<src>` (another backbone's placer). The gap closed and
-    extra FLOPs of the label-free placements are in results.csv and tables.md, not here: a column
-    each would widen every row of `dvc metrics show`. `saliency` (and `model_saliency`, under the
-    model's maps) is the mean saliency under the tokens, where the analysis measured it (the
-    oracle's start prior and `spot-on`)."""
+    (label-free placements), `placer-from-<src>` (another backbone's placer). Intervals, the gap
+    closed, extra FLOPs and saliency are in tables.md, results.csv and metrics.json, not here: a
+    column each would widen every row of `dvc metrics show`."""
     budgets = list(results.budget) + (list(trans.budget) if not trans.empty else [])
     width = len(str(max(budgets)))
     rows: dict[str, dict] = {}
 
     def put(backbone, row, budget, **values):
-        cell = rows.setdefault(f"{backbone}/{row}.json", {}).setdefault(f"{int(budget):0{width}d}", {})
-        cell.update({k: round(float(v), 6) for k, v in values.items()})
+        cell = rows.setdefault(f"{metric_folder(backbone, results)}/{row}.json", {}).setdefault(
+            f"{int(budget):0{width}d}", {})
+        cell.update({k: round(100 * float(v), 1) for k, v in values.items() if not pd.isna(v)})
 
     for r in results.itertuples():
-        row = ((("spot-on", ("top1", "knn")), ("spot-on-snapped", ("top1_snapped",))) if r.oracle
-               else ((r.prior, ("top1", "knn")),))
-        for name, columns in row:
-            put(r.backbone, name, r.budget, **{c.replace("_snapped", ""): getattr(r, c)
-                                               for c in (*columns, *bounds(r, *columns))})
+        if r.oracle:
+            put(r.backbone, "spot-on", r.budget, top1=r.top1, knn=r.knn)
+            put(r.backbone, "spot-on-snapped", r.budget, top1=r.top1_snapped)
+        else:
+            put(r.backbone, r.prior, r.budget, top1=r.top1, knn=r.knn)
     for r in trans.itertuples() if not trans.empty else ():
         if r.src != r.dst:
             put(r.dst, f"transfer-from-{r.src}", r.budget, top1=r.top1_transfer)
-    for r in sal.itertuples() if not sal.empty else ():
-        put(r.backbone, r.prior, r.budget, saliency=r.saliency_init)
-        put(r.backbone, "spot-on", r.budget, saliency=r.saliency_final)
-        if not np.isnan(getattr(r, "model_saliency_init", np.nan)):
-            put(r.backbone, r.prior, r.budget, model_saliency=r.model_saliency_init)
-            put(r.backbone, "spot-on", r.budget, model_saliency=r.model_saliency_final)
     for r in ptrans.itertuples() if ptrans is not None else ():
         put(r.dst, f"placer-from-{r.src}", r.budget, top1=r.top1)
     return {k: dict(sorted(v.items())) for k, v in sorted(rows.items())}

@@ -1,14 +1,37 @@
 """Tables: the paper's table per backbone (pandas pivot), the transfer and gap tables (pandas
-`to_markdown`), and the line naming the environments, as tables.md (`templates/tables.md.j2`)."""
+`to_markdown`), and the line naming the environments, as tables.md (`templates/tables.md.j2`).
+Every accuracy is in percent with half its 95% bootstrap interval over the val images (`49.0 ±3.1`),
+every difference in percent points with its paired interval (`+12.3 [+8.1, +16.4]`)."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from spot.methods import LABEL_FREE
+from spot.report.evidence import Evidence
 from spot.report.render import render
-from spot.report.stats import percent_pm, percent_sd
+from spot.report.stats import (
+    accuracy_interval,
+    align,
+    gap_closed_interval,
+    paired_difference,
+    percent_pm,
+    percent_points,
+    percent_sd,
+)
 from spot.report.summary import PAPER_ORDER, model_name
 
+TRANSFER = ("SPoT-ON's positions found with backbone `src`, fed to backbone `dst` for the same images, against `dst` "
+            "on the prior SPoT-ON starts from ({start}); top-1 in %, gain in percent points with its paired 95% "
+            "interval over the val images.")
+GAPS = ("Best fixed prior: the fixed prior with the highest top-1 on all val images of the backbone and budget (the "
+        "paper's choice; its row in the backbone's table). findings.md instead chooses it on 30% of the images and "
+        "compares on the rest, once per backbone over its training runs, so it may name another prior and a "
+        "different gap. Gap closed: (method - prior) / (SPoT-ON - prior) in %, ± half its 95% bootstrap interval "
+        "over the val images for this choice (±n/a: the gap holds 0 in some resample, unbounded; 'no gap': SPoT-ON "
+        "does not beat the prior); extra FLOPs: the placement's cost over the backbone's at that budget.")
+PLACER_TRANSFER = ("The placer trained for backbone `src` placing the tokens of backbone `dst`, against `dst`'s own "
+                   "placer; top-1 in %, gain in percent points with its paired 95% interval over the val images.")
 INTRO = ("Top-1 and kNN accuracy (%) per token budget, ± half the width of the 95% bootstrap interval over the val "
          "images. SPoT-ON rows use labels (an oracle upper bound); bold: the best non-oracle value per column (ties: "
          "the first, and named under the table); a bold value need not beat the next one beyond noise (findings.md).")
@@ -75,21 +98,114 @@ def spread_table(reps: pd.DataFrame) -> pd.DataFrame:
                          "kNN mean (sd)": [percent_sd(m, s) for m, s in zip(reps.knn_mean, reps.knn_sd)]})
 
 
+def accuracy(value: float, correct: pd.Series | None, **options) -> str:
+    """`value` in percent ± half the 95% interval of per-image 0/1 `correct` ('±n/a' without it)."""
+    if correct is None:
+        return percent_pm(value, np.nan, np.nan)
+    iv = accuracy_interval(correct.to_numpy(float), **options)
+    return percent_pm(value, iv.low, iv.high)
+
+
+def gain(value: float, a: pd.Series | None, b: pd.Series | None, **options) -> str:
+    """`value` = mean(a) - mean(b) in percent points with its paired 95% interval over the images the
+    per-image 0/1 `a` and `b` share by key ('[n/a]' without them)."""
+    if a is None or b is None:
+        return f"{100 * value:+.1f} [n/a]"
+    a, b = align(a=a, b=b)
+    iv = paired_difference(a.to_numpy(float), b.to_numpy(float), **options)
+    return percent_points(value, iv.low, iv.high)
+
+
+def correct(ev: Evidence, backbone: str, prior: str, budget: int, oracle: bool = False) -> pd.Series | None:
+    row = ev.row(backbone, prior, budget, oracle)
+    return None if row is None else row.correct
+
+
+def top1(results: pd.DataFrame, backbone: str, prior: str, budget: int, oracle: bool = False) -> str:
+    """The top-1 of a row of `results` as its backbone's table shows it ('49.0 ±3.1'; '' without the row)."""
+    row = results[(results.backbone == backbone) & (results.prior == prior) & (results.budget == budget)
+                  & (results.oracle == oracle)]
+    if row.empty:
+        return ""
+    r = row.iloc[0]
+    return percent_pm(r.top1, r.get("top1_low", np.nan), r.get("top1_high", np.nan))
+
+
+def transfer_table(trans: pd.DataFrame, results: pd.DataFrame, ev: Evidence, start: str, **options) -> pd.DataFrame:
+    """The transfer of oracle placements (`spot.report.collect.collect`) in words: `dst` on its `start`
+    prior, `src`'s SPoT-ON (as the backbone tables show them), `src`'s placements on `dst` and the gain
+    over the prior."""
+    rows = []
+    for r in trans.itertuples():
+        moved, prior = ev.transfer.get((r.src, r.dst, r.budget)), correct(ev, r.dst, start, r.budget)
+        rows.append({"src": r.src, "dst": r.dst, "tokens": r.budget,
+                     f"dst, {start} prior": top1(results, r.dst, start, r.budget),
+                     "src, SPoT-ON": top1(results, r.src, start, r.budget, True),
+                     "dst, src's SPoT-ON positions": accuracy(r.top1_transfer, moved, **options),
+                     "gain (points)": gain(r.gain, moved, prior, **options)})
+    return pd.DataFrame(rows)
+
+
+def gap_table(gaps: pd.DataFrame, results: pd.DataFrame, ev: Evidence, **options) -> pd.DataFrame:
+    """The label-free placements against the best fixed prior and SPoT-ON (`spot.report.summary.gap_closed`)
+    in words: top-1s (as the backbone tables show them), the fraction of the oracle gap closed with its
+    interval, the extra FLOPs."""
+    rows = []
+    for r in gaps.itertuples():
+        top = results[(results.backbone == r.backbone) & (results.budget == r.budget) & results.oracle]
+        on = top.loc[top.top1.idxmax()] if not top.empty else None
+        cells = [correct(ev, r.backbone, r.method, r.budget), correct(ev, r.backbone, r.best_prior, r.budget),
+                 None if on is None else correct(ev, r.backbone, on.prior, r.budget, True)]
+        if np.isnan(r.gap_closed):
+            closed = "no gap"
+        elif any(c is None for c in cells):
+            closed = percent_pm(r.gap_closed, np.nan, np.nan, 0)
+        else:
+            iv = gap_closed_interval(*(c.to_numpy(float) for c in align(m=cells[0], p=cells[1], o=cells[2])),
+                                     **options)
+            closed = percent_pm(r.gap_closed, iv.low, iv.high, 0)
+        rows.append({"backbone": r.backbone, "tokens": r.budget, "method": model_name(r.method, False),
+                     "top-1": top1(results, r.backbone, r.method, r.budget), "best fixed prior": r.best_prior,
+                     "its top-1": top1(results, r.backbone, r.best_prior, r.budget),
+                     "SPoT-ON": "" if on is None else top1(results, r.backbone, on.prior, r.budget, True),
+                     "gap closed (%)": closed, "extra FLOPs": f"{100 * r.extra_flops:+.1f}%"})
+    return pd.DataFrame(rows)
+
+
+def placer_transfer_table(ptrans: pd.DataFrame, results: pd.DataFrame, ev: Evidence, **options) -> pd.DataFrame:
+    """Placer transfers (`spot.report.collect.placer_transfers`) in words: `src`'s placer on `dst`,
+    `dst`'s own placer (as its backbone table shows it) and the gain."""
+    rows = []
+    for r in ptrans.itertuples():
+        moved, own = ev.placer_transfer.get((r.src, r.dst, r.budget)), correct(ev, r.dst, "placer", r.budget)
+        rows.append({"src": r.src, "dst": r.dst, "tokens": r.budget,
+                     "dst, src's placer": accuracy(r.top1, moved, **options),
+                     "dst, own placer": top1(results, r.dst, "placer", r.budget),
+                     "gain (points)": gain(r.gain, moved, own, **options)})
+    return pd.DataFrame(rows)
+
+
 def tables_markdown(results: pd.DataFrame, trans: pd.DataFrame, gaps: pd.DataFrame, ptrans: pd.DataFrame,
-                    envs: list[dict], reps: pd.DataFrame | None = None) -> str:
+                    envs: list[dict], reps: pd.DataFrame | None = None, ev: Evidence | None = None,
+                    start: str = "isotropic", **options) -> str:
     """tables.md: the environments, the paper's table of each backbone that replicates none (in the
     order of `results`), the spread over replicates (`reps`), then the transfer, gap and
-    placer-transfer tables that have rows."""
+    placer-transfer tables that have rows, in percent with intervals from the per-image evidence `ev`
+    (`start`: oracle.prior; `options`: the bootstrap's seed, resamples)."""
+    ev = ev or Evidence()
     backbones = []
     primary = results[results.replicate_of.isna()] if "replicate_of" in results else results
     for name, rows in primary.groupby("backbone", sort=False):
         table, ties = paper_table(rows)
         backbones.append(dict(name=name, head=list(table.columns), rows=table.to_numpy().tolist(), ties=ties))
     spread = spread_table(reps) if reps is not None and not reps.empty else pd.DataFrame()
-    extra = [(title, t.to_markdown(index=False, floatfmt=".4f")) for title, t in (
+    extra = [(title, caption, t.to_markdown(index=False)) for title, caption, t in (
         ("Spread over replicates (training seeds: the backbone and its replicates; prior seeds: draws of the "
-         "prior's positions), in percent", spread), ("Transfer of oracle placements", trans),
-        ("Label-free placement: the oracle gap closed and the extra compute",
-                                                   gaps), ("Transfer of placers", ptrans)) if not t.empty]
+         "prior's positions), in percent", "", spread),
+        ("Transfer of oracle placements", TRANSFER.format(start=start), transfer_table(trans, results, ev, start,
+                                                                                       **options)),
+        ("Label-free placement: the oracle gap closed and the extra compute", GAPS, gap_table(gaps, results, ev,
+                                                                                              **options)),
+        ("Transfer of placers", PLACER_TRANSFER, placer_transfer_table(ptrans, results, ev, **options))) if not t.empty]
     return render("tables.md.j2", environment=describe_environments(envs), intro=INTRO, backbones=backbones,
                   extra=extra)

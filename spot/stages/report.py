@@ -29,7 +29,8 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     results.csv also has `flops` (inference FLOPs per image) and the token-reduction settings of stage
     reduction as rows (`spot.report.frontier`; `setting`), tables.md their table at matched FLOPs,
     findings.md case study 6, plots/frontier.png accuracy against FLOPs;
-    metrics.json (every number, flat), metrics/<backbone>/<row>.json (the DVC metrics:
+    metrics.json (every number, flat; fractions), metrics/<backbone>/<row>.json and, for a backbone with
+    replicates, metrics/<backbone>/s<seed>/<row>.json (the DVC metrics, in percent:
     `spot.report.summary.metric_rows`), plots/accuracy_vs_budget.{png,csv}, plots/oracle_steps.png,
     pictures/priors.png (priors in `eval.priors` order, then the label-free placements and SPoT-ON),
     pictures/trajectories.png, pictures/learned.png (the learned global priors, when stage learned ran)."""
@@ -54,7 +55,8 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
         table.to_csv(tmp, index=False)
     gaps, ptrans = gap_closed(results), placer_transfers(inputs, order)
     trans, ptrans = (t[~t.dst.isin(list(replicate_of))] if len(t) else t for t in (trans, ptrans))  # tables: first runs
-    tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()], reps)
+    tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()], reps, ev,
+                             cfg["oracle"]["prior"], **options)
     tables += frontier_markdown(matched_table(results, points, matches, budget_flops, tol), tol)
     fixed = {b for b, s in specs.items() if s["make"] == "fetch"}
     add_evidence(ev, per_image)
@@ -80,9 +82,9 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
                 cfg["report"]["pictures"])
     trajectory_sheet(inputs, out / "pictures" / "trajectories.png", order)
     learned_sheet(inputs, out / "pictures" / "learned.png", cfg["report"]["pictures"], order)
-    write_json(out / "metrics.json", flat_metrics(results, trans, gaps))
+    write_json(out / "metrics.json", flat_metrics(results, trans, gaps, sal))
     shutil.rmtree(out / "metrics", ignore_errors=True)            # exactly the files of this run's rows
-    for name, rows in metric_rows(results, trans, sal, ptrans).items():
+    for name, rows in metric_rows(results, trans, ptrans).items():
         write_json(out / "metrics" / name, rows)
     artifacts = [str(p.relative_to(out)) for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     return Record(dict(rows=len(results), transfers=len(trans)), artifacts)
