@@ -94,8 +94,9 @@ def test_imagenet_config_preprocesses_mae_as_mae_evaluates_it():
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     from spot.data.geometry import geometry_name
+    from spot.workflow.backbone_spec import planned_data_config
     from spot.workflow.config import load_config
-    from spot.workflow.table import geometries, planned_data_config
+    from spot.workflow.table import geometries
     from tests.conftest import REPO
     cfg = load_config(REPO / "config" / "imagenet.yaml")
     dc = cfg["backbones"]["mae-in1k"]["data_config"]
@@ -141,7 +142,7 @@ def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_pat
     from spot.data.decoded import write_decoded
     from spot.data.saliency import write_saliency
     from spot.data.shards import write_shards
-    from spot.workflow.table import planned_data_config
+    from spot.workflow.backbone_spec import planned_data_config
     from tests.conftest import FASHION_MNIST
     _, cfg, root = smoke_stages
     write_shards("fashion-mnist", FASHION_MNIST, tmp_path / "shards", splits=["train", "val"], images_per_shard=1000,

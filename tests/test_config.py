@@ -65,6 +65,7 @@ def validate_with(tmp_path, capsys, key: str, value) -> tuple:
     ("transfer.budgets", [7], "transfer.budgets"),
     ("device", "tpu", "device"),
     ("train.token_range", [49, 4], "train.token_range"),
+    ("train.priors", ["uniform", "salient"], "train.priors.1"),          # a training draws no saliency maps
     ("train.epochs", KeyError, "epochs"),
     ("data.source", "cifar", "data.source"),
     ("backbones.spot.make", "download", "backbones.spot.make"),

@@ -102,3 +102,35 @@ def test_the_public_api_comes_from_this_tree():
         assert getattr(spot, name) is not None
         source = Path(sys.modules[f"spot.{spot._EXPORTS[name]}"].__file__).resolve()
         assert source.is_relative_to(REPO / "spot"), (name, source)
+
+
+def module_of(name: str) -> str | None:
+    """The spot module a dotted import name lands in ('spot.workflow.tracking.store.fluent' -> its module)."""
+    parts = name.split(".")
+    while parts:
+        path = REPO.joinpath(*parts)
+        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+            return ".".join(parts)
+        parts.pop()
+    return None
+
+
+def test_no_module_imports_itself_through_others():
+    """The graph of spot's imports, function-local ones too (so none dodges a circle), has no cycle."""
+    graph = {".".join(name_of(p)): {m for i in imports(p) if i.startswith("spot.") and (m := module_of(i))}
+             for p in MODULES}
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            raise AssertionError(" -> ".join(path[path.index(module):] + [module]))
+        if module not in done:
+            path.append(module)
+            for other in sorted(graph.get(module, ())):
+                if other != module and not module.startswith(other + "."):   # a module's own package: its __init__
+                    visit(other)
+            path.pop()
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module)

@@ -12,10 +12,11 @@ from mlflow.tracking import MlflowClient
 
 from spot.utils import live
 from spot.utils.io import write_json
-from spot.workflow import tracking
-from spot.workflow.mlflow_run import metric_name, ms
 from spot.workflow.outputs import write_run_record
-from spot.workflow.series import read_series
+from spot.workflow.tracking import store
+from spot.workflow.tracking.job_run import JobRun
+from spot.workflow.tracking.record import PARAMS_TAG, lineage, log_record, metric_name, ms, run_name, sync
+from spot.workflow.tracking.series import read_series
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def uri(tmp_path_factory):
 def isolated(monkeypatch, tmp_path):
     """No parent run, no store chosen or found failing by an earlier test, and artifacts (MLflow's default root
     is ./mlruns) under the test's folder."""
-    monkeypatch.setattr(tracking, "DOWN", set())
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    store.DOWN.clear()
+    monkeypatch.delenv(store.PARENT_ENV, raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
 
@@ -71,7 +72,7 @@ def job(out, uri, name, stage="backbone", job_id="backbone/b", steps=range(1, 4)
     """A job as `spot.workflow.runner.run_job` runs it, whose stage logs a loss per step; returns (its
     run id, its record)."""
     params = params or {"backbone": "b"}
-    with tracking.JobRun(out, experiment=name, uri=uri, stage=stage, job=job_id, params=params, inputs=inputs) as run:
+    with JobRun(out, experiment=name, uri=uri, stage=stage, job=job_id, params=params, inputs=inputs) as run:
         if resume is not None:
             live.start_series(resume)
         for s in steps:
@@ -87,14 +88,14 @@ def job(out, uri, name, stage="backbone", job_id="backbone/b", steps=range(1, 4)
 
 def test_log_is_idempotent_and_a_changed_record_replaces_the_run(tmp_path, uri):
     d = record(tmp_path / "r")
-    first = tracking.log_record(d, "idem", uri)
-    assert tracking.log_record(d, "idem", uri) == first
+    first = log_record(d, "idem", uri)
+    assert log_record(d, "idem", uri) == first
     (r,) = runs(uri, "idem")
     assert r.data.metrics["evaluate/top1"] == 0.5 and r.data.params["prior"] == "uniform"
     assert r.data.tags["spot.job"] == "evaluate/b/uniform/4" and "code_version" in r.data.params
     assert sorted(a.path for a in MlflowClient(uri).list_artifacts(first)) == ["metrics.json", "run.json"]
     record(d, top1=0.75)
-    second = tracking.log_record(d, "idem", uri)
+    second = log_record(d, "idem", uri)
     (r,) = runs(uri, "idem")
     assert second != first and r.info.run_id == second and r.data.metrics["evaluate/top1"] == 0.75
 
@@ -106,7 +107,7 @@ def test_live_run_spans_the_job_and_shows_its_series_while_it_runs(tmp_path, uri
     write_json(shards / "manifest.json", {"splits": {"train": {"count": 8, "shards": [{"sha256": "ab" * 32}]},
                                                      "val": {"count": 2, "shards": [{"sha256": "cd" * 32}]}}})
     out, seen = tmp_path / "out", {}
-    with tracking.JobRun(out, experiment="live", uri=uri, stage="backbone", job="backbone/b", params={"seed": 0},
+    with JobRun(out, experiment="live", uri=uri, stage="backbone", job="backbone/b", params={"seed": 0},
                          inputs={"shards": shards}) as run:
         for s in (1, 2, 3):
             live.log_metrics({"train/loss": 1.0 / s}, step=s)
@@ -122,7 +123,7 @@ def test_live_run_spans_the_job_and_shows_its_series_while_it_runs(tmp_path, uri
     assert seen == dict(status="RUNNING", loss=[(1, 1.0), (2, 0.5), (3, 1 / 3)], params={"seed": "0", **{
         "code_version": rec["code_version"]}})
     (r,) = runs(uri, "live")
-    assert r.info.status == "FINISHED" and rec["series"] == "series.csv"
+    assert r.info.status == "FINISHED" and rec["series"] == "series.csv" and r.info.run_name == "b backbone"
     assert r.info.start_time == ms(rec["started"])                   # ends when its logging is done
     assert ms(rec["ended"]) <= r.info.end_time < ms(rec["ended"]) + 3000
     assert 1000 <= r.info.end_time - r.info.start_time < 4000
@@ -147,13 +148,20 @@ def test_live_run_spans_the_job_and_shows_its_series_while_it_runs(tmp_path, uri
 def test_list_metrics_are_step_series_and_names_say_their_stage(tmp_path, uri):
     d = record(tmp_path / "o", job="oracle-gather/b/4", stage="oracle-gather",
                metrics=dict(top1=0.7, top1_init=0.5, accuracy_per_step=[0.5, 0.6, 0.7], steps=2))
-    rid = tracking.log_record(d, "lists", uri)
+    rid = log_record(d, "lists", uri)
     assert history(uri, rid, "oracle/accuracy") == [(0, 0.5), (1, 0.6), (2, 0.7)]
     assert MlflowClient(uri).get_run(rid).data.metrics == {"oracle/top1": 0.7, "oracle/top1_init": 0.5,
                                                            "oracle/accuracy": 0.7, "oracle/steps": 2}
     assert metric_name("transfer", "top1_transfer") == "transfer/top1_transfer"
     assert metric_name("evaluate", "top1") == "evaluate/top1"
     assert metric_name("backbone", "train_loss") == "train/epoch_loss"
+
+
+def test_run_names_put_what_tells_runs_apart_first():
+    """MLflow's runs table cuts long names: the backbone, prior and budget come before the stage."""
+    assert run_name("evaluate", "evaluate/spot-s1/uniform/16") == "spot-s1 uniform N=16 evaluate"
+    assert run_name("oracle", "oracle/spot-s1/4/0") == "spot-s1 N=4 part 0 oracle"
+    assert run_name("report", "report") == "report"
 
 
 def test_failed_job_ends_its_run_failed_and_the_rerun_replaces_it(tmp_path, uri):
@@ -180,9 +188,9 @@ def test_a_rerun_with_other_params_keeps_the_old_run_visible_and_superseded(tmp_
 def test_a_finished_rerun_with_other_params_ends_a_killed_attempt(tmp_path, uri):
     """A job killed before its record leaves its run RUNNING; the job's rerun with other params keeps it,
     superseded, and ends it KILLED."""
-    c = tracking.connect(uri)
-    attempt = dict(stage="backbone", job="backbone/b", params={"backbone": "b", "train.lr": 0.1}, code_version="x")
-    killed = tracking.new_run(c, tracking.experiment_id(c, "killed"), attempt, tmp_path / "b")
+    c = store.connect(uri)
+    attempt = {"spot.job": "backbone/b", PARAMS_TAG: lineage({"backbone": "b", "train.lr": 0.1}, None)}
+    killed = c.create_run(store.experiment_id(c, "killed"), tags=attempt).info.run_id
     run_id, _ = job(tmp_path / "b", uri, "killed", params={"backbone": "b", "train.lr": 0.01})
     r = c.get_run(killed)
     assert r.info.status == "KILLED" and r.data.tags["spot.superseded_by"] == run_id
@@ -231,13 +239,13 @@ def test_unreachable_server_one_warning_then_sync_replays_series_and_times(tmp_p
     assert err.count("spot: warning:") == 1 and "mlflow-sync" in err, err
     for i in range(2):
         record(tmp_path / "out" / f"r{i}", job=f"evaluate/b/uniform/{i}")
-    ids = tracking.sync(tmp_path / "out", "sync", uri)
+    ids = sync(tmp_path / "out", "sync", uri)
     assert len(set(ids)) == 3 and len(runs(uri, "sync")) == 3
     r = next(r for r in runs(uri, "sync") if r.data.tags["spot.job"] == "backbone/b")
     assert same_series(history(uri, r.info.run_id, "train/loss"), [(1, 1.0), (2, 0.5), (3, 1 / 3)])
     assert r.info.start_time == ms(rec["started"]) and r.info.end_time == ms(rec["ended"])
     assert r.info.end_time - r.info.start_time >= 500
-    assert tracking.sync(tmp_path / "out", "sync", uri) == ids       # a second sync adds nothing
+    assert sync(tmp_path / "out", "sync", uri) == ids       # a second sync adds nothing
 
 
 def test_runs_of_one_job_warn_once_when_the_server_is_down(tmp_path, capsys):
@@ -245,7 +253,7 @@ def test_runs_of_one_job_warn_once_when_the_server_is_down(tmp_path, capsys):
     down the job warns once, and no run logs anything (their records stay for mlflow-sync)."""
     down = closed_port()
     with contextlib.ExitStack() as stack:
-        runs = [stack.enter_context(tracking.JobRun(tmp_path / str(n), experiment="x", uri=down, stage="evaluate",
+        runs = [stack.enter_context(JobRun(tmp_path / str(n), experiment="x", uri=down, stage="evaluate",
                                                     job=f"evaluate/b/uniform/{n}", params={})) for n in (4, 16)]
     for r in runs:
         write_run_record(r.out, stage="evaluate", job=r.job, params={}, metrics={"top1": 0.5}, artifacts=[],
@@ -256,17 +264,17 @@ def test_runs_of_one_job_warn_once_when_the_server_is_down(tmp_path, capsys):
 
 def test_parent_run_nests_the_jobs_and_an_empty_one_is_deleted(tmp_path, uri):
     cfg = {"name": "nest", "mlflow": {"tracking_uri": uri}, "seed": 0}
-    parent = tracking.start_pipeline(cfg, "params.yaml")
+    parent = store.start_pipeline(cfg, "params.yaml")
     run_id, _ = job(tmp_path / "b", uri, "nest")
-    tracking.end_pipeline(cfg)
+    store.end_pipeline(cfg)
     c = MlflowClient(uri)
     assert c.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
     p = c.get_run(parent)
     assert p.info.status == "FINISHED" and p.data.tags["spot.pipeline"] == "snakemake"
     assert set(p.data.params) == {"params_file", "code_version"}       # the jobs log the values they read
     assert "spot.job" not in p.data.tags
-    empty = tracking.start_pipeline(cfg, "params.yaml")
-    tracking.end_pipeline(cfg)
+    empty = store.start_pipeline(cfg, "params.yaml")
+    store.end_pipeline(cfg)
     assert c.get_run(empty).info.lifecycle_stage == "deleted"
 
 
@@ -278,7 +286,7 @@ def test_report_run_shows_the_results_table(tmp_path, uri):
     write_json(d / "metrics.json", {"b/grid/4/top1": 0.5, "b/uniform/4/top1": 0.625})
     write_run_record(d, stage="report", job="report", params={}, metrics={"rows": 2},
                      artifacts=["results.csv", "tables.md", "metrics.json"])
-    rid = tracking.log_record(d, "report", uri)
+    rid = log_record(d, "report", uri)
     r = MlflowClient(uri).get_run(rid)
     assert r.data.metrics == {"report/rows": 2}           # its cells are in the table, not a column each
     assert r.data.tags["mlflow.note.content"] == (d / "tables.md").read_text()
@@ -288,9 +296,9 @@ def test_report_run_shows_the_results_table(tmp_path, uri):
 
 def test_tracking_uri_environment_overrides_params(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
-    assert tracking.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}) == "http://elsewhere:5000"
+    assert store.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}) == "http://elsewhere:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///x.db"}}) == "sqlite:///x.db"
+    assert store.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///x.db"}}) == "sqlite:///x.db"
 
 
 def test_stages_depend_on_the_logging_interface_not_on_mlflow_code():
@@ -302,18 +310,6 @@ def test_stages_depend_on_the_logging_interface_not_on_mlflow_code():
     assert not any(p.startswith("spot/workflow/") or p == "spot/cli.py" for d in deps.values() for p in d)
 
 
-def test_a_process_start_is_after_its_parent_asked_for_it():
-    """A job's run starts with its process: not before Snakemake spawned it (psutil alone: up to 1 s early)."""
-    import subprocess
-    import sys
-    for _ in range(3):
-        before = time.time()
-        out = subprocess.run([sys.executable, "-c", "import time; from spot.workflow.tracking import process_start; "
-                              "print(process_start(), time.time())"], capture_output=True, text=True, check=True)
-        start, now = map(float, out.stdout.split())
-        assert before - 0.011 <= start <= now, (before, start, now)    # a clock tick (10 ms) of rounding
-
-
 def registered(uri, name: str, run_id: str):
     """Model `name` loaded through MLflow's registry: it is the one model of run `run_id`, saved as code
     and files (no pickle: loading it runs no unpickler)."""
@@ -321,7 +317,7 @@ def registered(uri, name: str, run_id: str):
     (version,) = MlflowClient(uri).search_model_versions(f"name = '{name}'")
     (output,) = MlflowClient(uri).get_run(run_id).outputs.model_outputs
     assert version.run_id == run_id and version.source.endswith(output.model_id)
-    tracking.fluent(uri)                                # sets MLflow's store without exporting it
+    store.fluent(uri)                                # sets MLflow's store without exporting it
     files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
     assert not [p.name for p in files.rglob("*") if p.suffix in (".pkl", ".pickle")], list(files.rglob("*"))
     return mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
@@ -338,6 +334,9 @@ def test_a_backbone_is_a_registered_mlflow_model_giving_its_logits(tmp_path, uri
           depth=1, num_heads=2, num_classes=10)
     run_id, _ = job(out, uri, "models", job_id="backbone/tiny", params={"backbone": "tiny"})
     model = registered(uri, "spot-tiny", run_id)
+    (version,) = MlflowClient(uri).search_model_versions("name = 'spot-tiny'")
+    assert version.description.startswith("Backbone `tiny`: timm `vit_tiny_patch16_224`, 28 px, patch 4, 10 classes")
+    assert "fetched (timm pretrained)" in version.description and "job `backbone/tiny`" in version.description
     assert model.metadata.signature.inputs.input_names() == ["images", "positions"]
     assert model.metadata.load_input_example()["positions"].shape == (1, 4, 2)
     images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -360,6 +359,8 @@ def test_a_placer_is_a_registered_mlflow_model_giving_its_positions(tmp_path, ur
     save_placer(Placer(4, in_size=8, width=2, seed=3), out, meta=dict(backbone="tiny", budget=4))
     run_id, _ = job(out, uri, "models", stage="placer", job_id="placer/tiny/4", params={"backbone": "tiny", "budget": 4})
     model = registered(uri, "spot-placer-tiny-4", run_id)
+    (version,) = MlflowClient(uri).search_model_versions("name = 'spot-placer-tiny-4'")
+    assert version.description.startswith("Placer of backbone `tiny` for N = 4 tokens; job `placer/tiny/4`")
     images = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     got = model.predict({"images": images.numpy()})
     with torch.inference_mode():
@@ -416,17 +417,17 @@ def test_concurrent_jobs_logging_the_same_new_datasets_lose_no_run(tmp_path):
     """8 processes log jobs at once with the same new datasets to a fresh SQLite store, whose SQLAlchemy store
     get-or-creates a dataset's row in two steps: the process that loses the race finds the row and goes on."""
     uri = f"sqlite:///{tmp_path / 'race.db'}"
-    assert tracking.init("race", uri)
+    assert store.init("race", uri)
     concurrent_jobs(uri, "race", tmp_path)
 
 
 KILLED_JOB = """
 import os, signal, sys
 from spot.utils import live
-from spot.workflow import tracking
 from spot.workflow.outputs import write_run_record
+from spot.workflow.tracking.job_run import JobRun
 out, uri, params = sys.argv[1], sys.argv[2], {"backbone": "b", "prior": "uniform", "budget": 4}
-with tracking.JobRun(out, experiment="orphan", uri=uri, stage="evaluate", job="evaluate/b/uniform/4",
+with JobRun(out, experiment="orphan", uri=uri, stage="evaluate", job="evaluate/b/uniform/4",
                      params=params) as run:
     live.log_metrics({"evaluate/loss": 0.5}, step=1)
     write_run_record(out, stage="evaluate", job=run.job, params=params, metrics={"top1": 0.5}, artifacts=[],
@@ -443,30 +444,30 @@ def test_sync_replaces_the_orphan_of_a_killed_job_under_its_parent_and_the_end_l
     import subprocess
     import sys
     cfg = {"name": "orphan", "root": str(tmp_path / "out"), "mlflow": {"tracking_uri": uri}}
-    parent = tracking.start_pipeline(cfg, "params.yaml")
+    parent = store.start_pipeline(cfg, "params.yaml")
     out = tmp_path / "out" / "eval"
     r = subprocess.run([sys.executable, "-c", KILLED_JOB, str(out), uri], capture_output=True, text=True)
     assert r.returncode == -9 and (out / "run.json").is_file(), r.stderr[-2000:]
     (orphan,) = [r for r in runs(uri, "orphan") if "spot.job" in r.data.tags]
     assert orphan.info.status == "RUNNING" and orphan.data.tags["mlflow.parentRunId"] == parent
-    line = tracking.check(cfg, "config/x.yaml")
+    line = store.check(cfg, "config/x.yaml")
     assert line.startswith("spot: warning: 1 jobs did not reach MLflow") and "(evaluate/b/uniform/4)" in line, line
     assert line.endswith("`spot mlflow-sync --params config/x.yaml`"), line
-    tracking.end_pipeline(cfg)
-    monkeypatch.delenv(tracking.PARENT_ENV)                   # the sync runs later, from a shell
-    (run_id,) = tracking.sync(tmp_path / "out", "orphan", uri)
+    store.end_pipeline(cfg)
+    monkeypatch.delenv(store.PARENT_ENV)                   # the sync runs later, from a shell
+    (run_id,) = sync(tmp_path / "out", "orphan", uri)
     (r,) = [r for r in runs(uri, "orphan") if "spot.job" in r.data.tags]
     assert r.info.run_id == run_id != orphan.info.run_id and r.info.status == "FINISHED"
     assert r.data.tags["mlflow.parentRunId"] == parent and r.info.start_time == orphan.info.start_time
     assert r.data.metrics["evaluate/top1"] == 0.5 and history(uri, run_id, "evaluate/loss") == [(1, 0.5)]
     assert MlflowClient(uri).get_run(orphan.info.run_id).info.lifecycle_stage == "deleted"
-    assert tracking.check(cfg, "params.yaml").startswith("MLflow runs: `mlflow ui --backend-store-uri sqlite:")
+    assert store.check(cfg, "params.yaml").startswith("MLflow runs: `mlflow ui --backend-store-uri sqlite:")
 
 
 def test_a_run_whose_logging_fails_ends_failed_and_the_end_line_names_its_job(tmp_path, uri, capsys):
     """The store refuses a metric name: the job goes on with one warning, its run ends FAILED (not RUNNING),
     tagged with the error, and the end-of-run line names the job."""
-    with tracking.JobRun(tmp_path / "out" / "b", experiment="refused", uri=uri, stage="backbone", job="backbone/b",
+    with JobRun(tmp_path / "out" / "b", experiment="refused", uri=uri, stage="backbone", job="backbone/b",
                          params={}) as run:
         live.log_metrics({"train/bad#name": 1.0}, step=1)
         write_run_record(run.out, stage="backbone", job=run.job, params={}, metrics={}, artifacts=[],
@@ -477,7 +478,7 @@ def test_a_run_whose_logging_fails_ends_failed_and_the_end_line_names_its_job(tm
     assert r.info.status == "FAILED" and r.data.tags["spot.error"].startswith("logging failed: "), r.data.tags
     assert "bad#name" in r.data.tags["spot.error"]
     cfg = {"name": "refused", "root": str(tmp_path / "out"), "mlflow": {"tracking_uri": uri}}
-    assert "1 jobs did not reach MLflow" in tracking.check(cfg, "params.yaml")
+    assert "1 jobs did not reach MLflow" in store.check(cfg, "params.yaml")
 
 
 @pytest.mark.stage                     # one Snakemake job in a repository copy: about 30 s

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from spot.core.devices import autocast_for, resolve_device, to_device
 from spot.core.model import SPoTViT
-from spot.core.priors import PRIORS, sample_positions
+from spot.core.priors import sample_positions
 from spot.data.decoded import Decoded, rank_rows, train_rows
 from spot.data.geometry import overlay
 from spot.data.loading import class_names
@@ -100,13 +100,8 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
     of the same fingerprint (mid-epoch too) and starts over from another, True stops on another,
     False ignores it. `max_steps` stops early (for tests). Returns the final metrics.
     """
-    tokens = spec["tokens"]
-    if tokens not in ("spot", "grid"):
-        raise ValueError(f"tokens must be 'spot' or 'grid', got {tokens!r} (backbones.{name}.tokens)")
+    tokens = spec["tokens"]                        # the schema holds tokens and priors to what a training takes
     priors, token_range, batch_size = list(tcfg["priors"]), tuple(tcfg["token_range"]), tcfg["batch_size"]
-    bad = [p for p in priors if p not in PRIORS or p in ("salient", "inv_salient", "edge")]
-    if bad:
-        raise ValueError(f"train.priors: {bad[0]!r} is not a training prior (use maps-free priors)")
     manifest = read_json(Path(shards_dir) / "manifest.json")
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if ddp:

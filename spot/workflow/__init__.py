@@ -1,1 +1,2 @@
-"""The workflow: stage type and table, layout, job runner, run records, config, preflight, DVC, MLflow tracking."""
+"""The workflow: stage type and table, backbone specs, layout, job runner, run records, config, preflight,
+DVC, MLflow tracking."""

@@ -110,9 +110,8 @@ def validate(cfg: dict, source: str = "params.yaml") -> dict:
         raise ValueError(f"{source}: saliency.model: {model!r} is not a backbone of this file")
     if "model_salient" in cfg["eval"]["priors"] and model is None:
         raise ValueError(f"{source}: eval.priors: 'model_salient' needs saliency.model (the backbone making its maps)")
-    if "model_salient" in cfg["train"]["priors"] + [cfg["oracle"]["prior"]]:
-        raise ValueError(f"{source}: prior 'model_salient' is for eval.priors only (train.priors, oracle.prior: "
-                         "use 'salient')")
+    if cfg["oracle"]["prior"] == "model_salient":
+        raise ValueError(f"{source}: oracle.prior: 'model_salient' is for eval.priors only (use 'salient')")
     if "placer" in place["methods"] and place["placer"]["init"] == "learned" and "learned" not in place["methods"]:
         raise ValueError(f"{source}: placement.placer.init: 'learned' needs 'learned' in placement.methods")
     if 0 not in cfg["eval"]["prior_seeds"]:

@@ -14,10 +14,10 @@ from spot.data.imagenet import SOURCE as IMAGENET_SOURCE
 from spot.data.imagenet import imagenet_classes
 from spot.data.shards import per_split
 from spot.data.sources import FASHION_MNIST_FILES, class_folder, make_source, source_classes
-from spot.training.backbones import checkpoint_shapes
+from spot.training.backbones import build, checkpoint_shapes
 from spot.training.checkpoint import misfit
 from spot.utils.text import describe_error, one_line
-from spot.workflow.config import TRAIN_MODEL
+from spot.workflow.backbone_spec import classes_of, model_spec
 
 
 class Problem(Exception):
@@ -37,6 +37,7 @@ def check(cfg: dict, source: str, devices: bool = True) -> None:
             check_device(cfg["device"])
         check_data(cfg["data"])
         check_checkpoints(cfg["backbones"])
+        check_inits(cfg["backbones"])
         models = backbone_models(cfg)
         shapes = {name: shape_of(cfg, name, model) for name, model in models.items()}
         check_heads(cfg, models)
@@ -119,36 +120,29 @@ def check_checkpoints(backbones: dict) -> None:
                           FileNotFoundError)
 
 
-def model_spec(cfg: dict, name: str, seen: tuple = ()) -> tuple[str, str, dict]:
-    """(backbone whose spec defines the architecture, timm name, create_model kwargs) of backbone
-    `name`: a `make: train` with `init` has the architecture of its init backbone."""
-    spec = cfg["backbones"][name]
-    if spec["make"] == "train" and spec.get("init"):
-        if spec["init"] in (*seen, name):
-            chain = " -> ".join((*seen, name, spec["init"]))
-            raise Problem(f"backbones.{(*seen, name)[0]}.init", f"init cycle {chain}")
-        return model_spec(cfg, spec["init"], (*seen, name))
-    arch = dict(spec.get("arch") or {})
-    if spec["make"] == "fetch":
-        return name, spec["model"], arch
-    return name, spec.get("model", TRAIN_MODEL), {"num_classes": len(classes_of(cfg["data"])), **arch}
+def check_inits(backbones: dict) -> None:
+    """A fine-tuned backbone's `init` chain ends in a backbone without one."""
+    for name in backbones:
+        chain = [name]
+        while (init := backbones[chain[-1]].get("init")) and backbones[chain[-1]]["make"] == "train":
+            if init in chain:
+                raise Problem(f"backbones.{name}.init", f"init cycle {' -> '.join([*chain, init])}")
+            chain.append(init)
 
 
 def build_meta(name: str, timm_name: str, kwargs: dict, has_arch: bool) -> torch.nn.Module:
-    """The timm model, built without weights on the meta device (on the CPU if meta is refused)."""
+    """The model `spot.training.backbones.build` makes, without weights: on the meta device (on the CPU
+    where timm refuses it)."""
     if not timm.is_model(timm_name.split(".")[0]):
         raise Problem(f"backbones.{name}.model", f"unknown timm model {timm_name!r}")
     key = f"backbones.{name}.arch" if has_arch else f"backbones.{name}.model"
-    try:
-        with torch.device("meta"):
-            return timm.create_model(timm_name, pretrained=False, **kwargs)
-    except Exception as e:  # noqa: BLE001 - any failure of timm is a bad architecture
-        if "meta" not in str(e):
-            raise Problem(key, f"timm cannot build {timm_name!r} ({describe_error(e)})") from None
-    try:
-        return timm.create_model(timm_name, pretrained=False, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise Problem(key, f"timm cannot build {timm_name!r} ({describe_error(e)})") from None
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                return build(timm_name, kwargs, pretrained=False)
+        except Exception as e:  # noqa: BLE001 - any failure of timm is a bad architecture
+            if device == "cpu" or "meta" not in str(e):
+                raise Problem(key, f"timm cannot build {timm_name!r} ({describe_error(e)})") from None
 
 
 def shape_of(cfg: dict, name: str, model: torch.nn.Module) -> tuple[int, int, int]:
@@ -186,11 +180,6 @@ def backbone_models(cfg: dict) -> dict[str, torch.nn.Module]:
             built[owner] = build_meta(owner, timm_name, kwargs, bool(cfg["backbones"][owner].get("arch")))
         models[name] = built[owner]
     return models
-
-
-def classes_of(data: dict) -> list[str]:
-    """The data source's class names in label order (`spot.data.sources.source_classes`)."""
-    return source_classes(data["source"], data["root"])
 
 
 def check_heads(cfg: dict, models: dict[str, torch.nn.Module]) -> None:

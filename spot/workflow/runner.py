@@ -52,13 +52,11 @@ def run_pass(stage: Stage, cfg: dict, layout: Layout, job: dict, group: list[dic
              options: dict) -> None:
     """One call of a `one_pass` stage for the folders `group`, each with its own MLflow run.
     The runs nest in the order they open, so they finish last-opened first."""
-    from spot.workflow import tracking
     key = stage.one_pass
     outs = {f[key]: layout(stage.output, **f) for f in group}
     inputs = stage.job_inputs(cfg, layout, job, group)
     with contextlib.ExitStack() as stack:
-        started = tracking.job_start()
-        runs = {f[key]: stack.enter_context(job_run(stage, cfg, f, outs[f[key]], inputs, started)) for f in group}
+        runs = {f[key]: stack.enter_context(job_run(stage, cfg, f, outs[f[key]], inputs)) for f in group}
         shared = {k: v for k, v in group[0].items() if k != key}
         records = run(cfg_job, inputs, outs, **shared, **options)
         for value in reversed(list(runs)):
@@ -66,16 +64,15 @@ def run_pass(stage: Stage, cfg: dict, layout: Layout, job: dict, group: list[dic
 
 
 @contextlib.contextmanager
-def job_run(stage: Stage, cfg: dict, folder: dict, out, inputs: dict, started: str | None = None):
+def job_run(stage: Stage, cfg: dict, folder: dict, out, inputs: dict):
     """Write folder `out` (wildcards `folder`): locked, markers removed (`spot.utils.io.writing`),
-    inside its MLflow run (`spot.workflow.tracking.JobRun`), which the block yields. The run starts at
-    `started`, default now or, for the process's first job, at the process's start."""
+    inside its MLflow run (`spot.workflow.tracking.job_run.JobRun`), which the block yields."""
     from spot.utils.io import writing
-    from spot.workflow import tracking
+    from spot.workflow.tracking.job_run import JobRun
+    from spot.workflow.tracking.store import tracking_uri
     params = folder | stage.param_values(cfg, folder)
-    with writing(out), tracking.JobRun(out, experiment=cfg["name"], uri=tracking.tracking_uri(cfg), stage=stage.name,
-                                       job=stage.job_id(folder), params=params, inputs=inputs,
-                                       started=started or tracking.job_start()) as run:
+    with writing(out), JobRun(out, experiment=cfg["name"], uri=tracking_uri(cfg), stage=stage.name,
+                              job=stage.job_id(folder), params=params, inputs=inputs) as run:
         yield run
 
 

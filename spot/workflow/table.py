@@ -7,15 +7,10 @@ jobs with the same commands, and rerun them on the same parameters.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
-import importlib.metadata
-import os
-from pathlib import Path
 
-from spot.data.geometry import GEOMETRY, geometry_name, overlay
+from spot.data.geometry import geometry_name
 from spot.methods import LABEL_FREE
-from spot.utils.io import read_json, write_json
+from spot.workflow.backbone_spec import planned_data_config
 from spot.workflow.config import paired_runs, primaries, same_draw
 from spot.workflow.stage import Stage, lookup, product
 
@@ -36,48 +31,6 @@ def backbone_inputs(cfg, w):
 def decoded(cfg, backbone):
     """The decoded images a backbone reads (its data geometry, planned from the config)."""
     return ("decoded", {"geometry": geometry_name(planned_data_config(cfg, backbone))})
-
-
-def planned_data_config(cfg: dict, backbone: str) -> dict:
-    """The geometry backbone `backbone` of `cfg` will have (what `spot.core.model.SPoTViT`, `fetch` and
-    training give it), known before it exists: timm's pretrained config of its model at its image
-    size (a fine-tuned one: its `init`'s), then `train.data_config` for trained backbones, then the
-    backbone's own `data_config`."""
-    spec = cfg["backbones"][backbone]
-    if spec["init"]:
-        dc = planned_data_config(cfg, spec["init"])
-    else:
-        pre = pretrained_geometry(spec["model"])
-        if pre is None:
-            raise ValueError(f"backbones.{backbone}.model: unknown timm model {spec['model']!r}")
-        size = spec["arch"].get("img_size", pre["input_size"][1:])
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        dc = dict(pre, input_size=(3, *size))
-    dc = overlay(dc, cfg["train"]["data_config"] if spec["make"] == "train" else {}, spec["data_config"])
-    return {k: dc[k] for k in GEOMETRY}
-
-
-@functools.cache
-def pretrained_geometry(model: str) -> dict | None:
-    """The geometry of timm model `model`'s pretrained config (None: no such model), kept per timm
-    version in `$XDG_CACHE_HOME/spot/` (default ~/.cache) and per process: every job plans its input
-    folders with it, and reading the cache spares the jobs that load no model the import of timm (2 s)."""
-    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spot" / \
-        f"timm-{importlib.metadata.version('timm')}-pretrained.json"
-    try:
-        cache = read_json(path)
-    except (OSError, ValueError):
-        cache = {}
-    if model not in cache:
-        import timm
-        pre = timm.models.get_pretrained_cfg(model)
-        if pre is None:
-            return None
-        cache[model] = dict(input_size=list(pre.input_size), interpolation=pre.interpolation,
-                            crop_pct=pre.crop_pct, crop_mode=pre.crop_mode)
-        with contextlib.suppress(OSError):                       # a read-only home: no cache, same answer
-            write_json(path, cache)
-    return cache[model]
 
 
 def geometries(cfg) -> list[dict]:

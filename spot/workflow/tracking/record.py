@@ -1,25 +1,37 @@
-"""A job's record (run.json) as the contents of its MLflow run: metric names, tags, params, input
-datasets, metrics and files. `spot.workflow.tracking` decides when each is logged."""
+"""A job's record (run.json) as the contents of its MLflow run, and records logged after their job.
+
+One run per job folder and params: a finished run replaces the folder's earlier runs with its params (tag
+`spot.job`); those with other params stay, tagged `spot.superseded_by`; a failed run replaces nothing. A
+record already logged complete (tag `spot.record_hash`) is left alone.
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import time
 import warnings
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
-from spot.utils.io import read_csv, read_json
-from spot.utils.records import as_list, digest
-from spot.workflow.models import log_model
-from spot.workflow.series import read_series
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-JOB_TAG, HASH_TAG = "spot.job", "spot.record_hash"
-PARAMS_TAG, SUPERSEDED_TAG = "spot.params_hash", "spot.superseded_by"   # the job's params; the run that replaced it
+from spot.utils.io import read_csv, read_json
+from spot.utils.progress import progress
+from spot.utils.records import as_list, digest
+from spot.utils.text import describe_error
+from spot.workflow.layout import wildcards
+from spot.workflow.table import STAGE
+from spot.workflow.tracking.registry import log_model
+from spot.workflow.tracking.series import read_series
+from spot.workflow.tracking.store import ERROR_TAG, HASH_TAG, JOB_TAG, connect, experiment_id, source_tags
+
+PARAMS_TAG, SUPERSEDED_TAG = "spot.params_hash", "spot.superseded_by"   # the job's lineage; the run that replaced it
 PREFIX = {"oracle": "oracle-part", "oracle-gather": "oracle", "analyze": "analysis"}
 RENAME = {"backbone": {"train_loss": "train/epoch_loss", "train_acc": "train/epoch_acc", "step": None, "epoch": None}}
 DATA_FILES = ("manifest.json", "decoded.json")     # an input folder holding one of these is data
+LABEL = {"budget": "N={}", "part": "part {}"}      # a wildcard's value in a run name; others bare
 MAX_NOTE = 8000                                    # MLflow's longest tag value
 
 
@@ -36,58 +48,31 @@ def metric_name(stage: str, key: str) -> str | None:
     return f"{PREFIX.get(stage, stage)}/{key.removesuffix('_per_step')}"
 
 
-def ui_link(uri: str, experiment_id: str) -> str:
-    """Where a person sees the experiment's runs table: its URL on a server, else the `mlflow ui` command
-    and the page. `workflowType=machine_learning` opens MLflow 3's runs, not its GenAI pages."""
-    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{page}"
-    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
-
-
-def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def run_name(stage: str, job: str) -> str:
+    """'spot-s0 uniform N=16 evaluate' for job 'evaluate/spot-s0/uniform/16': what tells a job's runs
+    apart first (MLflow's runs table cuts long names), the stage last."""
+    names = wildcards(STAGE[stage].output) if stage in STAGE else []
+    values = job.split("/")[1:]
+    return " ".join([LABEL.get(n, "{}").format(v) for n, v in zip(names + [""] * len(values), values)] + [stage])
 
 
 def ms(iso: str | None) -> int | None:
     """Milliseconds since the epoch of an ISO time (None stays None)."""
-    return None if iso is None else int(datetime.fromisoformat(iso).timestamp() * 1000)
+    return None if iso is None else round(datetime.fromisoformat(iso).timestamp() * 1000)
 
 
-def system_metrics() -> bool:
-    """MLflow's system metrics (CPU, memory, disk, network, GPU): on unless
-    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says false."""
-    return os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("false", "0")
-
-
-def in_experiment(c, run_id: str, exp: str) -> bool:
-    """Whether `run_id` is a run of experiment `exp` (a stale parent id of another store is not)."""
-    try:
-        return c.get_run(run_id).info.experiment_id == exp
-    except Exception:  # noqa: BLE001 - no such run here
-        return False
-
-
-def source_tags(version: str) -> dict:
-    """The tags MLflow's run context gives (user, source type, git of the entry point), and the git
-    commit and remote of the `spot` code when it is `version` (run.json's `code_version`)."""
-    from mlflow.tracking.context.registry import resolve_tags
-    from mlflow.utils.git_utils import get_git_commit, get_git_repo_url
-    package = str(Path(__file__).resolve().parents[1])
-    tags = resolve_tags({"spot.code_version": version})
-    if (commit := get_git_commit(package)) and commit.startswith(version.removesuffix("-dirty")):
-        tags |= {"mlflow.source.git.commit": commit, "mlflow.source.git.repoURL": get_git_repo_url(package)}
-    return {k: v for k, v in tags.items() if v is not None}
+def iso(ms: int) -> str:
+    """run.json's time (ISO 8601, UTC, milliseconds) of a time in milliseconds since the epoch."""
+    return datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000).isoformat(timespec="milliseconds")
 
 
 def job_tags(record: dict, out) -> dict:
-    """A job's tags: `spot.job`, `spot.stage`, its name, source file and note, its environment
+    """A job's tags: `spot.job`, `spot.stage`, its lineage, source file and note, its environment
     (`spot.env.<key>`) and the source tags."""
-    from spot.workflow.table import STAGE
     stage, job = record["stage"], record["job"]
     about = STAGE[stage].help if stage in STAGE else stage
     tags = {JOB_TAG: job, PARAMS_TAG: lineage(record["params"], record.get("inputs")), "spot.stage": stage,
-            "mlflow.runName": job, "mlflow.source.name": f"spot/stages/{stage.replace('-', '_')}.py",
+            "mlflow.source.name": f"spot/stages/{stage.replace('-', '_')}.py",
             "mlflow.note.content": f"**{job}**: {about}.\n\nJob folder: `{out}`"}
     env = {f"spot.env.{k}": str(v) for k, v in (record.get("environment") or {}).items() if v is not None}
     return source_tags(record["code_version"]) | tags | env
@@ -106,14 +91,6 @@ def lineage(params: dict, inputs: dict | None, seen: dict | None = None) -> str:
     return digest([params, upstream])
 
 
-def log_params(c, run_id: str, params: dict, version: str) -> None:
-    """`params` (values cut to MLflow's 6000 characters) and `code_version`, 100 to a batch."""
-    from mlflow.entities import Param
-    values = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())] + [Param("code_version", version)]
-    for i in range(0, len(values), 100):
-        c.log_batch(run_id, params=values[i:i + 100])
-
-
 def sha256_values(tree) -> list[str]:
     """Every 'sha256' value of a manifest, in sorted key order."""
     if isinstance(tree, dict):
@@ -121,10 +98,9 @@ def sha256_values(tree) -> list[str]:
     return [x for v in tree for x in sha256_values(v)] if isinstance(tree, list) else []
 
 
-def dataset(name: str, folder: Path, context: str):
+def dataset(name: str, folder: Path, context: str) -> DatasetInput | None:
     """The MLflow dataset of a data folder (None for others): its digest from the shards' sha256 in
     its manifest (the manifest's own without any), its profile the image count per split."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
     path = next((folder / f for f in DATA_FILES if (folder / f).is_file()), None)
     if path is None:
         return None
@@ -164,12 +140,11 @@ def duplicate(error: Exception) -> bool:
     return any(s in str(error) for s in ("UNIQUE constraint failed", "UniqueViolation", "duplicate key value"))
 
 
-def log_rows(c, run_id: str, rows: list[tuple], synchronous: bool = True) -> list:
-    """Rows (key, step, value, timestamp ms) as MLflow metrics, 1000 to a batch; with
-    `synchronous=False` through MLflow's async queue, returning its operations to wait on."""
-    from mlflow.entities import Metric
-    return [c.log_batch(run_id, metrics=[Metric(k, float(v), int(t), int(s)) for k, s, v, t in rows[i:i + 1000]],
-                        synchronous=synchronous) for i in range(0, len(rows), 1000)]
+def log_rows(c, run_id: str, rows: list[tuple], synchronous: bool = True):
+    """Rows (key, step, value, timestamp ms) as MLflow metrics; with `synchronous=False` through MLflow's
+    async queue, returning its operation to wait on."""
+    return c.log_batch(run_id, metrics=[Metric(k, float(v), int(t), int(s)) for k, s, v, t in rows],
+                       synchronous=synchronous)
 
 
 def record_rows(record: dict, run_dir: Path) -> list[tuple]:
@@ -189,6 +164,10 @@ def record_rows(record: dict, run_dir: Path) -> list[tuple]:
     return rows
 
 
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def complete(c, run_id: str, run_dir: Path, record: dict) -> None:
     """The record's metrics (`record_rows`), its files (a backbone's weights: its MLflow model), the report's
     results.csv as an MLflow table and tables.md as the run's description, and last the tag
@@ -206,5 +185,67 @@ def complete(c, run_id: str, run_dir: Path, record: dict) -> None:
     if record["stage"] == "report" and (run_dir / "tables.md").is_file():
         text, cut = (run_dir / "tables.md").read_text(), "\n\n(cut: the whole table is the artifact tables.md)"
         c.set_tag(run_id, "mlflow.note.content", text if len(text) <= MAX_NOTE else text[:MAX_NOTE - len(cut)] + cut)
-    log_model(c, run_id, run_dir, record)              # a backbone's weights: its MLflow model
+    log_model(c, run_id, run_dir, record)
     c.set_tag(run_id, HASH_TAG, digest(record))
+
+
+def retire(c, exp: str, job: str, keep: str) -> None:
+    """After run `keep` of job `job` finished: the job's other runs with its params are deleted (a rerun
+    replaces its run); those with other params stay, tagged `spot.superseded_by` (MLflow compares them), and
+    one still RUNNING ends KILLED (its job was killed: a later run of the job folder finished)."""
+    params = c.get_run(keep).data.tags.get(PARAMS_TAG)
+    for r in c.search_runs([exp], filter_string=f"tags.`{JOB_TAG}` = '{job}'", max_results=1000):
+        if r.info.run_id != keep and r.data.tags.get(PARAMS_TAG) == params:
+            c.delete_run(r.info.run_id)
+        elif r.info.run_id != keep:
+            c.set_tag(r.info.run_id, SUPERSEDED_TAG, keep)
+            if r.info.status == "RUNNING":
+                c.set_terminated(r.info.run_id, "KILLED")
+
+
+def log_record(run_dir: str | Path, experiment: str, uri: str) -> str:
+    """Log `<run_dir>/run.json` as a new run of its job, unless an identical record is logged complete
+    already. The run has the job's times, from run.json, so MLflow's client creates it (the fluent API starts
+    runs now) under the parent of the record's own live run, which it replaces: left RUNNING by a killed job
+    or FAILED by a failed logging. Returns the run id; raises on store errors."""
+    run_dir = Path(run_dir)
+    record = read_json(run_dir / "run.json")
+    c = connect(uri)
+    exp = experiment_id(c, experiment)
+    ran = c.search_runs([exp], filter_string=f"tags.`{JOB_TAG}` = '{record['job']}'", max_results=1000)
+    if done := [r for r in ran if r.info.status == "FINISHED" and r.data.tags.get(HASH_TAG) == digest(record)]:
+        return done[0].info.run_id
+    own = [r for r in ran if r.info.start_time == ms(record.get("started"))]
+    parent = next(({MLFLOW_PARENT_RUN_ID: p} for r in own if (p := r.data.tags.get(MLFLOW_PARENT_RUN_ID))), {})
+    run_id = c.create_run(exp, start_time=ms(record.get("started")), tags=job_tags(record, run_dir) | parent,
+                          run_name=run_name(record["stage"], record["job"])).info.run_id
+    try:
+        c.log_batch(run_id, params=[Param(k, str(v)) for k, v in run_params(record).items()])
+        log_inputs(c, run_id, record["stage"], record.get("inputs"))
+        log_rows(c, run_id, read_series(run_dir / record["series"]) if record.get("series") else [])
+        complete(c, run_id, run_dir, record)
+        c.set_terminated(run_id, "FINISHED", end_time=ms(record.get("ended")))
+    except Exception as e:                              # not left RUNNING where the store still answers
+        with contextlib.suppress(Exception):
+            c.set_tag(run_id, ERROR_TAG, f"logging failed: {describe_error(e)}")
+        with contextlib.suppress(Exception):
+            c.set_terminated(run_id, "FAILED")
+        raise
+    for r in own:
+        c.delete_run(r.info.run_id)
+    retire(c, exp, record["job"], keep=run_id)
+    return run_id
+
+
+def run_params(record: dict) -> dict:
+    """A run's params: the job's (MLflow cuts values to its 6000 characters) and `code_version`."""
+    return {**record["params"], "code_version": record["code_version"]}
+
+
+def sync(root: str | Path, experiment: str, uri: str) -> list[str]:
+    """Log every run record under `root` (a job's rerun replaces, an unchanged one is skipped)."""
+    records = sorted(Path(root).rglob("run.json"))
+    try:
+        return [log_record(p.parent, experiment, uri) for p in progress(records, desc="mlflow-sync", unit="run")]
+    except Exception as e:  # noqa: BLE001 - any store error: one line, the records stay for the next sync
+        raise RuntimeError(f"MLflow at {uri} failed: {describe_error(e)}") from None

@@ -1,6 +1,6 @@
 """The code of a backbone's or placer's MLflow model (MLflow's models from code: the model is this file
 and the job's files, nothing pickled). MLflow runs the file when it logs or loads the model; the job's
-kind comes from the model config, `{"stage": "backbone" | "placer"}`. `spot.workflow.models` documents
+kind comes from the model config, `{"stage": "backbone" | "placer"}`. `spot.workflow.tracking.registry` documents
 the inputs and outputs."""
 from pathlib import Path
 
