@@ -28,7 +28,8 @@ def run(cfg: dict, inputs: dict, outs: dict[int, Path], backbone: str, prior: st
 
     Writes metrics.json, predictions.parquet and bank.npz per budget (`spot.training.evaluation`),
     and for a prior whose positions depend on the seed, draws.parquet: the val pass again under each
-    other `eval.prior_seeds` s (val positions from seed + 2s + 1), against the same kNN bank.
+    other `eval.prior_seeds` s (`replicates.prior_seeds` on a replicate backbone; val positions from
+    seed + 2s + 1), against the same kNN bank.
     """
     device = resolve_device(cfg["device"])
     model = compile_features(load_backbone(inputs["backbone"], device), cfg["eval"]["compile"])
@@ -48,7 +49,7 @@ def run(cfg: dict, inputs: dict, outs: dict[int, Path], backbone: str, prior: st
                                   batch_size=cfg["eval"]["batch_size"], knn=cfg["eval"]["knn"], device=device,
                                   job=f"{backbone}/{prior}", saliency=saliency)
     seeded = [n for n in outs if draws(prior, n, *model.img_size, model.k)]
-    other = [s for s in cfg["eval"]["prior_seeds"] if s != 0] if seeded else []
+    other = [s for s in prior_seeds(cfg) if s != 0] if seeded else []
     if other:
         batches = data.batches("val", cfg["eval"]["batch_size"], saliency=saliency, device=device)
         places = {(n, s): (lambda p: lambda b: p(b, "val"))(placement(n, s)) for n in seeded for s in other}
@@ -58,6 +59,12 @@ def run(cfg: dict, inputs: dict, outs: dict[int, Path], backbone: str, prior: st
     files = ["metrics.json", "predictions.parquet"]
     return {n: Record(dict(top1=m["top1"], knn=m["knn"]), files + (["draws.parquet"] if other and n in seeded else []))
             for n, m in metrics.items()}
+
+
+def prior_seeds(cfg: dict) -> list[int]:
+    """The draws of a seeded prior's positions that a job evaluates: `replicates.prior_seeds` where the
+    job's params have it (a replicate backbone's), else `eval.prior_seeds`."""
+    return (cfg.get("replicates") or {}).get("prior_seeds") or cfg["eval"]["prior_seeds"]
 
 
 def write_draws(vals: dict, out: Path, knn: dict) -> None:

@@ -140,7 +140,8 @@ STAGES = [
           else [], output="model-saliency", gpu=True),
     Stage("evaluate", "top-1 and kNN of one backbone, every prior x budget (a pass per prior)",
           ("backbone",),
-          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "eval.prior_seeds", "seed", "device"],
+          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "eval.prior_seeds", "seed", "device"]
+          + (["replicates.prior_seeds"] if cfg["backbones"][w["backbone"]].get("replicate_of") else []),
           inputs=lambda cfg, w: model_inputs(cfg, w) | model_maps(cfg, w["prior"] == "model_salient"),
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])), output="eval", gpu=True,
           **covering(prior="eval.priors", budget="eval.budgets"), one_pass="budget"),
