@@ -135,8 +135,10 @@ def contest_detail(c: Contest) -> str:
     if c.winners and c.side > 1:
         text += (f"; {'candidates' if c.verdict == 'holds' else 'opponents'} that beat every "
                  f"{'opponent' if c.verdict == 'holds' else 'candidate'}: {', '.join(c.winners)}")
-    for x, y in c.same:
-        text += f"; {x} places its tokens as {y} does here (identical per-image results): left out"
+    for x in dict.fromkeys(x for x, _ in c.same):
+        ys = [y for x2, y in c.same if x2 == x]
+        text += (f"; {x} places its tokens as {', '.join(ys)} {'does' if len(ys) == 1 else 'do'} here (identical "
+                 f"per-image results): left out")
     return text
 
 
