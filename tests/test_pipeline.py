@@ -33,8 +33,9 @@ def job_counts(output: str) -> Counter:
 
 
 def expected_jobs(cfg: dict) -> Counter:
-    """Jobs per rule: every backbone and replicate (training seed) trains, evaluates and searches; a
-    replicate places tokens at replicates.placement_budgets only and makes no transfer or analysis."""
+    """Jobs per rule: every backbone and replicate (training seed) trains, evaluates, searches and runs
+    the reduction baselines; a replicate places tokens at replicates.placement_budgets only, makes no
+    analysis, and with replicates.transfers the k-th runs of all backbones transfer among themselves."""
     from spot.workflow.config import validate
     from spot.workflow.table import geometries
     raw = copy.deepcopy(cfg)
@@ -42,10 +43,12 @@ def expected_jobs(cfg: dict) -> Counter:
     p, place = len(raw["backbones"]), cfg["placement"]
     b = sum(len(spec.get("seeds", [0])) for spec in raw["backbones"].values())
     few = len(cfg["replicates"]["placement_budgets"] or place["budgets"])
+    k = min(len(spec.get("seeds", [0])) for spec in raw["backbones"].values()) if cfg["replicates"]["transfers"] else 1
     return Counter(all=1, shard=1, saliency=1, decode=len(geometries(cfg)), backbone=b, report=1,
-                   evaluate=b, oracle=b * cfg["oracle"]["parts"], oracle_gather=b, analyze=p, transfer=p,
+                   evaluate=b, oracle=b * cfg["oracle"]["parts"], oracle_gather=b, analyze=p, transfer=p * k,
                    **{m: p * len(place["budgets"]) + (b - p) * few for m in place["methods"]},  # a job per budget
-                   **({"placer_transfer": p * (p - 1)} if "placer" in place["methods"] and place["transfer"] else {}),
+                   **({"placer_transfer": p * (p - 1) * k} if "placer" in place["methods"] and place["transfer"] else {}),
+                   **({"reduction": b} if cfg["reduction"]["methods"] else {}),
                    **({"model_saliency": 1} if cfg["saliency"].get("model") else {}))
 
 

@@ -40,16 +40,18 @@ HEADER = """\
 """
 
 
-def present(raw: dict, key: str) -> str:
+def present(raw: dict, key: str) -> str | None:
     """`key`, or its nearest ancestor that the params file spells out (a key left to its schema
-    default is watched through its parent: adding it later still reruns the stage)."""
-    while "." in key:
+    default is watched through its parent: adding it later still reruns the stage); None where not
+    even its section is written (DVC refuses a missing param; the schema's default holds)."""
+    while True:
         try:
             lookup(raw, key)
             return key
         except KeyError:
+            if "." not in key:
+                return None
             key = key.rsplit(".", 1)[0]
-    return key
 
 
 def stage_name(stage: Stage, wildcards: dict) -> str:
@@ -61,7 +63,7 @@ def dvc_stage(stage: Stage, wildcards: dict, cfg: dict, raw: dict, params_file: 
     layout = Layout(cfg["root"])
     inputs = stage.job_inputs(cfg, layout, wildcards)
     folders = [str(f) for v in inputs.values() for f in as_list(v)]
-    keys = sorted({present(raw, written_key(cfg, k)) for k in stage.params(cfg, wildcards)})
+    keys = sorted({present(raw, written_key(cfg, k)) for k in stage.params(cfg, wildcards)} - {None})
     outs = [layout(stage.output, **f) for f in stage.output_wildcards(cfg, wildcards)]
     entry = dict(cmd=stage.command(params_file, wildcards), deps=folders + code + [LOCK_DEP])
     if keys:                              # (an empty key list would make DVC watch the whole file)
