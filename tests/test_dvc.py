@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from spot.workflow.table import STAGE
 from tests.conftest import copy_repo, env, snakemake
 
 pytestmark = pytest.mark.end_to_end
@@ -90,7 +91,7 @@ def test_plots_show_renders_the_report_plots_and_results_csv(repro):
     comes from a CDN: the page's only addresses)."""
     dvc(repro, "plots", "show", "-o", str(repro / "plots-html"))
     page = (repro / "plots-html" / "index.html").read_text()
-    assert page.count("<img") == 2
+    assert page.count("<img") == len(STAGE["report"].plots)                # every PNG plot of the report
     assert {u for u in re.findall(r"https?://[^/\"]+", page)} <= {"https://cdn.jsdelivr.net", "https://vega.github.io"}
     shown = json.loads(dvc(repro, "plots", "show", "--json"))
     rows = pd.read_csv(repro / REPORT / "results.csv")
@@ -98,7 +99,7 @@ def test_plots_show_renders_the_report_plots_and_results_csv(repro):
         (plot,) = shown["data"][f"{column}-vs-budget"]
         points = plot["content"]["data"]["values"]
         assert len(points) == len(rows) and sorted(float(p[column]) for p in points) == sorted(rows[column])
-    for name in ("accuracy_vs_budget", "oracle_steps"):
+    for name in ("accuracy_vs_budget", "oracle_steps", "frontier"):
         assert any(p.name.endswith(f"{name}.png") and p.stat().st_size > 10_000
                    for p in (repro / "plots-html" / "static").iterdir()), name
 
@@ -201,7 +202,7 @@ def test_metrics_and_plots_diff_two_commits(experiment, tmp_path):
     assert SPOT_ON in dvc(cwd, "metrics", "diff", "HEAD~1", "HEAD")
     dvc(cwd, "plots", "diff", "HEAD~1", "HEAD", "-o", str(tmp_path / "html"))
     page = (tmp_path / "html" / "index.html").read_text()
-    assert page.count("<img") == 4                                       # 2 PNG plots x 2 revisions, offline
+    assert page.count("<img") == 2 * len(STAGE["report"].plots)           # every PNG plot x 2 revisions, offline
     assert {u for u in re.findall(r"https?://[^/\"]+", page)} <= {"https://cdn.jsdelivr.net", "https://vega.github.io"}
     oracle_steps = sorted(p.read_bytes() for p in (tmp_path / "html" / "static").glob("*oracle_steps.png"))
     assert len(oracle_steps) == 2 and oracle_steps[0] != oracle_steps[1]
