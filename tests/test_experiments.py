@@ -148,7 +148,7 @@ def test_predictions_and_pictures_name_the_classes_and_the_report_keeps_the_conf
     (spot-a before grid-b, which the alphabet would swap), and the sheet shows the config's first."""
     from spot.data.sources import FASHION_MNIST_CLASSES
     from spot.report.sheets import prior_sheet
-    from spot.workflow.config import primaries
+    from spot.utils.replicates import primaries
     from spot.workflow.layout import Layout
     from spot.workflow.table import STAGE
     _, cfg, root, _ = done

@@ -17,6 +17,7 @@ from spot.stages import Record
 from spot.training.backbones import load_backbone
 from spot.training.evaluation import evaluate_placements, run_split
 from spot.utils.io import atomic_path
+from spot.utils.replicates import replicate_setting
 
 
 def run(cfg: dict, inputs: dict, outs: dict[int, Path], backbone: str, prior: str) -> dict[int, Record]:
@@ -64,7 +65,7 @@ def run(cfg: dict, inputs: dict, outs: dict[int, Path], backbone: str, prior: st
 def prior_seeds(cfg: dict) -> list[int]:
     """The draws of a seeded prior's positions that a job evaluates: `replicates.prior_seeds` where the
     job's params have it (a replicate backbone's), else `eval.prior_seeds`."""
-    return (cfg.get("replicates") or {}).get("prior_seeds") or cfg["eval"]["prior_seeds"]
+    return replicate_setting(cfg, "prior_seeds", cfg["eval"]["prior_seeds"])
 
 
 def write_draws(vals: dict, out: Path, knn: dict) -> None:

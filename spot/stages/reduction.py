@@ -14,6 +14,7 @@ from spot.stages import Record
 from spot.training.backbones import load_backbone
 from spot.training.reduction import FULL, accuracies, as_setting, evaluate_points
 from spot.utils.io import atomic_path, read_json, write_json
+from spot.utils.replicates import replicate_setting
 
 COLUMNS = ["key", "label", "pred", "correct", "knn_pred", "knn_correct"]
 
@@ -36,7 +37,7 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str) -> Record:
     correct, knn_pred, knn_correct per val image and evaluation)."""
     red, device = cfg["reduction"], resolve_device(cfg["device"])
     prop_attn = red["prop_attn"] and backbone not in red["plain_attn"]
-    sweep = red["sweep"] if "replicates" not in cfg else cfg["replicates"]["reduction_sweep"]
+    sweep = replicate_setting(cfg, "reduction_sweep", red["sweep"])
     model = load_backbone(inputs["backbone"], device)
     budgets, methods = cfg["eval"]["budgets"], red["methods"]
     points, matches = plan(model, budgets, [m for m in methods if m != "drop"], sweep, red["tolerance"],

@@ -19,6 +19,7 @@ from spot.report.tables import tables_markdown
 from spot.stages import Record
 from spot.utils.environment import environment
 from spot.utils.io import atomic_path, write_json
+from spot.utils.replicates import training_runs
 
 
 def run(cfg: dict, inputs: dict, out: Path) -> Record:
@@ -47,7 +48,6 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     reps = replicates(results, ev, replicate_of)
     with atomic_path(out / "replicates.csv") as tmp:
         reps.to_csv(tmp, index=False)
-    replicas = {b: [b, *(r for r, of in replicate_of.items() if of == b)] for b in order if b not in replicate_of}
     table = results_table(results, points)
     with atomic_path(out / "results.parquet") as tmp:
         table.to_parquet(tmp, index=False)
@@ -60,7 +60,7 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     tables += frontier_markdown(matched_table(results, points, matches, budget_flops, tol), tol)
     fixed = {b for b, s in specs.items() if s["make"] == "fetch"}
     add_evidence(ev, per_image)
-    found, claims = findings(results, ev, replicas, fixed=fixed, start=cfg["oracle"]["prior"], matches=matches,
+    found, claims = findings(results, ev, training_runs(cfg), fixed=fixed, start=cfg["oracle"]["prior"], matches=matches,
                              budget_flops=budget_flops, tolerance=tol, **options)
     with atomic_path(out / "findings.csv") as tmp:
         claims.to_csv(tmp, index=False)

@@ -144,33 +144,6 @@ def expand_seeds(backbones: dict, seed: int, source: str) -> dict:
     return out
 
 
-def primaries(cfg: dict) -> list[str]:
-    """The backbones that replicate no other (`expand_seeds`), in the config's order."""
-    return [b for b, spec in cfg["backbones"].items() if not spec.get("replicate_of")]
-
-
-def draws(cfg: dict) -> dict[str, list[str]]:
-    """Each primary backbone -> its training runs: itself, then its replicates in seed order."""
-    out: dict[str, list[str]] = {b: [] for b in primaries(cfg)}
-    for b, spec in cfg["backbones"].items():
-        out[spec.get("replicate_of") or b].append(b)
-    return out
-
-
-def paired_runs(cfg: dict) -> list[str]:
-    """The backbones that transfers reach: the primaries, and with `replicates.transfers` the k-th
-    replicates of every backbone for each k that all of them have (a transfer pairs runs by draw)."""
-    runs = draws(cfg)
-    depth = min(map(len, runs.values())) if cfg["replicates"]["transfers"] else 1
-    return [r for b in runs for r in runs[b][:depth]]
-
-
-def same_draw(cfg: dict, recipe: str, like: str) -> str:
-    """The training run of primary backbone `recipe` drawn as `like` is among its own (the k-th of each)."""
-    runs = draws(cfg)
-    return runs[recipe][runs[cfg["backbones"][like].get("replicate_of") or like].index(like)]
-
-
 def written_key(cfg: dict, key: str) -> str:
     """`key` as the params file spells it: a replicate's `backbones.<name>-s<s>...` is its backbone's."""
     parts = key.split(".")

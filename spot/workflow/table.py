@@ -10,8 +10,8 @@ import argparse
 
 from spot.data.geometry import geometry_name
 from spot.methods import LABEL_FREE
+from spot.utils.replicates import paired_runs, primaries, replicate_setting, same_draw
 from spot.workflow.backbone_spec import planned_data_config
-from spot.workflow.config import paired_runs, primaries, same_draw
 from spot.workflow.stage import Stage, lookup, product
 
 
@@ -59,9 +59,10 @@ def placement_jobs(method):
     def jobs(cfg):
         if method not in cfg["placement"]["methods"] or not cfg["placement"]["budgets"]:
             return []
-        few = cfg["replicates"]["placement_budgets"]
+        budgets = cfg["placement"]["budgets"]
+        few = replicate_setting(cfg, "placement_budgets", budgets)
         return [dict(backbone=b, budget=n) for b, spec in cfg["backbones"].items()
-                for n in (few if spec.get("replicate_of") and few is not None else cfg["placement"]["budgets"])]
+                for n in (few if spec.get("replicate_of") else budgets)]
     return jobs
 
 
