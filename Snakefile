@@ -1,6 +1,6 @@
 # SPoT pipeline: shard -> saliency -> backbone -> evaluate -> oracle -> transfer -> analyze -> report.
 # Run: snakemake --cores all        (another configuration: --config params=config/imagenet.yaml)
-# The rules come from the stage table in spot/workflow/table.py (workflow/rules/stages.smk).
+# The rules come from the stage table in spot/workflow/stage_table.py (workflow/rules/stages.smk).
 import sys
 
 from snakemake.utils import min_version

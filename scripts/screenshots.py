@@ -250,7 +250,7 @@ def dvc_plots(params: str, folder: Path) -> str:
     its file:// URL."""
     from spot.workflow.config import load_config
     from spot.workflow.layout import Layout
-    from spot.workflow.table import STAGE
+    from spot.workflow.stage_table import STAGE
     cfg = load_config(params)
     report = Layout(cfg["root"])("report")
     targets = [str(report / p) for p in STAGE["report"].plots]

@@ -1,4 +1,4 @@
-"""`spot <command>`: one subcommand per stage of `spot.workflow.table.STAGES`, plus tools.
+"""`spot <command>`: one subcommand per stage of `spot.workflow.stage_table.STAGES`, plus tools.
 
 A stage command runs one job (`spot.workflow.runner.run_job`). An error a user can cause is one
 line, `spot <command>: error: ...`, exit 2; `--debug` (or SPOT_DEBUG=1) shows the traceback.
@@ -12,8 +12,8 @@ import sys
 from spot.utils.environment import pin_cpu_kernels
 from spot.utils.text import one_line
 from spot.workflow.config import load_config
-from spot.workflow.stage import INT_WILDCARDS, Stage
-from spot.workflow.table import STAGE, STAGES
+from spot.workflow.declaration import INT_WILDCARDS, Stage
+from spot.workflow.stage_table import STAGE, STAGES
 
 
 def run_stage(stage: Stage, cfg: dict, a: argparse.Namespace) -> None:
@@ -80,7 +80,7 @@ def cmd_verdicts(cfg, a):
 
 TOOLS = {
     "validate": (cmd_validate, "check a params file: schema, devices, architectures, budgets, files", {}),
-    "dvc-yaml": (cmd_dvc_yaml, "write dvc.yaml for a params file (the stages of spot.workflow.table)",
+    "dvc-yaml": (cmd_dvc_yaml, "write dvc.yaml for a params file (the stages of spot.workflow.stage_table)",
                  {"output": dict(default="dvc.yaml", help="file to write, - for stdout (default dvc.yaml)")}),
     "dvc-done": (cmd_dvc_done, "after `dvc repro` / `dvc exp run`: record its jobs in Snakemake's metadata", {}),
     "verdicts": (cmd_verdicts, "compare the verdicts of two runs' findings.csv (scripts/verdict-stability.sh)",

@@ -56,7 +56,7 @@ def smoke_stages(tmp_path_factory):
     too), made through `spot` in-process: (params path, config dict, output root)."""
     from spot.cli import main
     from spot.workflow.config import load_config
-    from spot.workflow.table import geometries
+    from spot.workflow.stage_table import geometries
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     params = smoke_config(tmp_path_factory.mktemp("smoke"))
     cfg = load_config(params)

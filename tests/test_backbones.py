@@ -96,7 +96,7 @@ def test_imagenet_config_preprocesses_mae_as_mae_evaluates_it():
     from spot.data.geometry import geometry_name
     from spot.workflow.backbone_spec import planned_data_config
     from spot.workflow.config import load_config
-    from spot.workflow.table import geometries
+    from spot.workflow.stage_table import geometries
     from tests.conftest import REPO
     cfg = load_config(REPO / "config" / "imagenet.yaml")
     dc = cfg["backbones"]["mae-in1k"]["data_config"]

@@ -147,7 +147,7 @@ def test_seeds_plan_a_replicate_per_seed_with_its_own_jobs(tmp_path):
 
     from spot.workflow.dvc import dvc_yaml
     from spot.workflow.layout import Layout
-    from spot.workflow.table import STAGE, all_jobs
+    from spot.workflow.stage_table import STAGE, all_jobs
     cfg = load_config(REPO / "params.yaml")
     assert DEFAULT["backbones"]["spot"]["seeds"] == [0, 1, 2]
     assert {b: (s["seed"], s["replicate_of"]) for b, s in cfg["backbones"].items() if s.get("replicate_of")} == \
@@ -164,7 +164,7 @@ def test_seeds_plan_a_replicate_per_seed_with_its_own_jobs(tmp_path):
     pairs = {(w["src"], w["dst"]) for s, w in all_jobs(cfg) if s.name == "placer-transfer"}
     assert ("spot", "spot-small-s3") in pairs and ("spot", "spot-s1") not in pairs
     from spot.stages.evaluate import prior_seeds
-    from spot.workflow.stage import declared
+    from spot.workflow.declaration import declared
     for b, seeds in (("spot", [0, 1, 2]), ("spot-s1", [0])):                   # a replicate draws its priors once
         w = dict(backbone=b, prior="uniform", budget=4)
         job = declared(cfg, STAGE["evaluate"].params(cfg, w))

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from spot.workflow.table import STAGE
+from spot.workflow.stage_table import STAGE
 from tests.conftest import copy_repo, env, snakemake
 
 pytestmark = pytest.mark.end_to_end

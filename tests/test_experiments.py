@@ -14,7 +14,7 @@ from spot.data.loading import decode_image
 from spot.data.stream import make_loader
 from spot.report.stats import percent_pm
 from spot.stages import oracle as oracle_stage
-from spot.workflow.table import all_jobs
+from spot.workflow.stage_table import all_jobs
 from tests.conftest import linked_root
 
 
@@ -150,7 +150,7 @@ def test_predictions_and_pictures_name_the_classes_and_the_report_keeps_the_conf
     from spot.report.sheets import prior_sheet
     from spot.utils.replicates import primaries
     from spot.workflow.layout import Layout
-    from spot.workflow.table import STAGE
+    from spot.workflow.stage_table import STAGE
     _, cfg, root, _ = done
     pred = pd.read_parquet(root / "eval" / "grid-b" / "grid" / "16" / "predictions.parquet")
     assert pred.label_name.tolist() == [FASHION_MNIST_CLASSES[i] for i in pred.label]
@@ -173,7 +173,7 @@ def test_a_rerun_removes_the_temporary_files_a_killed_job_left(done, tmp_path):
     in the folder or a subfolder) are gone after the job's next run."""
     import tempfile
 
-    from spot.workflow.table import geometries
+    from spot.workflow.stage_table import geometries
     params, cfg, root, _ = done
     again = linked_root(tmp_path, root, *(p.name for p in root.iterdir() if p.name not in ("decoded", "report", "logs")))
     geometry = geometries(cfg)[0]["geometry"]

@@ -37,7 +37,7 @@ def expected_jobs(cfg: dict) -> Counter:
     the reduction baselines; a replicate places tokens at replicates.placement_budgets only, makes no
     analysis, and with replicates.transfers the k-th runs of all backbones transfer among themselves."""
     from spot.workflow.config import validate
-    from spot.workflow.table import geometries
+    from spot.workflow.stage_table import geometries
     raw = copy.deepcopy(cfg)
     cfg = validate(copy.deepcopy(cfg))
     p, place = len(raw["backbones"]), cfg["placement"]

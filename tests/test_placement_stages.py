@@ -16,7 +16,7 @@ from spot.data.decoded import Decoded
 from spot.training.backbones import load_backbone
 from spot.training.placer_files import load_placer
 from spot.workflow.config import load_config
-from spot.workflow.table import all_jobs
+from spot.workflow.stage_table import all_jobs
 from tests.conftest import REPO, smoke_config
 
 N = 4
@@ -113,9 +113,9 @@ def test_placer_places_n_tokens_inside_the_image_deterministically_and_different
 
 
 def test_placer_transfer_to_its_own_backbone_reproduces_the_placer(placed, tmp_path):
+    from spot.workflow.declaration import declared
     from spot.workflow.layout import Layout
-    from spot.workflow.stage import declared
-    from spot.workflow.table import STAGE
+    from spot.workflow.stage_table import STAGE
     _, cfg, root = placed
     stage, w = STAGE["placer-transfer"], dict(src="tiny", dst="tiny", budget=N)
     record = stage.entry_point()(declared(cfg, stage.params(cfg, w)), stage.input_folders(cfg, Layout(root), w),

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spot.workflow.table import STAGE
+from spot.workflow.stage_table import STAGE
 from tests.conftest import copy_repo, env, running
 
 DAEMONS = ["munged", "slurmctld", "slurmd"]

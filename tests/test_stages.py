@@ -15,10 +15,10 @@ import yaml
 
 from spot.cli import parser
 from spot.workflow.config import load_config, written_key
+from spot.workflow.declaration import declared
 from spot.workflow.dvc import code_deps, commit_after_snakemake, dvc_yaml, generated_for, present
 from spot.workflow.layout import Layout, wildcards
-from spot.workflow.stage import declared
-from spot.workflow.table import STAGE, STAGES, all_jobs
+from spot.workflow.stage_table import STAGE, STAGES, all_jobs
 from tests.conftest import REPO, linked_root, snakemake
 
 CONFIGS = ["params.yaml", "config/smoke.yaml"]
@@ -224,7 +224,7 @@ def test_jobs_that_load_no_model_plan_their_inputs_without_timm(tmp_path):
     and caches them (per timm version, in XDG_CACHE_HOME), later ones import neither timm nor
     torchvision, and plan the same folders."""
     probe = ("import sys; from spot.workflow.config import load_config; from spot.workflow.layout import Layout; "
-             "from spot.workflow.table import STAGE; cfg = load_config('params.yaml'); "
+             "from spot.workflow.stage_table import STAGE; cfg = load_config('params.yaml'); "
              "print(STAGE['report'].job_inputs(cfg, Layout('out'), {})['decoded'], "
              "'timm' in sys.modules or 'torchvision' in sys.modules)")
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))

@@ -304,7 +304,7 @@ def test_tracking_uri_environment_overrides_params(monkeypatch):
 def test_stages_depend_on_the_logging_interface_not_on_mlflow_code():
     """Changing how results are logged reruns no stage (DVC's deps are the modules a stage imports)."""
     from spot.workflow.dvc import code_deps
-    from spot.workflow.table import STAGES
+    from spot.workflow.stage_table import STAGES
     deps = {s.name: code_deps(s) for s in STAGES}
     assert "spot/utils/live.py" in deps["backbone"]
     assert not any(p.startswith("spot/workflow/") or p == "spot/cli.py" for d in deps.values() for p in d)

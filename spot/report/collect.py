@@ -1,6 +1,6 @@
 """Collect: the results of the job folders the report reads, as tidy tables.
 
-`inputs` is the report job's: input name -> folder or list of folders (`spot.workflow.table`).
+`inputs` is the report job's: input name -> folder or list of folders (`spot.workflow.stage_table`).
 Backbones come in the config's `order`, the order of every table, plot and finding.
 """
 from __future__ import annotations

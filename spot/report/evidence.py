@@ -42,7 +42,7 @@ def table(path, columns) -> pd.DataFrame:
 
 
 def read_evidence(inputs: dict) -> Evidence:
-    """The per-image files of the report's input folders (`spot.workflow.table.report_inputs`)."""
+    """The per-image files of the report's input folders (`spot.workflow.stage_table.report_inputs`)."""
     ev = Evidence()
     for params, f in records(inputs["eval"]):
         key = (params["backbone"], params["prior"], False, params["budget"])

@@ -11,8 +11,8 @@ import os
 import sys
 
 from spot.utils.records import as_list
+from spot.workflow.declaration import Stage, declared
 from spot.workflow.layout import Layout
-from spot.workflow.stage import Stage, declared
 
 
 def run_job(stage: Stage, cfg: dict, params_file: str, job: dict, chosen: dict | None = None, **options) -> None:

@@ -10,7 +10,7 @@ from spot.utils.records import as_list
 from spot.workflow.config import read as read_params
 from spot.workflow.config import validate as validate_params
 from spot.workflow.layout import Layout
-from spot.workflow.table import STAGE, STAGES
+from spot.workflow.stage_table import STAGE, STAGES
 
 # A bad params file stops Snakemake with one line, as `spot validate` prints it (no traceback).
 try:

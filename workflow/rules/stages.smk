@@ -1,4 +1,4 @@
-# One rule per stage of spot.workflow.table.STAGES: its output is the job folder's run.json (written
+# One rule per stage of spot.workflow.stage_table.STAGES: its output is the job folder's run.json (written
 # last; a stage with `each` writes one folder per value), its inputs the run.json of its input
 # folders, its params the config values it reads and its command line but the params file ($SPOT_PARAMS in
 # the shell, set in common.smk: the rerun trigger is the values a job reads, not the file's path).

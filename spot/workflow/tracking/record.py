@@ -22,7 +22,7 @@ from spot.utils.progress import progress
 from spot.utils.records import as_list, digest
 from spot.utils.text import describe_error
 from spot.workflow.layout import wildcards
-from spot.workflow.table import STAGE
+from spot.workflow.stage_table import STAGE
 from spot.workflow.tracking.registry import log_model
 from spot.workflow.tracking.series import read_series
 from spot.workflow.tracking.store import ERROR_TAG, HASH_TAG, JOB_TAG, connect, experiment_id, source_tags

@@ -2,7 +2,7 @@
 
 A `Stage` names its wildcards, the config keys it reads, its inputs and output (folders of
 `spot.workflow.layout`). Its code is the module `spot.stages.<rule>`, entry point `run`. The table
-of every stage is `spot.workflow.table.STAGES`.
+of every stage is `spot.workflow.stage_table.STAGES`.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from spot.data.geometry import geometry_name
 from spot.methods import LABEL_FREE
 from spot.utils.replicates import paired_runs, primaries, replicate_setting, same_draw
 from spot.workflow.backbone_spec import planned_data_config
-from spot.workflow.stage import Stage, lookup, product
+from spot.workflow.declaration import Stage, lookup, product
 
 
 def backbone_params(cfg, w):

@@ -1,0 +1,37 @@
+"""The training runs of a config's backbones: a primary backbone and its replicates (`backbones.<name>.seeds`,
+expanded by `spot.workflow.config.expand_seeds` into `<name>-s<seed>` with `replicate_of`)."""
+from __future__ import annotations
+
+
+def primaries(cfg: dict) -> list[str]:
+    """The backbones that replicate no other, in the config's order."""
+    return [b for b, spec in cfg["backbones"].items() if not spec.get("replicate_of")]
+
+
+def training_runs(cfg: dict) -> dict[str, list[str]]:
+    """Each primary backbone -> its training runs: itself, then its replicates in seed order."""
+    out: dict[str, list[str]] = {b: [] for b in primaries(cfg)}
+    for b, spec in cfg["backbones"].items():
+        out[spec.get("replicate_of") or b].append(b)
+    return out
+
+
+def paired_runs(cfg: dict) -> list[str]:
+    """The backbones that transfers reach: the primaries, and with `replicates.transfers` the k-th
+    replicates of every backbone for each k that all of them have (a transfer pairs runs by draw)."""
+    runs = training_runs(cfg)
+    depth = min(map(len, runs.values())) if cfg["replicates"]["transfers"] else 1
+    return [r for b in runs for r in runs[b][:depth]]
+
+
+def same_draw(cfg: dict, recipe: str, like: str) -> str:
+    """The training run of primary backbone `recipe` drawn as `like` is among its own (the k-th of each)."""
+    runs = training_runs(cfg)
+    return runs[recipe][runs[cfg["backbones"][like].get("replicate_of") or like].index(like)]
+
+
+def replicate_setting(cfg: dict, key: str, fallback):
+    """A replicate backbone's own setting `replicates.<key>`, which only its jobs declare (`cfg` is a
+    job's declared config), unless null; else `fallback`, the primaries' setting."""
+    value = (cfg.get("replicates") or {}).get(key)
+    return fallback if value is None else value
