@@ -93,11 +93,10 @@ def covering(**axes: str) -> dict:
     return dict(each=tuple(axes), values=lambda cfg: product(**{w: list(lookup(cfg, k)) for w, k in axes.items()}))
 
 
-def reduction_params(cfg, w):
-    """The reduction stage's keys: a replicate backbone sweeps `replicates.reduction_sweep` settings."""
-    replicate = cfg["backbones"][w["backbone"]].get("replicate_of")
-    return ["reduction", "eval.budgets", "eval.priors", "oracle.budgets", "eval.batch_size", "eval.knn", "seed",
-            "device"] + (["replicates.reduction_sweep"] if replicate else [])
+def replicate_keys(cfg, backbone: str, *keys: str) -> list[str]:
+    """`replicates.<key>` of each key if `backbone` is a replicate: its own settings, which its jobs read
+    with `spot.utils.replicates.replicate_setting`."""
+    return [f"replicates.{k}" for k in keys] if cfg["backbones"][backbone].get("replicate_of") else []
 
 
 def reduction_inputs(cfg, w):
@@ -142,7 +141,7 @@ STAGES = [
     Stage("evaluate", "top-1 and kNN of one backbone, every prior x budget (a pass per prior)",
           ("backbone",),
           params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "eval.prior_seeds", "seed", "device"]
-          + (["replicates.prior_seeds"] if cfg["backbones"][w["backbone"]].get("replicate_of") else []),
+          + replicate_keys(cfg, w["backbone"], "prior_seeds"),
           inputs=lambda cfg, w: model_inputs(cfg, w) | model_maps(cfg, w["prior"] == "model_salient"),
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])), output="eval", gpu=True,
           **covering(prior="eval.priors", budget="eval.budgets"), one_pass="budget"),
@@ -194,7 +193,9 @@ STAGES = [
           params=lambda cfg, w: ["placement.entropy", "oracle.prior", "eval.batch_size", "eval.knn", "seed", "device"],
           inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True),
     Stage("reduction", "token reduction (ToMe, EViT, low resolution, random drop) at SPoT's FLOPs, one backbone",
-          ("backbone",), params=reduction_params, inputs=reduction_inputs,
+          ("backbone",), params=lambda cfg, w: ["reduction", "eval.budgets", "eval.priors", "oracle.budgets",
+                                                "eval.batch_size", "eval.knn", "seed", "device"]
+          + replicate_keys(cfg, w["backbone"], "reduction_sweep"), inputs=reduction_inputs,
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])) if cfg["reduction"]["methods"] else [],
           output="reduction", gpu=True),
     Stage("report", "the paper's tables, plots, pictures and findings", (),
