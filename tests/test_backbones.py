@@ -50,6 +50,7 @@ def test_a_model_to_load_skips_its_random_init_unless_it_computes_buffers():
         torch.testing.assert_close(built[name], b)
 
 
+@pytest.mark.stage
 def test_fetch_through_the_cli_from_params(checkpoint, tmp_path, capsys):
     from tests.conftest import smoke_config
     path, _ = checkpoint

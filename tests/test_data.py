@@ -657,6 +657,7 @@ def test_a_damaged_shard_fails_saliency_in_one_line_naming_it(imagenet_shards, t
     assert not (tmp_path / "saliency" / "manifest.json").exists()
 
 
+@pytest.mark.stage
 def test_a_full_disk_while_sharding_names_the_file_and_leaves_no_temporary_file(tmp_path):
     """`spot shard` onto a 32 KiB tmpfs (mounted in a mount namespace of its own), its writers in
     processes: one line, 'no space left on device' and the tar being written, and no `.tmp-*` file left."""

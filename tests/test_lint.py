@@ -2,6 +2,8 @@
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, env
 
 PYTHON_FOLDERS = ("spot", "tests", "benchmarks", "scripts")
@@ -16,6 +18,7 @@ def test_ruff_reads_every_python_file():
     assert not hidden, hidden
 
 
+@pytest.mark.stage
 def test_snakemake_lint_finds_nothing():
     """Helpers live in workflow/rules/common.smk, rules in the other files (the lint flags a file mixing them)."""
     done = subprocess.run(["snakemake", "--lint"], cwd=REPO, capture_output=True, text=True, env=env())

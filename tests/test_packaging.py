@@ -4,9 +4,12 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from tests.conftest import REPO, copy_repo, env
 
 
+@pytest.mark.stage
 def test_the_wheel_holds_every_file_of_spot_and_validates_params_outside_a_checkout(tmp_path):
     repo = copy_repo(tmp_path / "repo")            # pip builds in the source tree (build/, spot.egg-info/)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(repo),

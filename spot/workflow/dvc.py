@@ -14,6 +14,7 @@ after a DVC run, `record_in_snakemake` records them in Snakemake's metadata (`sp
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import re
@@ -195,7 +196,12 @@ def code_deps(stage: Stage) -> list[str]:
     reading the imports (at any depth, function-local ones too), as paths relative to the repository.
     A package's `__init__.py` counts where a name is imported from the package itself
     (`from spot.stages import Record`)."""
-    seen, todo = set(), [stage.module]
+    return list(module_deps(stage.module))
+
+
+@functools.cache
+def module_deps(module: str) -> tuple[str, ...]:                # read once per process: a config has 100 jobs
+    seen, todo = set(), [module]
     while todo:
         name = todo.pop()
         path = module_path(name)
@@ -207,7 +213,7 @@ def code_deps(stage: Stage) -> list[str]:
                 todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             elif isinstance(node, ast.Import):
                 todo += [a.name for a in node.names]
-    return sorted(str(p.relative_to(PACKAGE.parent)) for p in seen)
+    return tuple(sorted(str(p.relative_to(PACKAGE.parent)) for p in seen))
 
 
 def module_path(name: str) -> Path | None:
