@@ -357,13 +357,6 @@ def test_duplicate_splits_rejected_by_the_schema(tmp_path):
     assert "non-unique" in fails(path, "data.splits")
 
 
-def test_duplicate_splits_rejected_by_check(tmp_path):
-    path = params(tmp_path)
-    cfg = load_config(path)
-    cfg["data"]["splits"] = ["train", "val", "val"]
-    assert "val" in fails(path, "data.splits", cfg=cfg)
-
-
 def test_split_name_outside_the_data_layer_alphabet_rejected_by_the_schema(tmp_path):
     path = params(tmp_path, lambda c, _: c["data"].update(splits=["train", "val", "my_split"]))
     assert "my_split" in fails(path, "data.splits.2")
