@@ -13,7 +13,7 @@ import torch
 from spot.data.imagenet import SOURCE as IMAGENET_SOURCE
 from spot.data.imagenet import imagenet_classes
 from spot.data.shards import per_split
-from spot.data.sources import FASHION_MNIST_FILES, class_folder, make_source, source_classes
+from spot.data.sources import FASHION_MNIST_FILES, check_split, class_folder, make_source, source_classes
 from spot.training.backbones import UnknownModel, architecture, checkpoint_shapes, uninitialised
 from spot.training.checkpoint import misfit
 from spot.utils.text import describe_error, one_line
@@ -64,17 +64,16 @@ def check_device(device: str) -> None:
 # --- data -------------------------------------------------------------------------------------------
 
 def check_data(data: dict) -> None:
-    """data.root, its split folders or files; a folder tree has classes (an ImageNet tree: folders
-    named by ImageNet-1k wnids)."""
+    """data.root, its split folders (`spot.data.sources.check_split`) or Fashion-MNIST files; a folder
+    tree has classes (an ImageNet tree: folders named by ImageNet-1k wnids)."""
     root = Path(data["root"])
-    if not root.is_dir():
-        raise Problem("data.root", f"folder {root} does not exist", FileNotFoundError)
     for split in data["splits"]:
+        try:
+            check_split(data["source"], root, split)
+        except (FileNotFoundError, ValueError) as e:
+            raise Problem(*str(e).split(": ", 1), type(e)) from None
         if data["source"] == "fashion-mnist":
             check_fashion_mnist(root, split)
-        elif not (root / split).is_dir():
-            raise Problem("data.root", f"split folder {root / split} does not exist (data.splits: {split})",
-                          FileNotFoundError)
     if data["source"] == "folder" and not source_classes("folder", root):
         raise Problem("data.root", f"{class_folder(root)} holds no class folder", FileNotFoundError)
     if data["source"] == "imagenet":
@@ -93,9 +92,7 @@ def fashion_mnist_missing(root: Path, split: str) -> list[str]:
 
 
 def check_fashion_mnist(root: Path, split: str) -> None:
-    """`split` is a Fashion-MNIST split whose IDX files are in `root` (nothing is downloaded)."""
-    if split not in FASHION_MNIST_FILES:
-        raise Problem("data.splits", f"fashion-mnist has splits {', '.join(FASHION_MNIST_FILES)}, not {split!r}")
+    """The IDX files of Fashion-MNIST split `split` are in `root` (nothing is downloaded)."""
     missing = fashion_mnist_missing(root, split)
     if missing:
         raise Problem("data.root", f"Fashion-MNIST file(s) {', '.join(m + '[.gz]' for m in missing)} of split "
