@@ -52,7 +52,7 @@ def unshared(value):
     return [unshared(v) for v in value] if isinstance(value, list) else value
 
 
-def schema_errors(cfg: dict) -> None:
+def apply_schema(cfg: dict) -> None:
     """Validate `cfg` against the schema and set its defaults in place; a one-line ValueError
     '<dotted.key>: <message>' for the first error."""
     from snakemake.exceptions import WorkflowError
@@ -117,7 +117,7 @@ def validate(cfg: dict, source: str = "params.yaml") -> dict:
             if isinstance(cfg.get(section), dict) and name in cfg[section]:
                 raise ValueError(f"{key}: {instead}")
         check_numbers(cfg)
-        schema_errors(cfg)
+        apply_schema(cfg)
         for key, problem in relations(cfg):
             raise ValueError(f"{key}: {problem}")
         cfg["backbones"] = expand_seeds(cfg["backbones"], cfg["seed"])
