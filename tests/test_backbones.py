@@ -143,6 +143,7 @@ def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_pat
     from spot.data.decoded import write_decoded
     from spot.data.saliency import write_saliency
     from spot.data.shards import write_shards
+    from spot.training.backbones import backbone_spec
     from spot.workflow.backbone_spec import planned_data_config
     from tests.conftest import FASHION_MNIST
     _, cfg, root = smoke_stages
@@ -150,10 +151,11 @@ def test_training_lowers_the_loss_and_grid_backbone_trains(smoke_stages, tmp_pat
                  max_per_class={"train": 100, "val": 20})
     write_saliency(tmp_path / "shards", tmp_path / "saliency", "spectral_residual", 16)
     write_decoded(tmp_path / "shards", tmp_path / "saliency", tmp_path / "decoded", planned_data_config(cfg, "spot-a"))
-    arch = dict(cfg["backbones"]["spot-a"]["arch"], embed_dim=64, depth=2)
-    spec = dict(cfg["backbones"]["spot-a"], arch=arch)
+    spec = backbone_spec(cfg, "spot-a")
+    spec = spec._replace(arch=dict(spec.arch, embed_dim=64, depth=2))
     tcfg = dict(cfg["train"], epochs=6, batch_size=50, lr=3e-3, warmup_epochs=0.25, token_range=[16, 49])
-    hist = train("t", spec, tcfg, tmp_path / "shards", tmp_path / "decoded", tmp_path / "t", tmp_path / "ck")
+    hist = train("t", spec, cfg["backbones"]["spot-a"]["tokens"], tcfg, tmp_path / "shards", tmp_path / "decoded",
+                 tmp_path / "t", tmp_path / "ck")
     rows = pd.read_csv(tmp_path / "t" / "metrics.csv").to_dict("records")
     assert len(rows) == 6 and rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert hist["val_top1"] > 0.25                                   # 10 classes: chance is 0.1

@@ -70,6 +70,9 @@ def validate_with(tmp_path, capsys, key: str, value) -> tuple:
     ("data.source", "cifar", "data.source"),
     ("backbones.spot.make", "download", "backbones.spot.make"),
     ("backbones.spot.init", "nope", "backbones.spot.init"),
+    ("backbones.spot.init", "spot", "backbones.spot.init: init cycle spot -> spot"),
+    ("backbones.spot.make", "fetch", "backbones.spot: 'model' is a required property"),
+    ("data.splits", ["val", "test"], "data.splits: ['val', 'test'] lacks 'train'"),
     ("report.colour", "red", "report"),
 ])
 def test_bad_value_is_named_in_one_line(tmp_path, capsys, key, value, message):
@@ -184,3 +187,20 @@ def test_seeds_plan_a_replicate_per_seed_with_its_own_jobs(tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(both))
     with pytest.raises(ValueError, match="backbones.spot: give seed or seeds, not both"):
         load_config(tmp_path / "p.yaml")
+
+
+def test_schema_defaults_are_filled_and_never_shared(tmp_path):
+    """snakemake.utils.validate sets the schema's defaults (those beside a `$ref` too) with the
+    schema's own objects: every one is the config's own, so changing one backbone's changes no other's."""
+    cfg = copy.deepcopy(DEFAULT)
+    for section in ("eval", "oracle"):
+        cfg[section].pop("compile", None)
+    cfg["train"].pop("data_config", None)
+    cfg["backbones"]["fetched"] = {"make": "fetch", "model": "vit_tiny_patch16_224"}
+    cfg["backbones"]["other"] = {"make": "fetch", "model": "vit_tiny_patch16_224"}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    cfg = load_config(tmp_path / "p.yaml")
+    assert cfg["eval"]["compile"] is None and cfg["oracle"]["compile"] is None and cfg["train"]["data_config"] == {}
+    a, b = cfg["backbones"]["fetched"], cfg["backbones"]["other"]
+    assert a["arch"] == b["arch"] == a["data_config"] == {} and a["checkpoint"] is None and a["tokens"] == "spot"
+    assert a["arch"] is not b["arch"] and a["data_config"] is not b["data_config"]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spot.core.saliency import METHODS, saliency_maps
+from spot.core.saliency import saliency_maps
 from spot.data.loading import decode_image, manifest_shards, read_shard, verify_shards
 from spot.data.shards import remove_unlisted, write_shard
 from spot.utils.figures import save_preview
@@ -38,17 +38,14 @@ def small_images(job: tuple[Path, int]) -> tuple[list[str], np.ndarray]:
 def write_saliency(shards_dir: str | Path, out_dir: str | Path, method: str = "spectral_residual",
                    size: int = 64, batch_size: int = 256, preview: int = 8, workers: int = 1,
                    device: str | torch.device = "cpu") -> dict:
-    """One 8-bit PNG map (size x size) per image of every shard in `shards_dir` (listed in its
+    """One 8-bit PNG map (size x size, size >= 8; `method` of `spot.core.saliency.METHODS`: the schema
+    holds saliency.size and saliency.method to them) per image of every shard in `shards_dir` (listed in its
     manifest, which the folder must match, sha256 included), into `out_dir/<same shard name>` with the same keys in
     the same order; plus `preview.png` (images beside their maps) and `manifest.json`: per shard
     its name, count, size (bytes), sha256 and the sha256 of the image shard it was made from
     (the reference reader checks it, `spot.data.stream.saliency_paths`). `workers` processes decode and
     resize the images, shard by shard; the maps are computed in batches on `device`. Holds `out_dir`'s
     lock; manifest.json and run.json are removed first and written last. Returns the manifest."""
-    if method not in METHODS:
-        raise ValueError(f"unknown saliency method {method!r} (saliency.method); choose one of {', '.join(METHODS)}")
-    if size < 8:
-        raise ValueError(f"saliency.size must be >= 8, got {size}")
     images = manifest_shards(verify_shards(shards_dir))     # (sha256 too: a damaged tar reads as a shorter one)
     manifest = dict(method=method, size=size, shards=[])
     shown = []

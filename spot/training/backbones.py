@@ -1,20 +1,53 @@
-"""Backbones on disk: `out/backbones/<name>/{backbone.json, model.safetensors}`, loaded with one call."""
+"""Backbones: what a backbone's config means (`backbone_spec`: the timm model it builds and its data
+config, for preflight, the backbone stage and the workflow's plans), building it (`build`,
+`uninitialised`), and its files `out/backbones/<name>/{backbone.json, model.safetensors}`, loaded
+with one call. Init chains are acyclic and name backbones of the file (`spot.workflow.config.relations`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-from spot.core.devices import resolve_device
 from spot.utils.io import atomic_path, read_json, write_json
 
 # torch, timm and the model load in the functions that use them: stages that only read
-# backbone.json (analyze, report) never import them
+# backbone.json (analyze, report) and the workflow's plans never import them
 if TYPE_CHECKING:
     import torch
 
     from spot.core.model import SPoTViT
 
 DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+class Spec(NamedTuple):
+    """Backbone `name` as timm makes it. A fine-tuned one (`init`: the backbone it starts from) has
+    its init's model, kwargs and data config (`architecture`), then its own `data_config` keys."""
+    name: str
+    model: str                 # timm model name (create_model's first argument)
+    arch: dict                 # create_model kwargs as written (`kwargs` adds a trained head)
+    trained: bool              # make: train (its head has one logit per class of the data)
+    init: str | None
+    data_config: dict          # preprocessing keys the params file sets over the model's (timm names)
+
+    def kwargs(self, classes: int | None = None) -> dict:
+        """timm.create_model kwargs: a trained model's head has `classes` logits (the data's class count)."""
+        return {"num_classes": classes, **self.arch} if self.trained else dict(self.arch)
+
+
+def backbone_spec(cfg: dict, name: str) -> Spec:
+    """The `Spec` of backbone `name` of the validated `cfg`: a trained one reads `train.data_config`,
+    its own `data_config` keys replacing those. Reads `backbones.<name>` and `train` only (a job's
+    declared keys)."""
+    spec = cfg["backbones"][name]
+    trained = spec["make"] == "train"
+    data_config = dict(cfg["train"]["data_config"], **spec["data_config"]) if trained else dict(spec["data_config"])
+    return Spec(name, spec["model"], dict(spec["arch"]), trained, spec["init"] if trained else None, data_config)
+
+
+def architecture(cfg: dict, name: str) -> Spec:
+    """The `Spec` whose model and kwargs backbone `name` has: its own, or its init chain's end's."""
+    spec = backbone_spec(cfg, name)
+    return architecture(cfg, spec.init) if spec.init else spec
 
 
 def describe(model: SPoTViT, name: str, timm_name: str, model_kwargs: dict, source: str, data_config_set: dict,
@@ -46,21 +79,31 @@ def save_backbone(model: SPoTViT, out_dir: str | Path, meta: dict) -> None:
     write_json(out / "backbone.json", dict(meta, weights_sha256=sha256))
 
 
+class UnknownModel(ValueError):
+    """A timm model name that timm does not know."""
+
+
 def build(timm_name: str, model_kwargs: dict, **create_kwargs) -> torch.nn.Module:
     """timm.create_model with a one-line error naming an unknown model."""
     import timm
     if not timm.is_model(timm_name.split(".")[0]):
-        raise ValueError(f"unknown timm model {timm_name!r}")
+        raise UnknownModel(f"unknown timm model {timm_name!r}")
     return timm.create_model(timm_name, **model_kwargs, **create_kwargs)
 
 
 def uninitialised(timm_name: str, model_kwargs: dict) -> torch.nn.Module:
     """`build(..., pretrained=False)` without the random initialisation (ViT-B: 0.7 s on 2 cores),
     for a state dict to fill: built on the meta device, then given empty CPU memory. A model with
-    buffers that no state dict holds (computed when it is built) is built as usual."""
+    buffers that no state dict holds (computed when it is built), or one that timm cannot build on
+    the meta device, is built as usual."""
     import torch
-    with torch.device("meta"):
-        vit = build(timm_name, model_kwargs, pretrained=False)
+    try:
+        with torch.device("meta"):
+            vit = build(timm_name, model_kwargs, pretrained=False)
+    except Exception as e:
+        if "meta" not in str(e):
+            raise
+        return build(timm_name, model_kwargs, pretrained=False)
     if {n for n, _ in vit.named_buffers()} - set(vit.state_dict()):
         return build(timm_name, model_kwargs, pretrained=False)
     return vit.to_empty(device="cpu")
@@ -80,6 +123,7 @@ def load_backbone(backbone_dir: str | Path, device: str | torch.device = "cpu") 
     """The SPoTViT saved in `backbone_dir`, in eval mode on `device`, `.data_config` as saved."""
     from safetensors.torch import load_file
 
+    from spot.core.devices import resolve_device
     from spot.core.model import SPoTViT
     from spot.training.checkpoint import check_weights, load_state, read_errors
     meta = read_meta(backbone_dir)
@@ -133,8 +177,6 @@ def fetch(name: str, out_dir: str | Path, model: str, checkpoint: str | None = N
     `checkpoint` file, loaded strictly as timm's `checkpoint_path` would) and save it as backbone
     `name`. Its preprocessing is the timm pretrained config of `model` with the keys of
     `data_config` (mean, std, crop_pct, interpolation, crop_mode) replaced."""
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint file {checkpoint} does not exist (backbones.{name}.checkpoint)")
     from spot.core.model import SPoTViT
     from spot.data.geometry import overlay
     vit = build(model, model_kwargs, pretrained=pretrained and not checkpoint)

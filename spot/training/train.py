@@ -18,7 +18,7 @@ from spot.core.priors import sample_positions
 from spot.data.decoded import Decoded, rank_rows, train_rows
 from spot.data.geometry import overlay
 from spot.data.loading import class_names
-from spot.training.backbones import build, describe, load_backbone, save_backbone
+from spot.training.backbones import Spec, build, describe, load_backbone, save_backbone
 from spot.training.checkpoint import fingerprint, load_checkpoint, load_state, save_checkpoint
 from spot.utils import live
 from spot.utils.io import atomic_path, read_json, remove_temporary, write_json
@@ -80,27 +80,25 @@ def validate(model: SPoTViT, data: Decoded, rows: np.ndarray, device, budget: in
     return {"val_top1": hits / max(n, 1), f"val_top1_{budget}tok": hits_sparse / max(n, 1)}
 
 
-def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path, out_dir: Path,
+def train(name: str, spec: Spec, tokens: str, tcfg: dict, shards_dir: Path, decoded_dir: Path, out_dir: Path,
           checkpoint_dir: Path, *, init: Path | None = None, seed: int = 0, device: str = "auto",
           resume: bool | None = None, max_steps: int | None = None) -> dict:
     """Train backbone `name` on the images of `decoded_dir` (the decode stage's arrays of the shards
     in `shards_dir`, for the model's geometry) and save it to `out_dir` (the `fetch` format, plus
     metrics.csv/json).
 
-    spec: the backbone's config (`tokens`, and `model` + `arch` timm create_model kwargs, e.g.
-    img_size, patch_size, embed_dim, depth, num_heads; num_classes defaults to the source's class
-    count, the shards' `class_names`), or fine-tuning from the backbone folder `init`. tcfg: the `train` section (epochs,
-    batch_size, lr, weight_decay, warmup_epochs, label_smoothing, grad_clip, token_range, priors,
-    checkpoint_every, data_config; the backbone's own `data_config` keys replace these). Each step
-    draws a prior from `priors` and a token count from `token_range` (tokens 'grid': the plain-ViT
-    baseline on random patch subsets). AdamW,
+    spec: the backbone's `spot.training.backbones.Spec` (timm model, create_model kwargs, e.g.
+    img_size, patch_size, embed_dim, depth, num_heads, the head counting the shards' `class_names`;
+    its data config keys), or fine-tuning from the backbone folder `init`. tcfg: the `train` section
+    (epochs, batch_size, lr, weight_decay, warmup_epochs, label_smoothing, grad_clip, token_range,
+    priors, checkpoint_every). Each step draws a prior from `priors` and a token count from
+    `token_range` (tokens 'grid': the plain-ViT baseline on random patch subsets). AdamW,
     warm-up + cosine per step, label smoothing, gradient clipping, bf16 autocast on CUDA, DDP when
     launched by torchrun (WORLD_SIZE > 1). Checkpoints go atomically to `checkpoint_dir` every epoch
     and every `checkpoint_every` steps, tied to this run's fingerprint: `resume` None continues one
     of the same fingerprint (mid-epoch too) and starts over from another, True stops on another,
     False ignores it. `max_steps` stops early (for tests). Returns the final metrics.
     """
-    tokens = spec["tokens"]                        # the schema holds tokens and priors to what a training takes
     priors, token_range, batch_size = list(tcfg["priors"]), tuple(tcfg["token_range"]), tcfg["batch_size"]
     manifest = read_json(Path(shards_dir) / "manifest.json")
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -116,11 +114,9 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
         model = load_backbone(init)
         timm_name, arch = model.meta["timm_name"], model.meta["model_kwargs"]
     else:
-        timm_name = spec["model"]
-        arch = dict(num_classes=len(class_names(manifest, shards_dir)), **spec["arch"])
+        timm_name, arch = spec.model, spec.kwargs(len(class_names(manifest, shards_dir)))
         model = SPoTViT(build(timm_name, arch, pretrained=False))
-    data_config_set = dict(tcfg["data_config"], **spec.get("data_config", {}))   # the backbone's own keys win
-    model.data_config = overlay(model.data_config, data_config_set)
+    model.data_config = overlay(model.data_config, spec.data_config)
     model.to(device).train()
     steps_per_epoch = math.ceil(manifest["splits"]["train"]["count"] / (batch_size * world))
     total = tcfg["epochs"] * steps_per_epoch
@@ -128,7 +124,7 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     made_by = fingerprint(timm_name=timm_name, arch=arch, tokens=tokens, init=digest_file(init), seed=seed,
                           world=world, data=digest(manifest["splits"]["train"]), max_steps=max_steps,
-                          train={k: v for k, v in tcfg.items() if k != "checkpoint_every"}, data_config=data_config_set)
+                          train={k: v for k, v in tcfg.items() if k != "checkpoint_every"}, data_config=spec.data_config)
     ckpt = Path(checkpoint_dir) / "checkpoint.pt"
     if rank == 0:
         remove_temporary(ckpt.parent)            # a killed run's half-written checkpoint (this job holds the backbone)
@@ -185,7 +181,7 @@ def train(name: str, spec: dict, tcfg: dict, shards_dir: Path, decoded_dir: Path
             checkpoint()
     bar.close()
     if rank == 0:
-        meta = describe(model, name, timm_name, arch, source="train", data_config_set=data_config_set, tokens=tokens,
+        meta = describe(model, name, timm_name, arch, source="train", data_config_set=spec.data_config, tokens=tokens,
                         init=str(init) if init else None, seed=seed, steps=step)
         save_backbone(model, out_dir, meta)
         write_csv(Path(out_dir) / "metrics.csv", history)

@@ -1,9 +1,6 @@
-"""What a backbone's config (`backbones.<name>`) means: the timm model it builds and the data config it reads.
-
-`model_spec` gives what `spot.training.backbones.build` takes (timm's create_model arguments);
-`planned_data_config` gives the geometry the backbone will have, known before it exists (the decoded
-images its jobs read). Init chains are acyclic (`spot.workflow.preflight` checks it first).
-"""
+"""A backbone's geometry before it exists: `planned_data_config`, from its
+`spot.training.backbones.backbone_spec` and timm's pretrained config (cached: the stage table and
+dvc.yaml plan every job's decoded images with it, without importing timm)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,43 +10,25 @@ import os
 from pathlib import Path
 
 from spot.data.geometry import GEOMETRY, overlay
-from spot.data.sources import source_classes
+from spot.training.backbones import backbone_spec
 from spot.utils.io import read_json, write_json
-
-
-def model_spec(cfg: dict, name: str) -> tuple[str, str, dict]:
-    """(backbone whose spec defines the architecture, timm name, create_model kwargs) of backbone
-    `name`: a `make: train` with `init` has the architecture of its init backbone; a trained one has a
-    head of one logit per class of the data."""
-    spec = cfg["backbones"][name]
-    if spec["make"] == "train" and spec.get("init"):
-        return model_spec(cfg, spec["init"])
-    arch = dict(spec.get("arch") or {})
-    if spec["make"] == "fetch":
-        return name, spec["model"], arch
-    return name, spec["model"], {"num_classes": len(classes_of(cfg["data"])), **arch}
-
-
-def classes_of(data: dict) -> list[str]:
-    """The data source's class names in label order (`spot.data.sources.source_classes`)."""
-    return source_classes(data["source"], data["root"])
 
 
 def planned_data_config(cfg: dict, backbone: str) -> dict:
     """The geometry backbone `backbone` of `cfg` will have (what `spot.core.model.SPoTViT`, `fetch` and
     training give it): timm's pretrained config of its model at its image size (a fine-tuned one: its
-    `init`'s), then `train.data_config` for trained backbones, then the backbone's own `data_config`."""
-    spec = cfg["backbones"][backbone]
-    if spec["init"]:
-        dc = planned_data_config(cfg, spec["init"])
+    `init`'s), then the keys its `Spec.data_config` sets."""
+    spec = backbone_spec(cfg, backbone)
+    if spec.init:
+        dc = planned_data_config(cfg, spec.init)
     else:
-        pre = pretrained_geometry(spec["model"])
+        pre = pretrained_geometry(spec.model)
         if pre is None:
-            raise ValueError(f"backbones.{backbone}.model: unknown timm model {spec['model']!r}")
-        size = spec["arch"].get("img_size", pre["input_size"][1:])
+            raise ValueError(f"backbones.{backbone}.model: unknown timm model {spec.model!r}")
+        size = spec.arch.get("img_size", pre["input_size"][1:])
         size = (size, size) if isinstance(size, int) else tuple(size)
         dc = dict(pre, input_size=(3, *size))
-    dc = overlay(dc, cfg["train"]["data_config"] if spec["make"] == "train" else {}, spec["data_config"])
+    dc = overlay(dc, spec.data_config)
     return {k: dc[k] for k in GEOMETRY}
 
 

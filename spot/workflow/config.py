@@ -1,45 +1,29 @@
-"""The configuration: a params file loaded, validated against the schema shipped with the package
-(spot/workflow/schemas/params.schema.yaml), and completed with the schema's defaults, once. Every stage reads the result."""
+"""The configuration: a params file loaded, validated and completed with the schema's defaults, once.
+Every stage reads the result.
+
+Where each kind of check lives (each in one place, none done twice):
+- the schema (spot/workflow/schemas/params.schema.yaml, through `snakemake.utils.validate`): types,
+  ranges, enums, required keys and defaults; the two defaults that depend on other keys come after
+  it (a backbone's `seed`: the top-level one, `expand_seeds`; a `make: train` backbone's `model`:
+  `TRAIN_MODEL`, set last so that every job's params keep their key order, a rerun trigger);
+- `validate`: what the schema misreads (retired keys, NaN and infinities) and `relations`, what
+  relates keys to each other (a budget list within another, `init` naming a backbone, ...). Every
+  job calls it (`load_config`), so one started by hand stops on one line before any work;
+- `spot.workflow.preflight`: what needs this machine (devices, data folders, checkpoints, timm
+  architectures and the budgets they fit), once before a run (`spot validate`, Snakemake)."""
 from __future__ import annotations
 
 import copy
 import math
 from pathlib import Path
 
-import jsonschema
 import yaml
 
 from spot.utils.text import one_line
+from spot.workflow.stage import lookup
 
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "params.schema.yaml"   # package data
 TRAIN_MODEL = "vit_tiny_patch16_224"     # the timm architecture a `make: train` backbone builds on
-
-
-def schema() -> dict:
-    return yaml.safe_load(SCHEMA.read_text())
-
-
-def resolve(node: dict, defs: dict) -> dict:
-    """A schema node with its `$ref` (to `#/$defs/<name>`) replaced by the definition; keys beside
-    the `$ref` (a description, another default) win."""
-    return dict(defs[node["$ref"].rsplit("/", 1)[1]], **{k: v for k, v in node.items() if k != "$ref"}) \
-        if "$ref" in node else node
-
-
-def fill_defaults(value, node: dict, defs: dict) -> None:
-    """Set every absent key of `value` that `node` (a schema) gives a `default`, recursively."""
-    node = resolve(node, defs)
-    if not isinstance(value, dict):
-        return
-    for key, sub in node.get("properties", {}).items():
-        if key not in value and "default" in resolve(sub, defs):
-            value[key] = copy.deepcopy(resolve(sub, defs)["default"])
-        if key in value:
-            fill_defaults(value[key], sub, defs)
-    if isinstance(node.get("additionalProperties"), dict):
-        for key in set(value) - set(node.get("properties", {})):
-            fill_defaults(value[key], node["additionalProperties"], defs)
-
 
 RETIRED = {                              # keys of older params files -> what to write instead
     "data.shard_count": "renamed data.images_per_shard (it counts the images in a shard, not the shards)",
@@ -61,72 +45,91 @@ def check_numbers(value, key: str = "") -> None:
         raise ValueError(f"{key}: {spelled} is not a finite number")
 
 
-def validate(cfg: dict, source: str = "params.yaml") -> dict:
-    """Raise a one-line ValueError naming the first bad key of `cfg` (retired keys with what replaces
-    them); fill defaults; return cfg."""
-    for key, instead in RETIRED.items():
-        section, _, name = key.partition(".")
-        if isinstance(cfg.get(section), dict) and name in cfg[section]:
-            raise ValueError(f"{source}: {key}: {instead}")
+def unshared(value):
+    """`value` with every dict and list its own: the schema sets its default objects themselves."""
+    if isinstance(value, dict):
+        return {k: unshared(v) for k, v in value.items()}
+    return [unshared(v) for v in value] if isinstance(value, list) else value
+
+
+def apply_schema(cfg: dict) -> None:
+    """Validate `cfg` against the schema and set its defaults in place; a one-line ValueError
+    '<dotted.key>: <message>' for the first error."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate as snakemake_validate
     try:
-        check_numbers(cfg)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    s = schema()
-    errors = sorted(jsonschema.Draft202012Validator(s).iter_errors(cfg), key=lambda e: list(e.absolute_path))
-    if errors:
-        e = errors[0]
-        where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise ValueError(f"{source}: {where}: {e.message}")
-    for name, spec in cfg["backbones"].items():
-        if spec["make"] == "fetch" and "model" not in spec:
-            raise ValueError(f"{source}: backbones.{name}: make 'fetch' needs 'model' (a timm model name)")
-        if spec["make"] == "train" and "arch" not in spec and not spec.get("init"):
-            raise ValueError(f"{source}: backbones.{name}: make 'train' needs 'arch' or 'init'")
-        if spec.get("init") and spec["init"] not in cfg["backbones"]:
-            raise ValueError(f"{source}: backbones.{name}.init: {spec['init']!r} is not a backbone of this file")
+        snakemake_validate(cfg, str(SCHEMA), set_default=True)
+    except WorkflowError as e:
+        bad = e.__context__                                  # the jsonschema ValidationError
+        where = ".".join(str(p) for p in bad.absolute_path) or "(top level)"
+        why = f"{bad.instance} lacks {bad.validator_value['const']!r}" if bad.validator == "contains" else bad.message
+        raise ValueError(f"{where}: {why}") from None
+    cfg.update(unshared(cfg))
+
+
+def relations(cfg: dict):
+    """(dotted key, problem) for each relation between keys of the schema-valid `cfg` that fails."""
+    backbones, place, model = cfg["backbones"], cfg["placement"], cfg["saliency"]["model"]
+    for name, spec in backbones.items():
+        if spec["make"] == "train" and not spec["arch"] and not spec["init"]:
+            yield f"backbones.{name}", "make 'train' needs 'arch' or 'init'"
+        if spec["init"] and spec["init"] not in backbones:
+            yield f"backbones.{name}.init", f"{spec['init']!r} is not a backbone of this file"
+    for name in backbones:
+        chain = [name]
+        while (init := backbones[chain[-1]]["init"]) and backbones[chain[-1]]["make"] == "train":
+            if init in chain:
+                yield f"backbones.{name}.init", f"init cycle {' -> '.join([*chain, init])}"
+                break
+            chain.append(init)
     lo, hi = cfg["train"]["token_range"]
     if lo > hi:
-        raise ValueError(f"{source}: train.token_range: {lo} > {hi}")
+        yield "train.token_range", f"{lo} > {hi}"
     if cfg["oracle"]["prior"] not in cfg["eval"]["priors"]:
-        raise ValueError(f"{source}: oracle.prior: {cfg['oracle']['prior']!r} must be one of eval.priors "
-                         "(its evaluation supplies the start positions and the kNN bank)")
-    for key, within in (("oracle", "eval"), ("transfer", "oracle")):
-        extra = set(cfg[key]["budgets"]) - set(cfg[within]["budgets"])
-        if extra:
-            raise ValueError(f"{source}: {key}.budgets: {sorted(extra)} not in {within}.budgets")
-    fill_defaults(cfg, s, s.get("$defs", {}))
-    place = cfg["placement"]
-    extra = set(place["budgets"]) - set(cfg["eval"]["budgets"]) if place["methods"] else set()
-    if extra:
-        raise ValueError(f"{source}: placement.budgets: {sorted(extra)} not in eval.budgets")
-    if set(place["transfer"]) - set(place["budgets"]):
-        raise ValueError(f"{source}: placement.transfer: {sorted(set(place['transfer']) - set(place['budgets']))} "
-                         "not in placement.budgets")
-    if place["methods"] and not place["budgets"]:
-        raise ValueError(f"{source}: placement.budgets: empty, while placement.methods names {place['methods']}")
-    model = cfg["saliency"]["model"]
-    if model is not None and model not in cfg["backbones"]:
-        raise ValueError(f"{source}: saliency.model: {model!r} is not a backbone of this file")
-    if "model_salient" in cfg["eval"]["priors"] and model is None:
-        raise ValueError(f"{source}: eval.priors: 'model_salient' needs saliency.model (the backbone making its maps)")
+        yield "oracle.prior", (f"{cfg['oracle']['prior']!r} must be one of eval.priors "
+                               "(its evaluation supplies the start positions and the kNN bank)")
     if cfg["oracle"]["prior"] == "model_salient":
-        raise ValueError(f"{source}: oracle.prior: 'model_salient' is for eval.priors only (use 'salient')")
+        yield "oracle.prior", "'model_salient' is for eval.priors only (use 'salient')"
+    subsets = [("oracle.budgets", "eval.budgets"), ("transfer.budgets", "oracle.budgets")] + \
+        [("placement.budgets", "eval.budgets")] * bool(place["methods"]) + \
+        [("placement.transfer", "placement.budgets"), ("replicates.placement_budgets", "placement.budgets")]
+    for key, within in subsets:
+        if extra := set(lookup(cfg, key) or []) - set(lookup(cfg, within)):
+            yield key, f"{sorted(extra)} not in {within}"
+    if place["methods"] and not place["budgets"]:
+        yield "placement.budgets", f"empty, while placement.methods names {place['methods']}"
     if "placer" in place["methods"] and place["placer"]["init"] == "learned" and "learned" not in place["methods"]:
-        raise ValueError(f"{source}: placement.placer.init: 'learned' needs 'learned' in placement.methods")
+        yield "placement.placer.init", "'learned' needs 'learned' in placement.methods"
+    if model is not None and model not in backbones:
+        yield "saliency.model", f"{model!r} is not a backbone of this file"
+    if "model_salient" in cfg["eval"]["priors"] and model is None:
+        yield "eval.priors", "'model_salient' needs saliency.model (the backbone making its maps)"
     if 0 not in cfg["eval"]["prior_seeds"]:
-        raise ValueError(f"{source}: eval.prior_seeds: must hold 0 (the reported draw of the priors' positions)")
-    extra = set(cfg["replicates"]["placement_budgets"] or []) - set(place["budgets"])
-    if extra:
-        raise ValueError(f"{source}: replicates.placement_budgets: {sorted(extra)} not in placement.budgets")
-    cfg["backbones"] = expand_seeds(cfg["backbones"], cfg["seed"], source)
+        yield "eval.prior_seeds", "must hold 0 (the reported draw of the priors' positions)"
+
+
+def validate(cfg: dict, source: str = "params.yaml") -> dict:
+    """Raise a one-line ValueError '<source>: <dotted.key>: <problem>' for the first problem of `cfg`
+    (a retired key names what replaced it); fill defaults and expand seeds in place; return cfg."""
+    try:
+        for key, instead in RETIRED.items():
+            section, _, name = key.partition(".")
+            if isinstance(cfg.get(section), dict) and name in cfg[section]:
+                raise ValueError(f"{key}: {instead}")
+        check_numbers(cfg)
+        apply_schema(cfg)
+        for key, problem in relations(cfg):
+            raise ValueError(f"{key}: {problem}")
+        cfg["backbones"] = expand_seeds(cfg["backbones"], cfg["seed"])
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     for spec in cfg["backbones"].values():
         if spec["make"] == "train":
             spec.setdefault("model", TRAIN_MODEL)
     return cfg
 
 
-def expand_seeds(backbones: dict, seed: int, source: str) -> dict:
+def expand_seeds(backbones: dict, seed: int) -> dict:
     """The backbones with each `seeds: [s0, s1, ...]` expanded: the backbone itself trains with s0,
     and a replicate `<name>-s<s>` (its own folders, jobs and MLflow runs; `replicate_of` the
     backbone) with each other seed, right after it. Every backbone gets its `seed` (default `seed`)."""
@@ -134,12 +137,12 @@ def expand_seeds(backbones: dict, seed: int, source: str) -> dict:
     for name, spec in backbones.items():
         seeds = spec.pop("seeds", None)
         if seeds is not None and "seed" in spec:
-            raise ValueError(f"{source}: backbones.{name}: give seed or seeds, not both")
+            raise ValueError(f"backbones.{name}: give seed or seeds, not both")
         spec.setdefault("seed", seeds[0] if seeds else seed)
         out[name] = spec
         for s in (seeds or [])[1:]:
             if f"{name}-s{s}" in backbones:
-                raise ValueError(f"{source}: backbones.{name}-s{s}: the name of {name}'s replicate with seed {s}")
+                raise ValueError(f"backbones.{name}-s{s}: the name of {name}'s replicate with seed {s}")
             out[f"{name}-s{s}"] = dict(copy.deepcopy(spec), seed=s, replicate_of=name)
     return out
 

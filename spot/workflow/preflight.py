@@ -1,23 +1,22 @@
-"""Preflight: what is wrong with a schema-validated configuration that is knowable without running a
-job (device, data folders, files, architectures and their heads, checkpoints' tensors, token
-budgets, SPoT-ON parts). `check` raises at the first problem, a one-line ValueError or
-FileNotFoundError '<source>: <dotted.key>: <problem>'."""
+"""Preflight: what is wrong with a validated configuration (`spot.workflow.config.load_config`) that
+only this machine knows, before any job: devices, data folders, files, timm architectures and their
+heads, checkpoints' tensors, token budgets against the architectures, SPoT-ON parts against the
+data. `check` raises at the first problem, a one-line ValueError or FileNotFoundError
+'<source>: <dotted.key>: <problem>'."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import timm
 import torch
 
 from spot.data.imagenet import SOURCE as IMAGENET_SOURCE
 from spot.data.imagenet import imagenet_classes
 from spot.data.shards import per_split
-from spot.data.sources import FASHION_MNIST_FILES, class_folder, make_source, source_classes
-from spot.training.backbones import build, checkpoint_shapes
+from spot.data.sources import FASHION_MNIST_FILES, check_split, class_folder, make_source, source_classes
+from spot.training.backbones import UnknownModel, architecture, checkpoint_shapes, uninitialised
 from spot.training.checkpoint import misfit
 from spot.utils.text import describe_error, one_line
-from spot.workflow.backbone_spec import classes_of, model_spec
 
 
 class Problem(Exception):
@@ -37,10 +36,10 @@ def check(cfg: dict, source: str, devices: bool = True) -> None:
             check_device(cfg["device"])
         check_data(cfg["data"])
         check_checkpoints(cfg["backbones"])
-        check_inits(cfg["backbones"])
-        models = backbone_models(cfg)
+        classes = len(source_classes(cfg["data"]["source"], cfg["data"]["root"]))
+        models = backbone_models(cfg, classes)
         shapes = {name: shape_of(cfg, name, model) for name, model in models.items()}
-        check_heads(cfg, models)
+        check_heads(cfg, models, classes)
         check_weights(cfg, models)
         check_budgets(cfg, shapes)
         check_parts(cfg)
@@ -65,23 +64,16 @@ def check_device(device: str) -> None:
 # --- data -------------------------------------------------------------------------------------------
 
 def check_data(data: dict) -> None:
-    """Splits distinct and including 'train'; data.root, its split folders or files; a folder tree
-    has classes (an ImageNet tree: folders named by ImageNet-1k wnids)."""
-    splits = data["splits"]
-    dup = sorted({s for s in splits if splits.count(s) > 1})
-    if dup:
-        raise Problem("data.splits", f"{', '.join(dup)} listed more than once")
-    if "train" not in splits:
-        raise Problem("data.splits", "needs 'train' (the kNN bank of eval and the data of make: train)")
+    """data.root, its split folders (`spot.data.sources.check_split`) or Fashion-MNIST files; a folder
+    tree has classes (an ImageNet tree: folders named by ImageNet-1k wnids)."""
     root = Path(data["root"])
-    if not root.is_dir():
-        raise Problem("data.root", f"folder {root} does not exist", FileNotFoundError)
-    for split in splits:
+    for split in data["splits"]:
+        try:
+            check_split(data["source"], root, split)
+        except (FileNotFoundError, ValueError) as e:
+            raise Problem(*str(e).split(": ", 1), type(e)) from None
         if data["source"] == "fashion-mnist":
             check_fashion_mnist(root, split)
-        elif not (root / split).is_dir():
-            raise Problem("data.root", f"split folder {root / split} does not exist (data.splits: {split})",
-                          FileNotFoundError)
     if data["source"] == "folder" and not source_classes("folder", root):
         raise Problem("data.root", f"{class_folder(root)} holds no class folder", FileNotFoundError)
     if data["source"] == "imagenet":
@@ -100,9 +92,7 @@ def fashion_mnist_missing(root: Path, split: str) -> list[str]:
 
 
 def check_fashion_mnist(root: Path, split: str) -> None:
-    """`split` is a Fashion-MNIST split whose IDX files are in `root` (nothing is downloaded)."""
-    if split not in FASHION_MNIST_FILES:
-        raise Problem("data.splits", f"fashion-mnist has splits {', '.join(FASHION_MNIST_FILES)}, not {split!r}")
+    """The IDX files of Fashion-MNIST split `split` are in `root` (nothing is downloaded)."""
     missing = fashion_mnist_missing(root, split)
     if missing:
         raise Problem("data.root", f"Fashion-MNIST file(s) {', '.join(m + '[.gz]' for m in missing)} of split "
@@ -120,81 +110,59 @@ def check_checkpoints(backbones: dict) -> None:
                           FileNotFoundError)
 
 
-def check_inits(backbones: dict) -> None:
-    """A fine-tuned backbone's `init` chain ends in a backbone without one."""
-    for name in backbones:
-        chain = [name]
-        while (init := backbones[chain[-1]].get("init")) and backbones[chain[-1]]["make"] == "train":
-            if init in chain:
-                raise Problem(f"backbones.{name}.init", f"init cycle {' -> '.join([*chain, init])}")
-            chain.append(init)
-
-
-def build_meta(name: str, timm_name: str, kwargs: dict, has_arch: bool) -> torch.nn.Module:
-    """The model `spot.training.backbones.build` makes, without weights: on the meta device (on the CPU
-    where timm refuses it)."""
-    if not timm.is_model(timm_name.split(".")[0]):
-        raise Problem(f"backbones.{name}.model", f"unknown timm model {timm_name!r}")
-    key = f"backbones.{name}.arch" if has_arch else f"backbones.{name}.model"
-    for device in ("meta", "cpu"):
-        try:
-            with torch.device(device):
-                return build(timm_name, kwargs, pretrained=False)
-        except Exception as e:  # noqa: BLE001 - any failure of timm is a bad architecture
-            if device == "cpu" or "meta" not in str(e):
-                raise Problem(key, f"timm cannot build {timm_name!r} ({describe_error(e)})") from None
+def backbone_models(cfg: dict, classes: int) -> dict[str, torch.nn.Module]:
+    """Backbone name -> its timm model without weights (`spot.training.backbones.uninitialised`), each
+    distinct architecture built once (a fine-tuned backbone shares its init's); a trained head has
+    `classes` logits."""
+    built: dict[str, torch.nn.Module] = {}
+    models = {}
+    for name in cfg["backbones"]:
+        spec = architecture(cfg, name)
+        if spec.name not in built:
+            try:
+                built[spec.name] = uninitialised(spec.model, spec.kwargs(classes))
+            except UnknownModel as e:
+                raise Problem(f"backbones.{spec.name}.model", str(e)) from None
+            except Exception as e:  # noqa: BLE001 - any other failure of timm is a bad architecture
+                raise Problem(f"backbones.{spec.name}.{'arch' if spec.arch else 'model'}",
+                              f"timm cannot build {spec.model!r} ({describe_error(e)})") from None
+        models[name] = built[spec.name]
+    return models
 
 
 def shape_of(cfg: dict, name: str, model: torch.nn.Module) -> tuple[int, int, int]:
     """(height, width, patch) that SPoTViT reads from backbone `name`'s `model`; Problem where SPoTViT
     would refuse it."""
-    owner, timm_name, _ = model_spec(cfg, name)
-    arch = cfg["backbones"][owner].get("arch") or {}
+    spec = architecture(cfg, name)
     pe = getattr(model, "patch_embed", None)
     if not isinstance(getattr(pe, "proj", None), torch.nn.Conv2d):
-        raise Problem(f"backbones.{owner}.model", f"{timm_name!r} is not a timm VisionTransformer with a conv "
+        raise Problem(f"backbones.{spec.name}.model", f"{spec.model!r} is not a timm VisionTransformer with a conv "
                       "patch embedding (SPoTViT needs one)")
     (h, w), (ph, pw) = tuple(pe.img_size), tuple(pe.patch_size)
     if ph != pw:
-        raise Problem(arch_key(owner, arch, "patch_size"), f"patch_size {ph}x{pw} is not square "
+        raise Problem(arch_key(spec, "patch_size"), f"patch_size {ph}x{pw} is not square "
                       "(SPoTViT needs square patches)")
     if h % ph or w % pw:
-        raise Problem(arch_key(owner, arch, "img_size", "patch_size"),
-                      f"img_size {h}x{w} is not divisible by patch_size {ph}")
+        raise Problem(arch_key(spec, "img_size", "patch_size"), f"img_size {h}x{w} is not divisible by patch_size {ph}")
     return h, w, ph
 
 
-def arch_key(name: str, arch: dict, *keys: str) -> str:
-    """'backbones.<name>.arch.<key>' for the first of `keys` set in `arch`, else 'backbones.<name>.model'."""
-    return next((f"backbones.{name}.arch.{k}" for k in keys if k in arch), f"backbones.{name}.model")
+def arch_key(spec, *keys: str) -> str:
+    """'backbones.<name>.arch.<key>' for the first of `keys` set in `spec.arch`, else 'backbones.<name>.model'."""
+    return next((f"backbones.{spec.name}.arch.{k}" for k in keys if k in spec.arch), f"backbones.{spec.name}.model")
 
 
-def backbone_models(cfg: dict) -> dict[str, torch.nn.Module]:
-    """Backbone name -> its timm model without weights (meta device), each distinct architecture
-    built once (a fine-tuned backbone shares its init's)."""
-    built: dict[str, torch.nn.Module] = {}
-    models = {}
-    for name in cfg["backbones"]:
-        owner, timm_name, kwargs = model_spec(cfg, name)
-        if owner not in built:
-            built[owner] = build_meta(owner, timm_name, kwargs, bool(cfg["backbones"][owner].get("arch")))
-        models[name] = built[owner]
-    return models
-
-
-def check_heads(cfg: dict, models: dict[str, torch.nn.Module]) -> None:
-    """Every head has one logit per class of the source, in its order: an ImageNet source is
-    labelled with the 1 000 classes of ImageNet-1k, a folder source with its class folders."""
+def check_heads(cfg: dict, models: dict[str, torch.nn.Module], classes: int) -> None:
+    """Every head has one logit per class of the source (`classes`), in its order: an ImageNet
+    source is labelled with the 1 000 classes of ImageNet-1k, a folder source with its class folders."""
     data = cfg["data"]
-    classes = len(classes_of(data))
     why = {"imagenet": f"its labels are ImageNet-1k's index ({IMAGENET_SOURCE})",
            "folder": f"the class folders of {class_folder(Path(data['root']))}"}.get(data["source"], "its classes")
     for name, model in models.items():
-        owner, timm_name, _ = model_spec(cfg, name)
+        spec = architecture(cfg, name)
         if model.num_classes != classes:
-            arch = cfg["backbones"][owner].get("arch") or {}
-            raise Problem(arch_key(owner, arch, "num_classes"),
-                          f"{timm_name!r} has a head of {model.num_classes} classes, the {data['source']} source "
+            raise Problem(arch_key(spec, "num_classes"),
+                          f"{spec.model!r} has a head of {model.num_classes} classes, the {data['source']} source "
                           f"{classes} ({why}): a head must read the source's labels")
 
 

@@ -10,21 +10,22 @@ import argparse
 
 from spot.data.geometry import geometry_name
 from spot.methods import LABEL_FREE
+from spot.training.backbones import backbone_spec
 from spot.utils.replicates import paired_runs, primaries, replicate_setting, same_draw
 from spot.workflow.backbone_spec import planned_data_config
 from spot.workflow.declaration import Stage, lookup, product
 
 
 def backbone_params(cfg, w):
-    spec = cfg["backbones"][w["backbone"]]
-    return [f"backbones.{w['backbone']}", "seed", "device"] + (["train"] if spec["make"] == "train" else [])
+    trained = backbone_spec(cfg, w["backbone"]).trained
+    return [f"backbones.{w['backbone']}", "seed", "device"] + (["train"] if trained else [])
 
 
 def backbone_inputs(cfg, w):
-    spec = cfg["backbones"][w["backbone"]]
-    inputs = {"shards": ("shards", {}), "decoded": decoded(cfg, w["backbone"])} if spec["make"] == "train" else {}
-    if spec.get("init"):
-        inputs["init"] = ("backbone", {"backbone": spec["init"]})
+    spec = backbone_spec(cfg, w["backbone"])
+    inputs = {"shards": ("shards", {}), "decoded": decoded(cfg, w["backbone"])} if spec.trained else {}
+    if spec.init:
+        inputs["init"] = ("backbone", {"backbone": spec.init})
     return inputs
 
 
