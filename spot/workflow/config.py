@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from spot.utils.text import one_line
-from spot.workflow.stage import lookup
+from spot.workflow.declaration import lookup
 
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "params.schema.yaml"   # package data
 TRAIN_MODEL = "vit_tiny_patch16_224"     # the timm architecture a `make: train` backbone builds on
