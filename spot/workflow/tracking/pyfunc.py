@@ -1,7 +1,7 @@
-"""The code of a backbone's or placer's MLflow model (MLflow's models from code: the model is this file
-and the job's files, nothing pickled). MLflow runs the file when it logs or loads the model; the job's
-kind comes from the model config, `{"stage": "backbone" | "placer"}`. `spot.workflow.tracking.registry` documents
-the inputs and outputs."""
+"""The code of a backbone's or placer's MLflow model (models from code: this file and the job's files, nothing
+pickled), its kind in the model config. float32 arrays: a backbone maps images (B, C, H, W), normalised as its
+data_config says, and positions (B, N, 2), (y, x) in [0, 1] (N = 0: the full patch grid) to logits (B, classes);
+a placer maps images (B, C, H, W), any H and W, to positions (B, N, 2)."""
 from pathlib import Path
 
 import mlflow
@@ -10,29 +10,21 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 
-def tensors(model_input: dict, *names: str) -> list[torch.Tensor]:
-    """The named float32 tensors of a pyfunc input."""
-    return [torch.from_numpy(np.asarray(model_input[k], np.float32)) for k in names]
-
-
 class SpotModel(PythonModel):
-    """A backbone ({images, positions} -> logits) or a placer ({images} -> positions)."""
-
-    _skip_type_hint_validation = True       # MLflow's switch: the signature checks inputs (no ANSI "Add type hints")
+    _skip_type_hint_validation = True       # the signature checks inputs (no "Add type hints" warning in ANSI colour)
 
     def load_context(self, context):
         from spot.training.backbones import load_backbone
         from spot.training.placer_files import load_placer
         self.stage = context.model_config["stage"]
-        load = load_backbone if self.stage == "backbone" else load_placer
-        self.model = load(Path(context.artifacts["weights"]).parent)        # beside its json file
+        self.model = (load_backbone if self.stage == "backbone" else load_placer)(Path(context.artifacts["weights"]).parent)
 
     def predict(self, context, model_input, params=None):
+        x = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in model_input.items()}
         with torch.inference_mode():
             if self.stage == "placer":
-                return self.model(*tensors(model_input, "images")).numpy()
-            images, positions = tensors(model_input, "images", "positions")
-            return self.model(images, positions if positions.shape[1] else None).numpy()
+                return self.model(x["images"]).numpy()
+            return self.model(x["images"], x["positions"] if x["positions"].shape[1] else None).numpy()
 
 
 mlflow.models.set_model(SpotModel())
