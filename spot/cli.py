@@ -41,24 +41,23 @@ def cmd_dvc_yaml(cfg, a):
 
 def cmd_dvc_done(cfg, a):
     from spot.workflow.dvc import record_in_snakemake
-    from spot.workflow.tracking import store
+    from spot.workflow.tracking import check
     print(record_in_snakemake(a.params))
-    print(store.check(cfg, a.params))             # the end of a DVC run: what did not reach MLflow
+    print(check(cfg, a.params))             # the end of a DVC run: what did not reach MLflow
 
 
 def cmd_mlflow_init(cfg, a):
-    from spot.workflow.tracking import store
-    uri = store.tracking_uri(cfg)
-    exp = store.init(cfg["name"], uri)
+    from spot.workflow.tracking import init, tracking_uri, ui_link
+    uri = tracking_uri(cfg)
+    exp = init(cfg["name"], uri)
     if exp is None:
         print(f"MLflow experiment {cfg['name']!r} at {uri}: unreachable (results kept for mlflow-sync)")
         return
-    print(f"MLflow experiment {cfg['name']!r} at {uri}: ready; its runs: {store.ui_link(uri, exp)}")
+    print(f"MLflow experiment {cfg['name']!r} at {uri}: ready; its runs: {ui_link(uri, exp)}")
 
 
 def cmd_mlflow_sync(cfg, a):
-    from spot.workflow.tracking.record import sync
-    from spot.workflow.tracking.store import tracking_uri
+    from spot.workflow.tracking import sync, tracking_uri
     uri = tracking_uri(cfg)
     ids = sync(a.root or cfg["root"], cfg["name"], uri)
     print(f"logged {len(ids)} run records to {uri}")

@@ -220,7 +220,7 @@ def test_every_job_logged_once_to_mlflow(done):
     params, cfg, root, _ = done
     from mlflow.tracking import MlflowClient
 
-    from spot.workflow.tracking.record import metric_name, ms
+    from spot.workflow.tracking import metric_name, ms
     c = MlflowClient(cfg["mlflow"]["tracking_uri"])
     exp = c.get_experiment_by_name(cfg["name"])
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"    # kind: machine learning

@@ -105,7 +105,7 @@ def test_the_public_api_comes_from_this_tree():
 
 
 def module_of(name: str) -> str | None:
-    """The spot module a dotted import name lands in ('spot.workflow.tracking.store.fluent' -> its module)."""
+    """The spot module a dotted import name lands in ('spot.workflow.tracking.connect' -> its module)."""
     parts = name.split(".")
     while parts:
         path = REPO.joinpath(*parts)

@@ -134,9 +134,9 @@ def test_server_answers_this_machines_names_and_no_other(mlflow_server):
 def test_concurrent_jobs_logging_the_same_new_datasets_lose_no_run(mlflow_server, tmp_path):
     """8 processes log jobs at once with the same new datasets through the server to PostgreSQL, where MLflow
     get-or-creates a dataset's row in two steps too: every job has one FINISHED run with its metrics and datasets."""
-    from spot.workflow.tracking import store
+    from spot.workflow import tracking
     from tests.test_tracking import concurrent_jobs
-    assert store.init("race", mlflow_server.uri)
+    assert tracking.init("race", mlflow_server.uri)
     concurrent_jobs(mlflow_server.uri, "race", tmp_path)
 
 
@@ -212,7 +212,7 @@ def is_number(v) -> bool:
 def test_every_metric_and_every_step_of_every_series_arrived(logged):
     """run.json's numbers are the runs' metrics; each point of series.csv (training curves) and of a
     list (the oracle's accuracy per step) is a step of the run's metric history."""
-    from spot.workflow.tracking.record import metric_name
+    from spot.workflow.tracking import metric_name
     for r in logged.jobs():
         job = r.data.tags["spot.job"]
         folder, record = logged.folders[job]

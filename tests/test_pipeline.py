@@ -161,8 +161,7 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     import torch
 
     from spot.training.backbones import load_backbone
-    from spot.workflow.tracking.record import MAX_NOTE, metric_name, ms
-    from spot.workflow.tracking.store import fluent
+    from spot.workflow.tracking import MAX_NOTE, connect, metric_name, ms
     cwd, _ = smoke
     c = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
     every = mlflow_runs(cwd, SMOKE["name"])
@@ -197,7 +196,7 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     assert len({m.step for m in c.get_metric_history(train, "train/loss")}) > 1
     (version,) = c.search_model_versions("name = 'spot-spot-a'")          # its weights: a registered MLflow model
     assert version.run_id == train and len(c.get_run(train).outputs.model_outputs) == 1
-    fluent(c.tracking_uri)                              # sets MLflow's store without exporting it
+    connect(c.tracking_uri)                             # sets MLflow's store without exporting it
     logged, own = mlflow.pyfunc.load_model(version.source), load_backbone(records["backbone/spot-a"])
     images = torch.randn(3, *own.data_config["input_size"], generator=torch.Generator().manual_seed(0))
     positions = torch.rand(3, 7, 2, generator=torch.Generator().manual_seed(0))
@@ -285,7 +284,7 @@ def test_killed_job_is_not_complete_and_the_rerun_finishes(slow_training):
 def test_unreachable_tracking_server_then_mlflow_sync(slow_training):
     """The server is down: each job still succeeds, with one warning line in its log; `spot
     mlflow-sync` then logs every record, with the jobs' times and step series."""
-    from spot.workflow.tracking.record import ms
+    from spot.workflow.tracking import ms
     cwd = slow_training
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -12,11 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from spot.utils import live
 from spot.utils.io import write_json
+from spot.workflow import tracking
 from spot.workflow.outputs import write_run_record
-from spot.workflow.tracking import store
-from spot.workflow.tracking.job_run import JobRun
-from spot.workflow.tracking.record import PARAMS_TAG, lineage, log_record, metric_name, ms, run_name, sync
-from spot.workflow.tracking.series import read_series
+from spot.workflow.tracking import PARAMS_TAG, JobRun, lineage, log_record, metric_name, ms, read_series, run_name, sync
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +27,8 @@ def uri(tmp_path_factory):
 def isolated(monkeypatch, tmp_path):
     """No parent run, no store chosen or found failing by an earlier test, and artifacts (MLflow's default root
     is ./mlruns) under the test's folder."""
-    store.DOWN.clear()
-    monkeypatch.delenv(store.PARENT_ENV, raising=False)
+    tracking.DOWN.clear()
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
 
@@ -188,9 +186,9 @@ def test_a_rerun_with_other_params_keeps_the_old_run_visible_and_superseded(tmp_
 def test_a_finished_rerun_with_other_params_ends_a_killed_attempt(tmp_path, uri):
     """A job killed before its record leaves its run RUNNING; the job's rerun with other params keeps it,
     superseded, and ends it KILLED."""
-    c = store.connect(uri)
     attempt = {"spot.job": "backbone/b", PARAMS_TAG: lineage({"backbone": "b", "train.lr": 0.1}, None)}
-    killed = c.create_run(store.experiment_id(c, "killed"), tags=attempt).info.run_id
+    c = MlflowClient(uri)
+    killed = c.create_run(tracking.connect(uri, "killed"), tags=attempt).info.run_id
     run_id, _ = job(tmp_path / "b", uri, "killed", params={"backbone": "b", "train.lr": 0.01})
     r = c.get_run(killed)
     assert r.info.status == "KILLED" and r.data.tags["spot.superseded_by"] == run_id
@@ -264,17 +262,17 @@ def test_runs_of_one_job_warn_once_when_the_server_is_down(tmp_path, capsys):
 
 def test_parent_run_nests_the_jobs_and_an_empty_one_is_deleted(tmp_path, uri):
     cfg = {"name": "nest", "mlflow": {"tracking_uri": uri}, "seed": 0}
-    parent = store.start_pipeline(cfg, "params.yaml")
+    parent = tracking.start_pipeline(cfg, "params.yaml")
     run_id, _ = job(tmp_path / "b", uri, "nest")
-    store.end_pipeline(cfg)
+    tracking.end_pipeline(cfg)
     c = MlflowClient(uri)
     assert c.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
     p = c.get_run(parent)
     assert p.info.status == "FINISHED" and p.data.tags["spot.pipeline"] == "snakemake"
     assert set(p.data.params) == {"params_file", "code_version"}       # the jobs log the values they read
     assert "spot.job" not in p.data.tags
-    empty = store.start_pipeline(cfg, "params.yaml")
-    store.end_pipeline(cfg)
+    empty = tracking.start_pipeline(cfg, "params.yaml")
+    tracking.end_pipeline(cfg)
     assert c.get_run(empty).info.lifecycle_stage == "deleted"
 
 
@@ -296,9 +294,9 @@ def test_report_run_shows_the_results_table(tmp_path, uri):
 
 def test_tracking_uri_environment_overrides_params(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
-    assert store.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}) == "http://elsewhere:5000"
+    assert tracking.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}) == "http://elsewhere:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert store.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///x.db"}}) == "sqlite:///x.db"
+    assert tracking.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///x.db"}}) == "sqlite:///x.db"
 
 
 def test_stages_depend_on_the_logging_interface_not_on_mlflow_code():
@@ -317,7 +315,7 @@ def registered(uri, name: str, run_id: str):
     (version,) = MlflowClient(uri).search_model_versions(f"name = '{name}'")
     (output,) = MlflowClient(uri).get_run(run_id).outputs.model_outputs
     assert version.run_id == run_id and version.source.endswith(output.model_id)
-    store.fluent(uri)                                # sets MLflow's store without exporting it
+    tracking.connect(uri)                               # sets MLflow's store without exporting it
     files = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
     assert not [p.name for p in files.rglob("*") if p.suffix in (".pkl", ".pickle")], list(files.rglob("*"))
     return mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
@@ -417,7 +415,7 @@ def test_concurrent_jobs_logging_the_same_new_datasets_lose_no_run(tmp_path):
     """8 processes log jobs at once with the same new datasets to a fresh SQLite store, whose SQLAlchemy store
     get-or-creates a dataset's row in two steps: the process that loses the race finds the row and goes on."""
     uri = f"sqlite:///{tmp_path / 'race.db'}"
-    assert store.init("race", uri)
+    assert tracking.init("race", uri)
     concurrent_jobs(uri, "race", tmp_path)
 
 
@@ -425,7 +423,7 @@ KILLED_JOB = """
 import os, signal, sys
 from spot.utils import live
 from spot.workflow.outputs import write_run_record
-from spot.workflow.tracking.job_run import JobRun
+from spot.workflow.tracking import JobRun
 out, uri, params = sys.argv[1], sys.argv[2], {"backbone": "b", "prior": "uniform", "budget": 4}
 with JobRun(out, experiment="orphan", uri=uri, stage="evaluate", job="evaluate/b/uniform/4",
                      params=params) as run:
@@ -444,24 +442,24 @@ def test_sync_replaces_the_orphan_of_a_killed_job_under_its_parent_and_the_end_l
     import subprocess
     import sys
     cfg = {"name": "orphan", "root": str(tmp_path / "out"), "mlflow": {"tracking_uri": uri}}
-    parent = store.start_pipeline(cfg, "params.yaml")
+    parent = tracking.start_pipeline(cfg, "params.yaml")
     out = tmp_path / "out" / "eval"
     r = subprocess.run([sys.executable, "-c", KILLED_JOB, str(out), uri], capture_output=True, text=True)
     assert r.returncode == -9 and (out / "run.json").is_file(), r.stderr[-2000:]
     (orphan,) = [r for r in runs(uri, "orphan") if "spot.job" in r.data.tags]
     assert orphan.info.status == "RUNNING" and orphan.data.tags["mlflow.parentRunId"] == parent
-    line = store.check(cfg, "config/x.yaml")
+    line = tracking.check(cfg, "config/x.yaml")
     assert line.startswith("spot: warning: 1 jobs did not reach MLflow") and "(evaluate/b/uniform/4)" in line, line
     assert line.endswith("`spot mlflow-sync --params config/x.yaml`"), line
-    store.end_pipeline(cfg)
-    monkeypatch.delenv(store.PARENT_ENV)                   # the sync runs later, from a shell
+    tracking.end_pipeline(cfg)
+    monkeypatch.delenv(tracking.PARENT_ENV)                   # the sync runs later, from a shell
     (run_id,) = sync(tmp_path / "out", "orphan", uri)
     (r,) = [r for r in runs(uri, "orphan") if "spot.job" in r.data.tags]
     assert r.info.run_id == run_id != orphan.info.run_id and r.info.status == "FINISHED"
     assert r.data.tags["mlflow.parentRunId"] == parent and r.info.start_time == orphan.info.start_time
     assert r.data.metrics["evaluate/top1"] == 0.5 and history(uri, run_id, "evaluate/loss") == [(1, 0.5)]
     assert MlflowClient(uri).get_run(orphan.info.run_id).info.lifecycle_stage == "deleted"
-    assert store.check(cfg, "params.yaml").startswith("MLflow runs: `mlflow ui --backend-store-uri sqlite:")
+    assert tracking.check(cfg, "params.yaml").startswith("MLflow runs: `mlflow ui --backend-store-uri sqlite:")
 
 
 def test_a_run_whose_logging_fails_ends_failed_and_the_end_line_names_its_job(tmp_path, uri, capsys):
@@ -478,7 +476,7 @@ def test_a_run_whose_logging_fails_ends_failed_and_the_end_line_names_its_job(tm
     assert r.info.status == "FAILED" and r.data.tags["spot.error"].startswith("logging failed: "), r.data.tags
     assert "bad#name" in r.data.tags["spot.error"]
     cfg = {"name": "refused", "root": str(tmp_path / "out"), "mlflow": {"tracking_uri": uri}}
-    assert "1 jobs did not reach MLflow" in store.check(cfg, "params.yaml")
+    assert "1 jobs did not reach MLflow" in tracking.check(cfg, "params.yaml")
 
 
 @pytest.mark.stage                     # one Snakemake job in a repository copy: about 30 s

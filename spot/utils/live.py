@@ -2,7 +2,7 @@
 
 A stage calls `log_metrics({...}, step)` as it goes (the training: loss, accuracy and learning rate
 per step, val accuracy per epoch) and `start_series(step)` when it resumes; the job's MLflow run
-(`spot.workflow.tracking.job_run.JobRun`, attached by `spot.workflow.runner`) sends them to MLflow and to the job's
+(`spot.workflow.tracking.JobRun`, attached by `spot.workflow.runner`) sends them to MLflow and to the job's
 series.csv. Outside a job (a stage function called directly, a DDP rank other than 0) they do
 nothing. Standard library only: a stage's code dependencies (`spot.workflow.dvc.code_deps`, DVC's deps)
 hold this file, not the MLflow code, so changing how results are logged reruns no stage.
@@ -14,7 +14,7 @@ _SINK = None                     # the attached JobRun: .log(metrics, step), .st
 
 def log_metrics(metrics: dict, step: int) -> None:
     """Log `metrics` (name -> number) at `step`. Names with a '/' are MLflow's ('train/loss');
-    others are named like the job's record metrics (`spot.workflow.tracking.record.metric_name`: 'val_top1' of a
+    others are named like the job's record metrics (`spot.workflow.tracking.metric_name`: 'val_top1' of a
     training is 'val/top1')."""
     if _SINK is not None:
         _SINK.log(metrics, step)

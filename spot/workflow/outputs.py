@@ -36,7 +36,7 @@ def write_run_record(out_dir: str | os.PathLike, *, stage: str, job: str, params
     `job` is the job identity (e.g. "evaluate/spot-s0/uniform/16"); `artifacts` are paths
     relative to `out_dir`; `inputs` maps input names to the folders (or lists of folders) read;
     `started` is the job's start (ISO 8601 UTC, `now_iso`), `ended` is now; `series` names the
-    job's step-series file (`spot.workflow.tracking.series.SERIES`) when it logged one; `environment` is this process's
+    job's step-series file (`spot.workflow.tracking.SERIES`) when it logged one; `environment` is this process's
     (`spot.utils.environment.environment`). Written last, so its presence means the stage's outputs are complete.
     """
     ended = now_iso()

@@ -66,10 +66,9 @@ def run_pass(stage: Stage, cfg: dict, layout: Layout, job: dict, group: list[dic
 @contextlib.contextmanager
 def job_run(stage: Stage, cfg: dict, folder: dict, out, inputs: dict):
     """Write folder `out` (wildcards `folder`): locked, markers removed (`spot.utils.io.writing`),
-    inside its MLflow run (`spot.workflow.tracking.job_run.JobRun`), which the block yields."""
+    inside its MLflow run (`spot.workflow.tracking.JobRun`), which the block yields."""
     from spot.utils.io import writing
-    from spot.workflow.tracking.job_run import JobRun
-    from spot.workflow.tracking.store import tracking_uri
+    from spot.workflow.tracking import JobRun, tracking_uri
     params = folder | stage.param_values(cfg, folder)
     with writing(out), JobRun(out, experiment=cfg["name"], uri=tracking_uri(cfg), stage=stage.name,
                               job=stage.job_id(folder), params=params, inputs=inputs) as run:

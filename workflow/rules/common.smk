@@ -48,26 +48,26 @@ wildcard_constraints:
 # MLflow: a parent run per invocation that runs jobs (it creates the store and the experiment before
 # the fan-out); its id goes to the jobs in SPOT_MLFLOW_PARENT_RUN, so their runs nest under it.
 onstart:
-    from spot.workflow.tracking import store
+    from spot.workflow.tracking import start_pipeline
 
-    store.start_pipeline(config, PARAMS)
+    start_pipeline(config, PARAMS)
 
 
 onerror:
-    from spot.workflow.tracking import store
+    from spot.workflow.tracking import check, end_pipeline
 
-    store.end_pipeline(config, "FAILED")
-    print(store.check(config, PARAMS))  # the jobs whose results did not reach MLflow, if any
+    end_pipeline(config, "FAILED")
+    print(check(config, PARAMS))  # the jobs whose results did not reach MLflow, if any
 
 
 # After a run, `dvc commit` records the outputs of its jobs in dvc.lock when dvc.yaml was generated
 # for this params file, so `dvc status` agrees with Snakemake (SPOT_DVC_COMMIT=0 turns it off).
 onsuccess:
-    from spot.workflow.tracking import store
+    from spot.workflow.tracking import check, end_pipeline
     from spot.workflow.dvc import commit_after_snakemake
 
-    store.end_pipeline(config, "FINISHED")  # (Snakemake keeps one onsuccess: MLflow's parent run ends here)
-    print(store.check(config, PARAMS))  # the runs table, or the jobs whose results did not reach MLflow
+    end_pipeline(config, "FINISHED")  # (Snakemake keeps one onsuccess: MLflow's parent run ends here)
+    print(check(config, PARAMS))  # the runs table, or the jobs whose results did not reach MLflow
     print(commit_after_snakemake(PARAMS, [(job.rule.name, job.wildcards_dict) for job in workflow.dag.jobs]))
 
 
