@@ -196,6 +196,8 @@ def test_mlflow_holds_one_run_per_job_with_its_metrics(smoke):
     assert len({m.step for m in c.get_metric_history(train, "train/loss")}) > 1
     (version,) = c.search_model_versions("name = 'spot-spot-a'")          # its weights: a registered MLflow model
     assert version.run_id == train and len(c.get_run(train).outputs.model_outputs) == 1
+    made = r"trained from \S+ with .* seed \d+ \(epochs \d+, lr \S+, batch_size \d+\); data \w+ `.+`; val top-1 0\.\d{4}"
+    assert re.search(made, version.description), version.description     # what it is: recipe, seed, data, score
     connect(c.tracking_uri)                             # sets MLflow's store without exporting it
     logged, own = mlflow.pyfunc.load_model(version.source), load_backbone(records["backbone/spot-a"])
     images = torch.randn(3, *own.data_config["input_size"], generator=torch.Generator().manual_seed(0))

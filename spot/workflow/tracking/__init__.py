@@ -25,7 +25,7 @@ from spot.utils.records import as_list, digest
 from spot.utils.text import describe_error, warn
 from spot.workflow.layout import wildcards
 from spot.workflow.outputs import now_iso
-from spot.workflow.table import STAGE
+from spot.workflow.stage_table import STAGE
 
 JOB_TAG, HASH_TAG, ERROR_TAG = "spot.job", "spot.record_hash", "spot.error"   # the job; its record, logged whole
 PARAMS_TAG, SUPERSEDED_TAG = "spot.params_hash", "spot.superseded_by"   # the job's lineage; the run replacing it

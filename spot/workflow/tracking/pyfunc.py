@@ -13,6 +13,7 @@ from mlflow.types import Schema, TensorSpec
 
 from spot.utils.io import read_json
 
+RECIPE = ("train.epochs", "train.lr", "train.batch_size")       # a trained backbone's, in its description
 FILES = {"backbone": ("model.safetensors", "backbone.json"), "placer": ("placer.safetensors", "placer.json")}
 
 
@@ -56,7 +57,9 @@ def log_model(out: Path, record: dict) -> None:
             f"{meta['num_classes']} classes, {meta['num_params'] / 1e6:.2f} M params; " + (
                 f"fetched ({spec.get('checkpoint') or 'timm pretrained'})" if meta["source"] != "train" else
                 f"trained from {spec.get('init') or 'scratch'} with {spec.get('tokens', 'grid')} tokens, seed "
-                f"{spec.get('seed', p.get('seed'))}" + ("" if top1 is None else f"; val top-1 {top1:.4f}")))
+                f"{spec.get('seed', p.get('seed'))} ({', '.join(f'{k[6:]} {p[k]}' for k in RECIPE if k in p)}); data "
+                + ", ".join(f"{k} `{v}`" for k, v in (record.get("inputs") or {}).items() if k in ("shards", "decoded"))
+                + ("" if top1 is None else f"; val top-1 {top1:.4f}")))
     info = mlflow.pyfunc.log_model(
         name="model", python_model=__file__, model_config=dict(stage=record["stage"]), registered_model_name=name,
         artifacts=dict(weights=str(weights), meta=str(about)), input_example=example, pip_requirements=[
