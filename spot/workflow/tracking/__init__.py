@@ -19,7 +19,7 @@ from mlflow.utils.git_utils import get_git_commit
 
 from spot.utils import live
 from spot.utils.environment import code_version, environment
-from spot.utils.io import read_csv, read_json
+from spot.utils.io import atomic_path, read_csv, read_json
 from spot.utils.progress import progress
 from spot.utils.records import as_list, digest
 from spot.utils.text import describe_error, warn
@@ -322,8 +322,9 @@ class JobRun:
         kept = [r for r in read_series(self.out / SERIES) if r[1] <= step] if step else []
         self.series and self.series.close()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.series = open(self.out / SERIES, "w", newline="", buffering=1)
-        csv.writer(self.series).writerows([("key", "step", "value", "timestamp"), *kept])
+        with atomic_path(self.out / SERIES) as tmp, open(tmp, "w", newline="") as f:   # a kill keeps the old file
+            csv.writer(f).writerows([("key", "step", "value", "timestamp"), *kept])
+        self.series = open(self.out / SERIES, "a", newline="", buffering=1)
         self.call(lambda: self.pending.append(mlflow.MlflowClient().log_batch(self.run_id, metrics(kept),
                                                                               synchronous=False)))
 
