@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from spot.utils import live
 from spot.utils.io import write_json
 from spot.workflow import tracking
-from spot.workflow.outputs import write_run_record
-from spot.workflow.tracking import PARAMS_TAG, JobRun, lineage, log_record, metric_name, ms, read_series, run_name, sync
+from spot.workflow.outputs import lineage, read_series, write_run_record
+from spot.workflow.tracking import PARAMS_TAG, JobRun, log_record, metric_name, ms, run_name, sync
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,10 @@ def uri(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
-    """No parent run, no store chosen or found failing by an earlier test, and artifacts (MLflow's default root
-    is ./mlruns) under the test's folder."""
+    """No parent run, no store chosen or found failing by an earlier test, artifacts (MLflow's default root
+    is ./mlruns) under the test's folder, and no retries of a closed port (2 s each)."""
     tracking.DOWN.clear()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -422,7 +423,7 @@ def test_concurrent_jobs_logging_the_same_new_datasets_lose_no_run(tmp_path):
 KILLED_JOB = """
 import os, signal, sys
 from spot.utils import live
-from spot.workflow.outputs import write_run_record
+from spot.workflow.outputs import lineage, read_series, write_run_record
 from spot.workflow.tracking import JobRun
 out, uri, params = sys.argv[1], sys.argv[2], {"backbone": "b", "prior": "uniform", "budget": 4}
 with JobRun(out, experiment="orphan", uri=uri, stage="evaluate", job="evaluate/b/uniform/4",
@@ -435,6 +436,7 @@ with JobRun(out, experiment="orphan", uri=uri, stage="evaluate", job="evaluate/b
 """
 
 
+@pytest.mark.stage                     # a job killed in its own process
 def test_sync_replaces_the_orphan_of_a_killed_job_under_its_parent_and_the_end_line_names_it(tmp_path, uri,
                                                                                               monkeypatch):
     """A job killed after writing run.json leaves its run RUNNING: the end-of-run line names the job, and

@@ -329,16 +329,19 @@ def make_source(name: str, root: str | Path, split: str, **opts) -> Sequence[Sam
         raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
     if not SPLIT_NAME.fullmatch(split):
         raise ValueError(f"split name {split!r} may hold only letters, digits and '-' (data.splits)")
-    check_split(name, Path(root), split)
+    if problem := split_problem(name, Path(root), split):
+        key, message, kind = problem
+        raise kind(f"{key}: {message}")
     return SOURCES[name](Path(root), split, **opts)
 
 
-def check_split(name: str, root: Path, split: str) -> None:
-    """A one-line error '<data.key>: <problem>' where source `name` has no split `split` at `root`
-    (no root, no split folder, not a Fashion-MNIST split): `make_source` and preflight refuse it."""
+def split_problem(name: str, root: Path, split: str) -> tuple[str, str, type[Exception]] | None:
+    """(config key, problem, error type) where source `name` has no split `split` at `root` (no root, no
+    split folder, not a Fashion-MNIST split), else None: `make_source` and preflight refuse it."""
     if not root.is_dir():
-        raise FileNotFoundError(f"data.root: folder {root} does not exist")
+        return "data.root", f"folder {root} does not exist", FileNotFoundError
     if name == "fashion-mnist" and split not in FASHION_MNIST_FILES:
-        raise ValueError(f"data.splits: fashion-mnist has splits {', '.join(FASHION_MNIST_FILES)}, not {split!r}")
+        return "data.splits", f"fashion-mnist has splits {', '.join(FASHION_MNIST_FILES)}, not {split!r}", ValueError
     if name != "fashion-mnist" and not (root / split).is_dir():
-        raise FileNotFoundError(f"data.root: split folder {root / split} does not exist (data.splits: {split})")
+        return "data.root", f"split folder {root / split} does not exist (data.splits: {split})", FileNotFoundError
+    return None

@@ -13,7 +13,7 @@ import torch
 from spot.data.imagenet import SOURCE as IMAGENET_SOURCE
 from spot.data.imagenet import imagenet_classes
 from spot.data.shards import per_split
-from spot.data.sources import FASHION_MNIST_FILES, check_split, class_folder, make_source, source_classes
+from spot.data.sources import FASHION_MNIST_FILES, class_folder, make_source, source_classes, split_problem
 from spot.training.backbones import UnknownModel, architecture, checkpoint_shapes, uninitialised
 from spot.training.checkpoint import misfit
 from spot.utils.text import describe_error, one_line
@@ -64,14 +64,12 @@ def check_device(device: str) -> None:
 # --- data -------------------------------------------------------------------------------------------
 
 def check_data(data: dict) -> None:
-    """data.root, its split folders (`spot.data.sources.check_split`) or Fashion-MNIST files; a folder
+    """data.root, its split folders (`spot.data.sources.split_problem`) or Fashion-MNIST files; a folder
     tree has classes (an ImageNet tree: folders named by ImageNet-1k wnids)."""
     root = Path(data["root"])
     for split in data["splits"]:
-        try:
-            check_split(data["source"], root, split)
-        except (FileNotFoundError, ValueError) as e:
-            raise Problem(*str(e).split(": ", 1), type(e)) from None
+        if problem := split_problem(data["source"], root, split):
+            raise Problem(*problem)
         if data["source"] == "fashion-mnist":
             check_fashion_mnist(root, split)
     if data["source"] == "folder" and not source_classes("folder", root):

@@ -3,7 +3,6 @@ later (`sync`), nested under a run per pipeline invocation (`start_pipeline`); `
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import os
@@ -19,17 +18,17 @@ from mlflow.utils.git_utils import get_git_commit
 
 from spot.utils import live
 from spot.utils.environment import code_version, environment
-from spot.utils.io import atomic_path, read_csv, read_json
+from spot.utils.io import read_csv, read_json
 from spot.utils.progress import progress
 from spot.utils.records import as_list, digest
 from spot.utils.text import describe_error, warn
 from spot.workflow.layout import wildcards
-from spot.workflow.outputs import now_iso
+from spot.workflow.outputs import Series, lineage, now_iso, read_series
 from spot.workflow.stage_table import STAGE
 
 JOB_TAG, HASH_TAG, ERROR_TAG = "spot.job", "spot.record_hash", "spot.error"   # the job; its record, logged whole
 PARAMS_TAG, SUPERSEDED_TAG = "spot.params_hash", "spot.superseded_by"   # the job's lineage; the run replacing it
-PARENT_ENV, SERIES, MAX_NOTE = "SPOT_MLFLOW_PARENT_RUN", "series.csv", 8000   # MAX_NOTE: MLflow's longest tag
+PARENT_ENV, MAX_NOTE = "SPOT_MLFLOW_PARENT_RUN", 8000   # MAX_NOTE: MLflow's longest tag
 PREFIX = {"oracle": "oracle-part", "oracle-gather": "oracle", "analyze": "analysis"}
 RENAME = {"backbone": {"train_loss": "train/epoch_loss", "train_acc": "train/epoch_acc", "step": None, "epoch": None}}
 LABEL = {"budget": "N={}", "part": "part {}"}      # a wildcard's value in a run name; others bare
@@ -40,9 +39,18 @@ DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF
             "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true"}
 KIND = {"mlflow.experimentKind": "custom_model_development"}      # the experiment opens on its runs table
 DOWN: dict[str, str] = {}                          # the stores this process found failing: their error
-is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-metrics = lambda rows: [Metric(k, float(v), int(t), int(s)) for k, s, v, t in rows]   # rows (key, step, value, ms)
-ms = lambda iso: round(datetime.fromisoformat(iso).timestamp() * 1000)      # run.json's time (ISO 8601) in ms
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def metrics(rows) -> list[Metric]:                  # rows (key, step, value, time in ms)
+    return [Metric(k, float(v), int(t), int(s)) for k, s, v, t in rows]
+
+
+def ms(iso: str) -> int:                            # run.json's time (ISO 8601) in ms
+    return round(datetime.fromisoformat(iso).timestamp() * 1000)
 
 
 def tracking_uri(cfg: dict | None = None) -> str:       # the variable, else the params file's, else sqlite
@@ -152,17 +160,6 @@ def run_name(stage: str, job: str) -> str:         # 'spot-s0 uniform N=16 evalu
     return " ".join([LABEL.get(n, "{}").format(v) for n, v in zip(names + [""] * len(values), values)] + [stage])
 
 
-def lineage(params: dict, inputs: dict | None, seen: dict | None = None) -> str:
-    """Digest of a job's params and, through the run.json of its input folders, those of every job upstream."""
-    seen, upstream = {} if seen is None else seen, []
-    for folder in sorted(str(f) for v in (inputs or {}).values() for f in as_list(v)):
-        if folder not in seen and (Path(folder) / "run.json").is_file():
-            up = read_json(Path(folder) / "run.json")
-            seen[folder] = lineage(up["params"], up.get("inputs"), seen)
-        upstream.append(seen.get(folder))
-    return digest([params, upstream])
-
-
 def sha256s(tree) -> list[str]:                     # every 'sha256' of a manifest, in sorted key order
     if isinstance(tree, dict):
         return [x for k, v in sorted(tree.items()) for x in ([v] if k == "sha256" else sha256s(v))]
@@ -207,16 +204,6 @@ def log_inputs(record: dict, run_id: str) -> None:
         except Exception as e:
             if not retries or "unique" not in str(e).lower():
                 raise
-
-
-def read_series(path: Path) -> list[tuple[str, int, float, int]]:
-    """Rows (key, step, value, time in ms) of a series.csv ([] without one); a line cut by a killed job skipped."""
-    rows = []
-    with contextlib.suppress(FileNotFoundError), open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            with contextlib.suppress(TypeError, ValueError):
-                rows.append((r["key"], int(r["step"]), float(r["value"]), int(r["timestamp"])))
-    return rows
 
 
 def complete(out: Path, record: dict, exp: str, replay: bool = False) -> None:
@@ -273,7 +260,7 @@ class JobRun:
                  inputs: dict | None = None):
         self.out, self.experiment, self.uri, self.stage, self.job = Path(out), experiment, uri, stage, job
         self.params, self.inputs, self.started, self.run_id = params, inputs, now_iso(), None
-        self.series, self.pending = None, []        # series.csv once started; MLflow's async operations to wait on
+        self.series, self.pending = Series(self.out), []        # MLflow's async operations to wait on
 
     def __enter__(self) -> JobRun:
         self.previous = live.attach(self)
@@ -282,7 +269,7 @@ class JobRun:
 
     def __exit__(self, kind, error, tb) -> None:    # a stage's error, or no `finish`: FAILED (Ctrl-C: KILLED)
         live.attach(self.previous)
-        self.series and self.series.close()
+        self.series.close()
         status = "KILLED" if kind and issubclass(kind, KeyboardInterrupt) else "FAILED"
         if self.run_id and self.call(self.flush):
             self.call(lambda: self.end(status, error and describe_error(error)))
@@ -312,19 +299,12 @@ class JobRun:
     def log(self, metrics: dict, step: int) -> None:
         t, step = int(time.time() * 1000), int(step)
         named = {n: float(v) for k, v in metrics.items() if is_number(v) and (n := metric_name(self.stage, k))}
-        self.series or self.start_series()
-        csv.writer(self.series).writerows([(k, step, v, t) for k, v in named.items()])
+        self.series.write([(k, step, v, t) for k, v in named.items()])
         self.call(lambda: self.pending.append(mlflow.log_metrics(named, step, synchronous=False, run_id=self.run_id,
                                                                  timestamp=t)))
 
-    def start_series(self, step: int = 0) -> None:
-        """Start series.csv over, keeping (and logging) the points up to `step` (a training resumed from there)."""
-        kept = [r for r in read_series(self.out / SERIES) if r[1] <= step] if step else []
-        self.series and self.series.close()
-        self.out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.out / SERIES) as tmp, open(tmp, "w", newline="") as f:   # a kill keeps the old file
-            csv.writer(f).writerows([("key", "step", "value", "timestamp"), *kept])
-        self.series = open(self.out / SERIES, "a", newline="", buffering=1)
+    def start_series(self, step: int = 0) -> None:   # series.csv over, keeping (and logging) the points up to `step`
+        kept = self.series.restart(step)
         self.call(lambda: self.pending.append(mlflow.MlflowClient().log_batch(self.run_id, metrics(kept),
                                                                               synchronous=False)))
 
@@ -335,10 +315,7 @@ class JobRun:
         self.pending.clear()
 
     def record_fields(self) -> dict:                 # run.json's `started` (the run's) and `series` (None: none)
-        if self.series is None:
-            (self.out / SERIES).unlink(missing_ok=True)
-        self.series and self.series.close()
-        return dict(started=self.started, series=SERIES if (self.out / SERIES).is_file() else None)
+        return dict(started=self.started, series=self.series.finish())
 
     def finish(self) -> str | None:
         """Fill the run from run.json and end it: its id, or None if the store failed (`spot mlflow-sync` logs it)."""
