@@ -30,6 +30,7 @@ def run_job(stage: Stage, cfg: dict, params_file: str, job: dict, chosen: dict |
     if stage.state:
         options["state"] = layout(stage.state, **job)
     run, cfg_job = stage.entry_point(), declared(cfg, stage.params(cfg, job))
+    params = stage.param_values(cfg, job)              # flattened once: every folder's run.json and MLflow params
     folders = chosen_folders(stage, cfg, job, chosen or {}, params_file)
     if int(os.environ.get("RANK", "0")) > 0:           # a torchrun rank other than 0 only trains along
         run(cfg_job, stage.input_folders(cfg, layout, job), layout(stage.output, **job), **job, **options)
@@ -40,23 +41,23 @@ def run_job(stage: Stage, cfg: dict, params_file: str, job: dict, chosen: dict |
         held.enter_context(gpu_slot(stage, cfg))       # its own GPU, before torch starts CUDA
         if stage.one_pass:                             # a group of folders at once, one pass over the data
             for group in passes(stage, folders):
-                run_pass(stage, cfg, layout, job, group, run, cfg_job, options)
+                run_pass(stage, cfg, layout, job, group, run, cfg_job, params, options)
             return
         for f in folders:                              # one folder after another, in this process
             out, inputs = layout(stage.output, **f), stage.input_folders(cfg, layout, f)
-            with job_run(stage, cfg, f, out, inputs) as mlflow_run:
+            with job_run(stage, cfg, f | params, out, inputs) as mlflow_run:
                 finish(stage, mlflow_run, run(cfg_job, inputs, out, **f, **options), inputs)
 
 
 def run_pass(stage: Stage, cfg: dict, layout: Layout, job: dict, group: list[dict], run, cfg_job: dict,
-             options: dict) -> None:
+             params: dict, options: dict) -> None:
     """One call of a `one_pass` stage for the folders `group`, each with its own MLflow run.
     The runs nest in the order they open, so they finish last-opened first."""
     key = stage.one_pass
     outs = {f[key]: layout(stage.output, **f) for f in group}
     inputs = stage.job_inputs(cfg, layout, job, group)
     with contextlib.ExitStack() as stack:
-        runs = {f[key]: stack.enter_context(job_run(stage, cfg, f, outs[f[key]], inputs)) for f in group}
+        runs = {f[key]: stack.enter_context(job_run(stage, cfg, f | params, outs[f[key]], inputs)) for f in group}
         shared = {k: v for k, v in group[0].items() if k != key}
         records = run(cfg_job, inputs, outs, **shared, **options)
         for value in reversed(list(runs)):
@@ -64,14 +65,13 @@ def run_pass(stage: Stage, cfg: dict, layout: Layout, job: dict, group: list[dic
 
 
 @contextlib.contextmanager
-def job_run(stage: Stage, cfg: dict, folder: dict, out, inputs: dict):
-    """Write folder `out` (wildcards `folder`): locked, markers removed (`spot.utils.io.writing`),
-    inside its MLflow run (`spot.workflow.tracking.JobRun`), which the block yields."""
+def job_run(stage: Stage, cfg: dict, params: dict, out, inputs: dict):
+    """Write folder `out` (`params`: its wildcards, then the job's config values): locked, markers removed
+    (`spot.utils.io.writing`), inside its MLflow run (`spot.workflow.tracking.JobRun`), which the block yields."""
     from spot.utils.io import writing
     from spot.workflow.tracking import JobRun, tracking_uri
-    params = folder | stage.param_values(cfg, folder)
     with writing(out), JobRun(out, experiment=cfg["name"], uri=tracking_uri(cfg), stage=stage.name,
-                              job=stage.job_id(folder), params=params, inputs=inputs) as run:
+                              job=stage.job_id(params), params=params, inputs=inputs) as run:
         yield run
 
 
