@@ -423,7 +423,7 @@ def test_concurrent_jobs_logging_the_same_new_datasets_lose_no_run(tmp_path):
 KILLED_JOB = """
 import os, signal, sys
 from spot.utils import live
-from spot.workflow.outputs import lineage, read_series, write_run_record
+from spot.workflow.outputs import write_run_record
 from spot.workflow.tracking import JobRun
 out, uri, params = sys.argv[1], sys.argv[2], {"backbone": "b", "prior": "uniform", "budget": 4}
 with JobRun(out, experiment="orphan", uri=uri, stage="evaluate", job="evaluate/b/uniform/4",

@@ -45,7 +45,7 @@ def run_job(stage: Stage, cfg: dict, params_file: str, job: dict, chosen: dict |
             return
         for f in folders:                              # one folder after another, in this process
             out, inputs = layout(stage.output, **f), stage.input_folders(cfg, layout, f)
-            with job_run(stage, cfg, f | params, out, inputs) as mlflow_run:
+            with job_run(stage, cfg, f, params, out, inputs) as mlflow_run:
                 finish(stage, mlflow_run, run(cfg_job, inputs, out, **f, **options), inputs)
 
 
@@ -57,7 +57,7 @@ def run_pass(stage: Stage, cfg: dict, layout: Layout, job: dict, group: list[dic
     outs = {f[key]: layout(stage.output, **f) for f in group}
     inputs = stage.job_inputs(cfg, layout, job, group)
     with contextlib.ExitStack() as stack:
-        runs = {f[key]: stack.enter_context(job_run(stage, cfg, f | params, outs[f[key]], inputs)) for f in group}
+        runs = {f[key]: stack.enter_context(job_run(stage, cfg, f, params, outs[f[key]], inputs)) for f in group}
         shared = {k: v for k, v in group[0].items() if k != key}
         records = run(cfg_job, inputs, outs, **shared, **options)
         for value in reversed(list(runs)):
@@ -65,13 +65,13 @@ def run_pass(stage: Stage, cfg: dict, layout: Layout, job: dict, group: list[dic
 
 
 @contextlib.contextmanager
-def job_run(stage: Stage, cfg: dict, params: dict, out, inputs: dict):
-    """Write folder `out` (`params`: its wildcards, then the job's config values): locked, markers removed
+def job_run(stage: Stage, cfg: dict, folder: dict, values: dict, out, inputs: dict):
+    """Write folder `out` (wildcards `folder`, the job's config `values`): locked, markers removed
     (`spot.utils.io.writing`), inside its MLflow run (`spot.workflow.tracking.JobRun`), which the block yields."""
     from spot.utils.io import writing
     from spot.workflow.tracking import JobRun, tracking_uri
     with writing(out), JobRun(out, experiment=cfg["name"], uri=tracking_uri(cfg), stage=stage.name,
-                              job=stage.job_id(params), params=params, inputs=inputs) as run:
+                              job=stage.job_id(folder), params=folder | values, inputs=inputs) as run:
         yield run
 
 
