@@ -43,7 +43,7 @@ from spot.core.priors import positions_for
 from spot.data.decoded import Decoded
 from spot.data.geometry import geometry_name
 from spot.data.stream import make_loader
-from spot.stages.oracle import batch_size as oracle_batch_size
+from spot.stages.oracle import images_per_batch
 from spot.training.backbones import describe, load_backbone, save_backbone
 from spot.workflow.config import load_config
 from spot.workflow.layout import Layout
@@ -212,7 +212,9 @@ def main() -> None:
         shards, sizes = data.index["splits"]["val"]["shards"], {}
 
         def oracle_core(n):                                        # on the stage's batches: each shard on its own
-            sizes[n] = min(oracle_batch_size(load_config(params)["oracle"], n), max(s["count"] for s in shards))
+            oracle = load_config(params)["oracle"]
+            sizes[n] = min(images_per_batch(oracle["batch_size"], oracle["batch_tokens"], n),
+                           max(s["count"] for s in shards))
             own = [b for s in shards for b in data.batches("val", sizes[n], shards=[s["name"]], device=device)]
             ys = [to_device(b.labels, device) for b in own]
             return busy_timed(lambda: [oracle_search(

@@ -166,12 +166,8 @@ def test_seeds_plan_a_replicate_per_seed_with_its_own_jobs(tmp_path):
     assert jobs["transfer", "spot-s1"] == 1 and jobs["placer-transfer", "spot-s2"] == 2
     pairs = {(w["src"], w["dst"]) for s, w in all_jobs(cfg) if s.name == "placer-transfer"}
     assert ("spot", "spot-small-s3") in pairs and ("spot", "spot-s1") not in pairs
-    from spot.stages.evaluate import prior_seeds
-    from spot.workflow.declaration import declared
     for b, seeds in (("spot", [0, 1, 2]), ("spot-s1", [0])):                   # a replicate draws its priors once
-        w = dict(backbone=b, prior="uniform", budget=4)
-        job = declared(cfg, STAGE["evaluate"].params(cfg, w))
-        assert prior_seeds(job) == seeds
+        assert STAGE["evaluate"].arguments(cfg, dict(backbone=b)).prior_seeds == seeds
     transfer = STAGE["transfer"]
     src_run = transfer.input_folders(cfg, Layout("out"), {"dst": "spot-small-s3", "src": "spot", "budget": 4})["oracle"]
     assert src_run == Layout("out")("oracle", backbone="spot-s2", budget=4)          # the third run of each

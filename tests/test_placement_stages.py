@@ -113,12 +113,11 @@ def test_placer_places_n_tokens_inside_the_image_deterministically_and_different
 
 
 def test_placer_transfer_to_its_own_backbone_reproduces_the_placer(placed, tmp_path):
-    from spot.workflow.declaration import declared
     from spot.workflow.layout import Layout
     from spot.workflow.stage_table import STAGE
     _, cfg, root = placed
     stage, w = STAGE["placer-transfer"], dict(src="tiny", dst="tiny", budget=N)
-    record = stage.entry_point()(declared(cfg, stage.params(cfg, w)), stage.input_folders(cfg, Layout(root), w),
+    record = stage.entry_point()(stage.arguments(cfg, w), stage.input_folders(cfg, Layout(root), w),
                               tmp_path, **w)
     own = root / "placer" / "tiny" / str(N)
     assert record.metrics["top1"] == metrics(own)["top1"] and record.metrics["gain"] == 0

@@ -2,6 +2,7 @@
 the Snakemake report shows the report stage's files with their captions."""
 import ast
 import base64
+import importlib
 import inspect
 import json
 import os
@@ -15,7 +16,7 @@ import yaml
 
 from spot.cli import parser
 from spot.workflow.config import load_config, written_key
-from spot.workflow.declaration import declared
+from spot.workflow.declaration import named
 from spot.workflow.dvc import code_deps, commit_after_snakemake, dvc_yaml, generated_for, present
 from spot.workflow.layout import Layout, wildcards
 from spot.workflow.stage_table import STAGE, STAGES, all_jobs
@@ -42,7 +43,7 @@ def test_dvc_stages_are_the_jobs_with_their_params_and_commands(path, monkeypatc
     for (stage, w), (name, entry) in zip(jobs, stages.items(), strict=True):
         params = entry.get("params", [])                  # none: the stage reads no config value
         keys = params if path == "params.yaml" else [k for p in params for k in p[path]]
-        written = {present(yaml.safe_load(open(path)), written_key(cfg, k)) for k in stage.params(cfg, w)} - {None}
+        written = {present(yaml.safe_load(open(path)), written_key(cfg, k)) for k in stage.params(cfg, w).values()} - {None}
         assert sorted(keys) == sorted(written), name      # a replicate: its backbone's key; unwritten: none
         assert entry["cmd"] == stage.command(path, w)
         if not (stage.metrics or stage.plots):           # one out per folder of the job, every folder once
@@ -92,7 +93,7 @@ def test_stage_functions_take_the_wildcards_and_options_the_table_names():
         extra = {o.replace("-", "_") for o in s.options} | ({"state"} if s.state else set())
         per_folder = {"out", *s.each}               # with one_pass: the folders of every value of it at once
         per_pass = {"outs", *(set(s.each) - {s.one_pass})}
-        assert args == {"cfg", "inputs", *(per_pass if s.one_pass else per_folder), *s.wildcards} | extra, s.name
+        assert args == {"p", "inputs", *(per_pass if s.one_pass else per_folder), *s.wildcards} | extra, s.name
         assert set(wildcards(s.output)) == {*s.wildcards, *s.each} and s.one_pass in (None, *s.each), s.name
 
 
@@ -104,14 +105,28 @@ def test_cli_has_one_command_per_stage_with_its_wildcards():
         assert required == set(s.wildcards), s.name
 
 
-def test_a_stage_sees_only_the_config_it_declares():
+def test_a_stage_gets_its_params_by_name_and_nothing_else():
     cfg = load_config(REPO / "params.yaml")
-    view = declared(cfg, ["eval.knn", "seed"])
-    assert view["eval"]["knn"]["k"] == cfg["eval"]["knn"]["k"] and view["seed"] == cfg["seed"]
-    with pytest.raises(KeyError, match="eval.batch_size"):
-        view["eval"]["batch_size"]
-    with pytest.raises(KeyError, match="'oracle'"):
-        view["oracle"]
+    p = STAGE["oracle"].arguments(cfg, dict(backbone="spot", part=0))
+    assert (p.steps, p.prior, p.seed) == (cfg["oracle"]["steps"], cfg["oracle"]["prior"], cfg["seed"])
+    with pytest.raises(AttributeError, match="'knn'"):
+        print(p.knn)
+    p = STAGE["reduction"].arguments(cfg, dict(backbone="spot"))
+    p.knn["k"] += 1                                            # a copy: the config is the same for the next job
+    assert p.knn["k"] == cfg["eval"]["knn"]["k"] + 1 and STAGE["reduction"].arguments(cfg, dict(backbone="spot")).knn \
+        == cfg["eval"]["knn"]
+    with pytest.raises(ValueError, match="'batch_size'"):
+        named("eval.batch_size", "oracle.batch_size")
+
+
+def test_every_param_a_stage_reads_is_declared():
+    """Each `p.<name>` in a stage's module is a param that its table entry declares for the jobs of the configs."""
+    cfgs = [load_config(REPO / c) for c in CONFIGS]
+    for stage in STAGES:
+        tree = ast.parse(inspect.getsource(importlib.import_module(stage.module)))
+        reads = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and getattr(n.value, "id", "") == "p"}
+        names = {n for cfg in cfgs for job in stage.jobs(cfg) for n in stage.params(cfg, job)}
+        assert reads <= names, (stage.name, reads - names)
 
 
 def test_dvc_tracks_the_report_metrics_and_plots_in_its_cache():

@@ -1,6 +1,6 @@
-"""Pipeline stages, one thin module each: `run(cfg, inputs, out, **wildcards) -> Record`.
+"""Pipeline stages, one thin module each: `run(p, inputs, out, **wildcards) -> Record`.
 
-`cfg` holds only the config keys the stage declares in `spot.workflow.stage_table.STAGES`, `inputs` its
+`p` holds the params the stage declares in `spot.workflow.stage_table.STAGES`, by name (`p.steps`), `inputs` its
 input folders (complete), `out` its output folder (locked, markers removed). A stage calls the
 libraries (`spot.core`, `spot.methods`, `spot.data`, `spot.training`, `spot.report`), never
 another stage.

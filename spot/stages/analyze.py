@@ -25,14 +25,14 @@ def saliency_at(maps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(maps[:, None], grid, mode="bilinear", align_corners=False)[:, 0, 0]
 
 
-def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
+def run(p, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
     """Writes saliency.parquet (per image: key, the mean saliency under the tokens at the start `init`
     and the end `final`, and `model_init`, `model_final` under the model's maps), saliency.json (mean
     saliency at the start and the end, the fraction of images whose
     tokens moved to more salient pixels; the same prefixed `model_` under the maps of stage
     model-saliency, when the config makes them) and trajectories.png (`report.pictures` images, titled
     with their class names)."""
-    pictures = cfg["report"]["pictures"]
+    pictures = p.pictures
     found = pd.read_parquet(inputs["oracle"] / "results.parquet").set_index("key")
     prior = read_json(inputs["oracle"] / "run.json")["params"]["oracle.prior"]
     meta = read_meta(inputs["backbone"])

@@ -9,6 +9,6 @@ from spot.data.geometry import parse_geometry
 from spot.stages import Record
 
 
-def run(cfg: dict, inputs: dict, out: Path, geometry: str, workers: int | None = None) -> Record:
+def run(p, inputs: dict, out: Path, geometry: str, workers: int | None = None) -> Record:
     index = write_decoded(inputs["shards"], inputs["saliency"], out, parse_geometry(geometry), workers=workers)
     return Record({f"{s}_images": v["count"] for s, v in index["splits"].items()}, ["decoded.json"])

@@ -18,7 +18,7 @@ from spot.training.evaluation import evaluate_placement
 from spot.utils.io import atomic_path, write_json
 
 
-def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
+def run(p, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
     """Start every image (bank and val) at the positions `evaluate` draws for prior `oracle.prior`
     (`split_seed`), run `placement.entropy.steps` entropy-lowering AdamW steps
     of lr `placement.entropy.lr` on the positions (the search never sees a label), evaluate the
@@ -26,14 +26,14 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
     the search's FLOPs over one backbone forward; entropy_per_step and accuracy_per_step on val, labels
     used for scoring only), trajectories.npz (val keys, trajectory (n, steps+1, N, 2) float16),
     predictions.parquet, bank.npz."""
-    search, prior, device = cfg["placement"]["entropy"], cfg["oracle"]["prior"], resolve_device(cfg["device"])
+    search, prior, device = p.entropy, p.prior, resolve_device(p.device)
     model = load_backbone(inputs["backbone"], device)
     check_budget(prior, budget, *model.img_size, model.k)
     data = Decoded(inputs["decoded"], model.data_config)
     found = {"keys": [], "trajectory": [], "entropy": [], "correct": []}
 
     def start(b, split):
-        return positions_for(prior, budget, b.keys, split_seed(cfg["seed"], split), *model.img_size, model.k,
+        return positions_for(prior, budget, b.keys, split_seed(p.seed, split), *model.img_size, model.k,
                              b.saliency, b.images, device)
 
     def place(b, split):
@@ -45,7 +45,7 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
             found["correct"].append(r.predictions.cpu() == b.labels[:, None])       # scoring only, after the search
         return r.positions
 
-    metrics = evaluate_placement(model, data, place, out, batch_size=cfg["eval"]["batch_size"], knn=cfg["eval"]["knn"],
+    metrics = evaluate_placement(model, data, place, out, batch_size=p.batch_size, knn=p.knn,
                                  device=device, job=f"entropy {backbone}/{budget}", saliency=prior in NEEDS_SALIENCY)
     with atomic_path(out / "trajectories.npz") as tmp, open(tmp, "wb") as f:
         np.savez(f, keys=np.asarray(found["keys"]), trajectory=np.concatenate(found["trajectory"]))

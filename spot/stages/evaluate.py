@@ -17,10 +17,9 @@ from spot.stages import Record
 from spot.training.backbones import load_backbone
 from spot.training.evaluation import evaluate_placements, run_split
 from spot.utils.io import atomic_path
-from spot.utils.replicates import replicate_setting
 
 
-def run(cfg: dict, inputs: dict, outs: dict[int, Path], backbone: str, prior: str) -> dict[int, Record]:
+def run(p, inputs: dict, outs: dict[int, Path], backbone: str, prior: str) -> dict[int, Record]:
     """Top-1 on val and kNN accuracy (bank: the first `eval.knn.bank_size` train images, all if null,
     under the same prior and budget) with `budget` tokens placed by `prior`, for every budget of
     `outs` ({budget: folder}) in one pass over the images; 'grid' is the plain ViT on `budget` random
@@ -32,8 +31,8 @@ def run(cfg: dict, inputs: dict, outs: dict[int, Path], backbone: str, prior: st
     other `eval.prior_seeds` s (`replicates.prior_seeds` on a replicate backbone; val positions from
     seed + 2s + 1), against the same kNN bank.
     """
-    device = resolve_device(cfg["device"])
-    model = compile_features(load_backbone(inputs["backbone"], device), cfg["eval"]["compile"])
+    device = resolve_device(p.device)
+    model = compile_features(load_backbone(inputs["backbone"], device), p.compile)
     for budget in outs:
         check_budget(prior, budget, *model.img_size, model.k)
     maps = SaliencyMaps(inputs["model_saliency"]) if prior == "model_salient" else None
@@ -41,31 +40,25 @@ def run(cfg: dict, inputs: dict, outs: dict[int, Path], backbone: str, prior: st
     def placement(budget, draw=0):
         def place(b, split):
             saliency = to_device(maps(split, b.keys), device) if maps else b.saliency
-            return positions_for(prior, budget, b.keys, split_seed(cfg["seed"] + 2 * draw, split), *model.img_size,
+            return positions_for(prior, budget, b.keys, split_seed(p.seed + 2 * draw, split), *model.img_size,
                                  model.k, saliency, b.images, device)
         return place
 
     data, saliency = Decoded(inputs["decoded"], model.data_config), prior in NEEDS_SALIENCY and not maps
     metrics = evaluate_placements(model, data, {n: placement(n) for n in outs}, outs,
-                                  batch_size=cfg["eval"]["batch_size"], knn=cfg["eval"]["knn"], device=device,
+                                  batch_size=p.batch_size, knn=p.knn, device=device,
                                   job=f"{backbone}/{prior}", saliency=saliency)
     seeded = [n for n in outs if draws(prior, n, *model.img_size, model.k)]
-    other = [s for s in prior_seeds(cfg) if s != 0] if seeded else []
+    other = [s for s in p.prior_seeds if s != 0] if seeded else []
     if other:
-        batches = data.batches("val", cfg["eval"]["batch_size"], saliency=saliency, device=device)
-        places = {(n, s): (lambda p: lambda b: p(b, "val"))(placement(n, s)) for n in seeded for s in other}
+        batches = data.batches("val", p.batch_size, saliency=saliency, device=device)
+        places = {(n, s): (lambda place: lambda b: place(b, "val"))(placement(n, s)) for n in seeded for s in other}
         val = run_split(model, batches, places, device, f"val draws {backbone}/{prior}")
         for n in seeded:
-            write_draws({s: val[n, s] for s in other}, outs[n], cfg["eval"]["knn"])
+            write_draws({s: val[n, s] for s in other}, outs[n], p.knn)
     files = ["metrics.json", "predictions.parquet"]
     return {n: Record(dict(top1=m["top1"], knn=m["knn"]), files + (["draws.parquet"] if other and n in seeded else []))
             for n, m in metrics.items()}
-
-
-def prior_seeds(cfg: dict) -> list[int]:
-    """The draws of a seeded prior's positions that a job evaluates: `replicates.prior_seeds` where the
-    job's params have it (a replicate backbone's), else `eval.prior_seeds`."""
-    return replicate_setting(cfg, "prior_seeds", cfg["eval"]["prior_seeds"])
 
 
 def write_draws(vals: dict, out: Path, knn: dict) -> None:

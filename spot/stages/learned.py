@@ -14,13 +14,13 @@ from spot.utils import live
 from spot.utils.io import write_json
 
 
-def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
+def run(p, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
     """Fit `budget` positions (`placement.learned`: steps, lr, init prior) on batches of
     `placement.batch_size` train images, then evaluate them as `spot.training.evaluation.evaluate_placement`
     does. Writes positions.json (positions (budget, 2) (y, x) in [0, 1], loss per step),
     metrics.json (with extra_flops 0: shared positions cost nothing at inference),
     predictions.parquet and bank.npz."""
-    placement, device = cfg["placement"], resolve_device(cfg["device"])
+    device = resolve_device(p.device)
     model = load_backbone(inputs["backbone"], device)
     data = Decoded(inputs["decoded"], model.data_config)
     losses = []
@@ -29,12 +29,12 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Recor
         losses.append(round(m["loss"], 6))
         live.log_metrics({"learned/loss": m["loss"]}, step)
 
-    fit = placement["learned"]
-    pos = fit_global_prior(model, SplitBatches(data, "train", placement["batch_size"], device), n=budget,
-                           steps=fit["steps"], lr=fit["lr"], init=fit["init"], seed=cfg["seed"], log=log)
+    fit = p.learned
+    pos = fit_global_prior(model, SplitBatches(data, "train", p.fit_batch_size, device), n=budget,
+                           steps=fit["steps"], lr=fit["lr"], init=fit["init"], seed=p.seed, log=log)
     write_json(out / "positions.json", dict(positions=pos.tolist(), loss=losses))
     metrics = evaluate_placement(model, data, lambda b, split: pos.expand(len(b.keys), -1, -1), out,
-                                 batch_size=cfg["eval"]["batch_size"], knn=cfg["eval"]["knn"], device=device,
+                                 batch_size=p.batch_size, knn=p.knn, device=device,
                                  job=f"learned {backbone}/{budget}")
     write_json(out / "metrics.json", metrics | dict(extra_flops=0.0))
     return Record(dict(top1=metrics["top1"], knn=metrics["knn"], extra_flops=0.0),

@@ -19,40 +19,39 @@ from spot.utils.progress import progress
 FIELDS = ("init", "final", "trajectory", "correct", "snapped", "snapped_correct", "features")
 
 
-def batch_size(oracle: dict, budget: int) -> int:
-    """Images per SPoT-ON batch at `budget` tokens under config section `oracle`: batch_size, or with
-    batch_tokens the same tokens per batch at every budget."""
-    return oracle["batch_size"] if oracle["batch_tokens"] is None else max(1, oracle["batch_tokens"] // budget)
+def images_per_batch(batch_size: int, batch_tokens: int | None, budget: int) -> int:
+    """Images per SPoT-ON batch at `budget` tokens: `batch_size` (`oracle.batch_size`), or with `batch_tokens`
+    (`oracle.batch_tokens`) the same tokens per batch at every budget."""
+    return batch_size if batch_tokens is None else max(1, batch_tokens // budget)
 
 
-def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int, part: int) -> Record:
+def run(p, inputs: dict, out: Path, backbone: str, budget: int, part: int) -> Record:
     """SPoT-ON for every image of the val shards `part::oracle.parts`, each shard in batches of its
-    own (`batch_size`: a batch never spans two shards, so the batches do not depend on the parts),
+    own (`images_per_batch`: a batch never spans two shards, so the batches do not depend on the parts),
     starting from the positions `evaluate` draws for val (prior `oracle.prior`, `split_seed`). Writes part.npz:
     keys, labels, init and final positions (n, N, 2) float32, trajectory (n, T, N, 2) float16 (every
     `oracle.save_every`-th step and the last), correct (n, steps+1), snapped (n, N, 2),
     snapped_correct (n,), features (n, D) at the final positions."""
-    oracle = cfg["oracle"]
-    device = resolve_device(cfg["device"])
-    model = compile_features(load_backbone(inputs["backbone"], device), oracle["compile"])
-    check_budget(oracle["prior"], budget, *model.img_size, model.k)
+    device = resolve_device(p.device)
+    model = compile_features(load_backbone(inputs["backbone"], device), p.compile)
+    check_budget(p.prior, budget, *model.img_size, model.k)
     data = Decoded(inputs["decoded"], model.data_config)
     data.require_head(model.num_classes)
     every = [e["name"] for e in data.index["splits"]["val"]["shards"]]
-    shards = every[part::oracle["parts"]]
+    shards = every[part::p.parts]
     if not shards:
-        raise ValueError(f"part {part} of oracle.parts {oracle['parts']} gets none of the {len(every)} val shards: "
+        raise ValueError(f"part {part} of oracle.parts {p.parts} gets none of the {len(every)} val shards: "
                          f"set oracle.parts to at most {len(every)} (or write more, smaller shards: data.images_per_shard)")
-    kept = sorted(set(range(0, oracle["steps"] + 1, oracle["save_every"])) | {oracle["steps"]})
+    kept = sorted(set(range(0, p.steps + 1, p.save_every)) | {p.steps})
     found: dict[str, list] = {k: [] for k in ("keys", "labels", *FIELDS)}
     # one reading thread for all the part's shards: it runs ahead across their boundaries
-    batches = data.batches("val", batch_size(oracle, budget), saliency=oracle["prior"] in NEEDS_SALIENCY,
+    batches = data.batches("val", images_per_batch(p.batch_size, p.batch_tokens, budget), saliency=p.prior in NEEDS_SALIENCY,
                            shards=shards, device=device)
     for b in progress(batches, desc=f"oracle {backbone}/{budget} part {part}", unit="batch"):
-        init = positions_for(oracle["prior"], budget, b.keys, split_seed(cfg["seed"], "val"), *model.img_size,
+        init = positions_for(p.prior, budget, b.keys, split_seed(p.seed, "val"), *model.img_size,
                              model.k, b.saliency, b.images, device)
-        r = oracle_search(model, b.images, to_device(b.labels, device), init, steps=oracle["steps"], lr=oracle["lr"],
-                          optimizer=oracle["optimizer"])
+        r = oracle_search(model, b.images, to_device(b.labels, device), init, steps=p.steps, lr=p.lr,
+                          optimizer=p.optimizer)
         found["keys"] += b.keys
         found["labels"].append(b.labels)
         found["init"].append(r.trajectory[:, 0])

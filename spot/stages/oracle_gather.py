@@ -12,18 +12,18 @@ from spot.stages import Record
 from spot.utils.io import atomic_path, write_json
 
 
-def run(cfg: dict, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
+def run(p, inputs: dict, out: Path, backbone: str, budget: int) -> Record:
     """Join the parts; kNN of the final features against the bank of the evaluation the search
     started from. Writes metrics.json (top1_init, top1 (an upper bound: it uses labels),
     top1_snapped, knn, accuracy_per_step) and results.parquet (per image: correctness, init and
     final positions as 2N floats)."""
-    parts = [np.load(p / "part.npz") for p in inputs["parts"]]
-    parts = [p for p in parts if "keys" in p.files]
+    parts = [np.load(f / "part.npz") for f in inputs["parts"]]
+    parts = [part for part in parts if "keys" in part.files]
     if not parts:
         raise ValueError(f"the oracle parts of {backbone}/{budget} hold no images (no val shards?)")
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files}
+    cat = {k: np.concatenate([part[k] for part in parts]) for k in parts[0].files}
     bank = np.load(inputs["eval"] / "bank.npz")
-    knn = cfg["eval"]["knn"]
+    knn = p.knn
     knn_pred = knn_predict(torch.from_numpy(bank["features"]).float(), torch.from_numpy(bank["labels"]),
                            torch.from_numpy(cat["features"]), k=knn["k"], temperature=knn["temperature"]).numpy()
     labels, n = cat["labels"], len(cat["labels"])

@@ -14,11 +14,11 @@ from spot.training.placer_files import load_placer
 from spot.utils.io import read_json, write_json
 
 
-def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> Record:
+def run(p, inputs: dict, out: Path, src: str, dst: str, budget: int) -> Record:
     """Evaluate `dst` with `budget` tokens placed by `src`'s placer (`spot.training.evaluation.evaluate_placement`),
     beside `dst`'s own placer. Writes metrics.json (top1, knn, top1_own: dst's own placer,
     gain = top1 - top1_own), predictions.parquet, bank.npz."""
-    device = resolve_device(cfg["device"])
+    device = resolve_device(p.device)
     model, placer = load_backbone(inputs["backbone"], device), load_placer(inputs["placer"], device)
     if placer.n != budget:
         raise ValueError(f"the placer in {inputs['placer']} places {placer.n} tokens, not {budget}")
@@ -28,7 +28,7 @@ def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> 
         return placer(b.images.to(device))
 
     metrics = evaluate_placement(model, Decoded(inputs["decoded"], model.data_config), place, out,
-                                 batch_size=cfg["eval"]["batch_size"], knn=cfg["eval"]["knn"], device=device,
+                                 batch_size=p.batch_size, knn=p.knn, device=device,
                                  job=f"placer {src} -> {dst}/{budget}")
     metrics["top1_own"] = read_json(inputs["own"] / "metrics.json")["top1"]
     metrics["gain"] = metrics["top1"] - metrics["top1_own"]

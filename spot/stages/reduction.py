@@ -14,12 +14,11 @@ from spot.stages import Record
 from spot.training.backbones import load_backbone
 from spot.training.reduction import FULL, accuracies, as_setting, evaluate_points
 from spot.utils.io import atomic_path, read_json, write_json
-from spot.utils.replicates import replicate_setting
 
 COLUMNS = ["key", "label", "pred", "correct", "knn_pred", "knn_correct"]
 
 
-def run(cfg: dict, inputs: dict, out: Path, backbone: str) -> Record:
+def run(p, inputs: dict, out: Path, backbone: str) -> Record:
     """Evaluate every method of `reduction.methods` at its setting nearest the FLOPs of SPoT at each of
     `eval.budgets` tokens (ToMe with proportional attention `reduction.prop_attn`, unless the backbone
     is in `reduction.plain_attn`; within ±`reduction.tolerance`, else that budget is unreachable for it) and,
@@ -35,46 +34,43 @@ def run(cfg: dict, inputs: dict, out: Path, backbone: str) -> Record:
     setting's FLOPs, error, reachable, the method's cheapest), `budget_flops` (SPoT's FLOPs per image
     at each budget of eval and oracle, `vit_flops`); and predictions.parquet (key, label, point, pred,
     correct, knn_pred, knn_correct per val image and evaluation)."""
-    red, device = cfg["reduction"], resolve_device(cfg["device"])
-    prop_attn = red["prop_attn"] and backbone not in red["plain_attn"]
-    sweep = replicate_setting(cfg, "reduction_sweep", red["sweep"])
+    device, prop_attn = resolve_device(p.device), p.prop_attn and backbone not in p.plain_attn
     model = load_backbone(inputs["backbone"], device)
-    budgets, methods = cfg["eval"]["budgets"], red["methods"]
-    points, matches = plan(model, budgets, [m for m in methods if m != "drop"], sweep, red["tolerance"],
-                           red["evit_block"])
+    budgets, methods = p.budgets, p.methods
+    points, matches = plan(model, budgets, [m for m in methods if m != "drop"], p.sweep, p.tolerance, p.evit_block)
     if "drop" in methods:
-        drop, drop_matches = plan(model, budgets, ["drop"], 0, red["tolerance"])
+        drop, drop_matches = plan(model, budgets, ["drop"], 0, p.tolerance)
         points, matches = points + drop, matches + drop_matches
     full = vit_flops(model.vit, model.num_tokens)
     grid = {read_json(f / "run.json")["params"]["budget"]: f for f in inputs.get("grid", [])}
     taken = {f"grid {n}": pd.read_parquet(f / "predictions.parquet", columns=COLUMNS) for n, f in grid.items()}
 
-    def source(p) -> str:
-        n = model.num_tokens if p.flops == full else p.setting if p.method == "drop" else None
-        return f"grid {n}" if n in grid else FULL if p.flops == full else p.name
+    def source(point) -> str:
+        n = model.num_tokens if point.flops == full else point.setting if point.method == "drop" else None
+        return f"grid {n}" if n in grid else FULL if point.flops == full else point.name
 
-    todo = {s: None if s == FULL else p for p in points if (s := source(p)) not in taken}
+    todo = {s: None if s == FULL else point for point in points if (s := source(point)) not in taken}
     data = Decoded(inputs["decoded"], model.data_config)
-    per_image = evaluate_points(model, data, todo, batch_size=cfg["eval"]["batch_size"], knn=cfg["eval"]["knn"],
-                                device=device, seed=cfg["seed"], block=red["evit_block"], prop_attn=prop_attn,
+    per_image = evaluate_points(model, data, todo, batch_size=p.batch_size, knn=p.knn,
+                                device=device, seed=p.seed, block=p.evit_block, prop_attn=prop_attn,
                                 job=f"reduction {backbone}") if todo else pd.DataFrame()
-    used = {source(p) for p in points}
+    used = {source(point) for point in points}
     per_image = pd.concat([per_image.astype({"point": str}) if len(per_image) else per_image,
                            *[t.assign(point=s) for s, t in taken.items() if s in used]], ignore_index=True)
     acc = accuracies(per_image)
-    rows = [dict(method=p.method, setting=as_setting(p.setting), name=p.name, flops=int(p.flops),
-                 budgets=list(p.budgets), source=source(p), top1=acc[source(p)][0], knn=acc[source(p)][1])
-            for p in points]
+    rows = [dict(method=q.method, setting=as_setting(q.setting), name=q.name, flops=int(q.flops),
+                 budgets=list(q.budgets), source=source(q), top1=acc[source(q)][0], knn=acc[source(q)][1])
+            for q in points]
     per_method = [m for m in methods if m != "drop"] + (["drop"] if "drop" in methods else [])
     match_rows = [dict(method=m.method, budget=n, target=int(m.target), flops=int(m.flops), error=m.error,
                        reachable=bool(m.reachable), cheapest=int(m.cheapest), setting=as_setting(m.setting))
                   for m, n in zip(matches, [n for _ in per_method for n in budgets])]
     metrics = dict(points=rows, matches=match_rows, full_flops=int(full), evaluated=list(todo),
                    budget_flops={str(n): int(vit_flops(model.vit, n))
-                                 for n in sorted({*budgets, *cfg["oracle"]["budgets"]})},
-                   tolerance=red["tolerance"], evit_block=red["evit_block"], prop_attn=prop_attn,
-                   n_val=int(per_image.key.nunique()) if len(per_image) else 0, k=cfg["eval"]["knn"]["k"],
-                   temperature=cfg["eval"]["knn"]["temperature"])
+                                 for n in sorted({*budgets, *p.oracle_budgets})},
+                   tolerance=p.tolerance, evit_block=p.evit_block, prop_attn=prop_attn,
+                   n_val=int(per_image.key.nunique()) if len(per_image) else 0, k=p.knn["k"],
+                   temperature=p.knn["temperature"])
     with atomic_path(out / "predictions.parquet") as tmp:
         per_image.astype({"point": "category"}).to_parquet(tmp, index=False)
     write_json(out / "metrics.json", metrics)

@@ -22,7 +22,7 @@ from spot.utils.io import atomic_path, write_json
 from spot.utils.replicates import training_runs
 
 
-def run(cfg: dict, inputs: dict, out: Path) -> Record:
+def run(p, inputs: dict, out: Path) -> Record:
     """Gather every result into `out`: results.{parquet,csv} (each accuracy with its bootstrap
     interval `<c>_low`, `<c>_high`; `replicate_of`, `seed`), findings.csv (a row per claim of findings.md:
     `spot.report.findings.Claim`), replicates.csv (mean and sd over training
@@ -35,14 +35,14 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     `spot.report.summary.metric_rows`), plots/accuracy_vs_budget.{png,csv}, plots/oracle_steps.png,
     pictures/priors.png (priors in `eval.priors` order, then the label-free placements and SPoT-ON),
     pictures/trajectories.png, pictures/learned.png (the learned global priors, when stage learned ran)."""
-    order, specs = list(cfg["backbones"]), cfg["backbones"]
+    order, specs = list(p.backbones), p.backbones
     results, trans, sal = collect(inputs, order)
     if results.empty:
         raise FileNotFoundError("no evaluation results: the report needs at least one evaluate job")
-    ev, options = read_evidence(inputs), dict(seed=cfg["report"]["seed"], resamples=cfg["report"]["resamples"])
+    ev, options = read_evidence(inputs), dict(seed=p.seed, resamples=p.resamples)
     replicate_of = {b: s["replicate_of"] for b, s in specs.items() if s.get("replicate_of")}
     points, matches, budget_flops, per_image = read_frontier(inputs, order, **options)
-    tol = cfg["reduction"]["tolerance"]
+    tol = p.tolerance
     results = with_flops(with_intervals(results, ev, **options), budget_flops).assign(
         replicate_of=lambda d: d.backbone.map(replicate_of), seed=lambda d: d.backbone.map(lambda b: specs[b]["seed"]))
     reps = replicates(results, ev, replicate_of)
@@ -56,11 +56,11 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     gaps, ptrans = gap_closed(results), placer_transfers(inputs, order)
     trans, ptrans = (t[~t.dst.isin(list(replicate_of))] if len(t) else t for t in (trans, ptrans))  # tables: first runs
     tables = tables_markdown(results, trans, gaps, ptrans, environments(inputs) + [environment()], reps, ev,
-                             cfg["oracle"]["prior"], **options)
+                             p.prior, **options)
     tables += frontier_markdown(matched_table(results, points, matches, budget_flops, tol), tol)
     fixed = {b for b, s in specs.items() if s["make"] == "fetch"}
     add_evidence(ev, per_image)
-    found, claims = findings(results, ev, training_runs(cfg), fixed=fixed, start=cfg["oracle"]["prior"], matches=matches,
+    found, claims = findings(results, ev, training_runs(specs), fixed=fixed, start=p.prior, matches=matches,
                              budget_flops=budget_flops, tolerance=tol, **options)
     with atomic_path(out / "findings.csv") as tmp:
         claims.to_csv(tmp, index=False)
@@ -78,13 +78,12 @@ def run(cfg: dict, inputs: dict, out: Path) -> Record:
     plot_oracle_steps(oracle_curves(inputs, order), out / "plots" / "oracle_steps.png")
     plot_frontier(points, results, out / "plots" / "frontier.png")
     budgets = sorted(results.budget.unique())
-    prior_sheet(inputs, out / "pictures" / "priors.png", cfg["eval"]["priors"], int(budgets[len(budgets) // 2]),
-                cfg["report"]["pictures"])
+    prior_sheet(inputs, out / "pictures" / "priors.png", p.priors, int(budgets[len(budgets) // 2]), p.pictures)
     trajectory_sheet(inputs, out / "pictures" / "trajectories.png", order)
-    learned_sheet(inputs, out / "pictures" / "learned.png", cfg["report"]["pictures"], order)
+    learned_sheet(inputs, out / "pictures" / "learned.png", p.pictures, order)
     write_json(out / "metrics.json", flat_metrics(results, trans, gaps, sal))
     shutil.rmtree(out / "metrics", ignore_errors=True)            # exactly the files of this run's rows
     for name, rows in metric_rows(results, trans, ptrans).items():
         write_json(out / "metrics" / name, rows)
-    artifacts = [str(p.relative_to(out)) for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    artifacts = [str(f.relative_to(out)) for f in sorted(out.rglob("*")) if f.is_file() and not f.name.startswith(".")]
     return Record(dict(rows=len(results), transfers=len(trans)), artifacts)

@@ -9,8 +9,7 @@ from spot.data.shards import default_workers
 from spot.stages import Record
 
 
-def run(cfg: dict, inputs: dict, out: Path, workers: int | None = None) -> Record:
-    saliency = cfg["saliency"]
-    manifest = write_saliency(inputs["shards"], out, saliency["method"], saliency["size"], preview=cfg["report"]["pictures"],
-                              workers=workers or default_workers(), device=resolve_device(cfg["device"]))
+def run(p, inputs: dict, out: Path, workers: int | None = None) -> Record:
+    manifest = write_saliency(inputs["shards"], out, p.method, p.size, preview=p.pictures,
+                              workers=workers or default_workers(), device=resolve_device(p.device))
     return Record(dict(maps=sum(sh["count"] for sh in manifest["shards"])), ["manifest.json", "preview.png"])

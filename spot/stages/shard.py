@@ -7,11 +7,11 @@ from spot.data.shards import write_shards
 from spot.stages import Record
 
 
-def run(cfg: dict, inputs: dict, out: Path, workers: int | None = None) -> Record:
-    data = cfg["data"]
+def run(p, inputs: dict, out: Path, workers: int | None = None) -> Record:
+    data = p.data
     manifest = write_shards(data["source"], data["root"], out, splits=data["splits"],
                             images_per_shard=data["images_per_shard"], shard_bytes=data["shard_bytes"],
-                            max_per_class=data["max_per_class"], max_images=data["max_images"], seed=cfg["seed"],
+                            max_per_class=data["max_per_class"], max_images=data["max_images"], seed=p.seed,
                             workers=workers)
     counts = {f"{s}_images": v["count"] for s, v in manifest["splits"].items()}
     empty = sum(len(v["empty_classes"]) for v in manifest["splits"].values())

@@ -17,17 +17,17 @@ from spot.utils.progress import progress
 
 
 @torch.no_grad()
-def run(cfg: dict, inputs: dict, out: Path, src: str, dst: str, budget: int) -> Record:
+def run(p, inputs: dict, out: Path, src: str, dst: str, budget: int) -> Record:
     """Top-1 of `dst` with the final oracle positions of `src`, against `dst` on the prior the
     search started from (same images, same budget) and `src`'s own oracle top-1. With src == dst it
     reproduces the oracle's top-1. Writes metrics.json and predictions.parquet (key, label, pred,
     correct per image)."""
     found = pd.read_parquet(inputs["oracle"] / "results.parquet")
     final = {k: np.asarray(v, dtype=np.float32).reshape(-1, 2) for k, v in zip(found["key"], found["final"])}
-    device = resolve_device(cfg["device"])
+    device = resolve_device(p.device)
     model = load_backbone(inputs["backbone"], device)
     keys, labels, preds = [], [], []                 # per batch, kept on the device: no wait per batch
-    batches = Decoded(inputs["decoded"], model.data_config).batches("val", cfg["eval"]["batch_size"], device=device)
+    batches = Decoded(inputs["decoded"], model.data_config).batches("val", p.batch_size, device=device)
     with frozen(model, device):
         for b in progress(batches, desc=f"transfer {src} -> {dst}/{budget}", unit="batch"):
             keep = [i for i, k in enumerate(b.keys) if k in final]

@@ -33,15 +33,18 @@ class Spec(NamedTuple):
         """timm.create_model kwargs: a trained model's head has `classes` logits (the data's class count)."""
         return {"num_classes": classes, **self.arch} if self.trained else dict(self.arch)
 
+    @classmethod
+    def of(cls, name: str, config: dict, train: dict | None) -> Spec:
+        """Backbone `name` of config `config` (`backbones.<name>`, validated); a trained one reads `train`'s
+        `data_config` (the config's `train`), its own `data_config` keys replacing those."""
+        trained = config["make"] == "train"
+        data_config = dict(train["data_config"], **config["data_config"]) if trained else dict(config["data_config"])
+        return cls(name, config["model"], dict(config["arch"]), trained, config["init"] if trained else None, data_config)
+
 
 def backbone_spec(cfg: dict, name: str) -> Spec:
-    """The `Spec` of backbone `name` of the validated `cfg`: a trained one reads `train.data_config`,
-    its own `data_config` keys replacing those. Reads `backbones.<name>` and `train` only (a job's
-    declared keys)."""
-    spec = cfg["backbones"][name]
-    trained = spec["make"] == "train"
-    data_config = dict(cfg["train"]["data_config"], **spec["data_config"]) if trained else dict(spec["data_config"])
-    return Spec(name, spec["model"], dict(spec["arch"]), trained, spec["init"] if trained else None, data_config)
+    """The `Spec` of backbone `name` of the validated `cfg` (`Spec.of`)."""
+    return Spec.of(name, cfg["backbones"][name], cfg["train"])
 
 
 def architecture(cfg: dict, name: str) -> Spec:

@@ -8,10 +8,11 @@ def primaries(cfg: dict) -> list[str]:
     return [b for b, spec in cfg["backbones"].items() if not spec.get("replicate_of")]
 
 
-def training_runs(cfg: dict) -> dict[str, list[str]]:
-    """Each primary backbone -> its training runs: itself, then its replicates in seed order."""
-    out: dict[str, list[str]] = {b: [] for b in primaries(cfg)}
-    for b, spec in cfg["backbones"].items():
+def training_runs(backbones: dict) -> dict[str, list[str]]:
+    """Each primary backbone of `backbones` (the config's) -> its training runs: itself, then its replicates in
+    seed order."""
+    out: dict[str, list[str]] = {b: [] for b, spec in backbones.items() if not spec.get("replicate_of")}
+    for b, spec in backbones.items():
         out[spec.get("replicate_of") or b].append(b)
     return out
 
@@ -19,19 +20,12 @@ def training_runs(cfg: dict) -> dict[str, list[str]]:
 def paired_runs(cfg: dict) -> list[str]:
     """The backbones that transfers reach: the primaries, and with `replicates.transfers` the k-th
     replicates of every backbone for each k that all of them have (a transfer pairs runs by draw)."""
-    runs = training_runs(cfg)
+    runs = training_runs(cfg["backbones"])
     depth = min(map(len, runs.values())) if cfg["replicates"]["transfers"] else 1
     return [r for b in runs for r in runs[b][:depth]]
 
 
 def same_draw(cfg: dict, recipe: str, like: str) -> str:
     """The training run of primary backbone `recipe` drawn as `like` is among its own (the k-th of each)."""
-    runs = training_runs(cfg)
+    runs = training_runs(cfg["backbones"])
     return runs[recipe][runs[cfg["backbones"][like].get("replicate_of") or like].index(like)]
-
-
-def replicate_setting(cfg: dict, key: str, fallback):
-    """A replicate backbone's own setting `replicates.<key>`, which only its jobs declare (`cfg` is a
-    job's declared config), unless null; else `fallback`, the primaries' setting."""
-    value = (cfg.get("replicates") or {}).get(key)
-    return fallback if value is None else value

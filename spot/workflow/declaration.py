@@ -1,16 +1,18 @@
 """The stage type: one declaration per pipeline stage, and the config helpers its planners use.
 
-A `Stage` names its wildcards, the config keys it reads, its inputs and output (folders of
-`spot.workflow.layout`). Its code is the module `spot.stages.<rule>`, entry point `run`. The table
-of every stage is `spot.workflow.stage_table.STAGES`.
+A `Stage` names its wildcards, its params (each config key it reads, under the name its code reads it by), its
+inputs and output (folders of `spot.workflow.layout`). Its code is the module `spot.stages.<rule>`, entry point
+`run`. The table of every stage is `spot.workflow.stage_table.STAGES`.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from spot.utils.records import as_list, flatten
 from spot.workflow.layout import Layout
@@ -21,9 +23,10 @@ INT_WILDCARDS = ("budget", "part")
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage. `params(cfg, wildcards)` lists the dotted config keys the job reads (its rerun
-    triggers). `inputs(cfg, wildcards)` maps input names to `(layout kind, wildcards)` folders, or
-    lists of them, per output folder. `jobs(cfg)` lists every job's wildcards for a config.
+    """One stage. `params(cfg, wildcards)` maps each name the job's code reads to the dotted config
+    key it holds (`named`; the keys are its rerun triggers). `inputs(cfg, wildcards)` maps input names
+    to `(layout kind, wildcards)` folders, or lists of them, per output folder. `jobs(cfg)` lists every
+    job's wildcards for a config.
 
     A job writes one folder of kind `output`, or with `each` one per combination of those
     wildcards' values (`values(cfg)`, e.g. every prior x budget). Each folder has its own run.json
@@ -33,7 +36,7 @@ class Stage:
     name: str
     help: str
     wildcards: tuple[str, ...]                       # the job's
-    params: Callable[[dict, dict], list[str]]
+    params: Callable[[dict, dict], dict[str, str]]
     inputs: Callable[[dict, dict], dict]
     jobs: Callable[[dict], list[dict]]
     output: str                                      # layout kind of the job's folder
@@ -59,9 +62,9 @@ class Stage:
         return f"spot.stages.{self.rule}"
 
     def entry_point(self) -> Callable:
-        """The stage's `run`, imported on demand: `run(cfg, inputs, out, **wildcards) -> Record` per
-        folder (the folder's wildcards), or with `one_pass` `run(cfg, inputs, outs, **wildcards) ->
-        {value: Record}`, `outs` {value of `one_pass`: folder}, `wildcards` the rest of the folders'."""
+        """The stage's `run`, imported on demand: `run(p, inputs, out, **wildcards) -> Record` per
+        folder (the folder's wildcards; `p` the job's `Params`), or with `one_pass` `run(p, inputs, outs,
+        **wildcards) -> {value: Record}`, `outs` {value of `one_pass`: folder}, `wildcards` the rest of the folders'."""
         return importlib.import_module(self.module).run
 
     def typed(self, wildcards) -> dict:
@@ -107,8 +110,12 @@ class Stage:
         return {k: v[0] if k in single and len(v) == 1 else v for k, v in merged.items()}
 
     def param_values(self, cfg: dict, wildcards: dict) -> dict:
-        """Dotted key -> value of every config value the job reads, down to the leaves."""
-        return flatten({k: lookup(cfg, k) for k in self.params(cfg, wildcards)})
+        """Dotted key -> value of every config value the job reads, down to the leaves, in key order."""
+        return dict(sorted(flatten({k: lookup(cfg, k) for k in self.params(cfg, wildcards).values()}).items()))
+
+    def arguments(self, cfg: dict, wildcards: dict) -> Params:
+        """The job's params by name, as its `run` reads them (copies: a job cannot change the config)."""
+        return Params(**{name: copy.deepcopy(lookup(cfg, k)) for name, k in self.params(cfg, wildcards).items()})
 
     def command(self, params_file: str, wildcards: dict) -> str:
         """The job's command line, e.g. `spot evaluate --params params.yaml --backbone spot ...`."""
@@ -129,27 +136,20 @@ def lookup(cfg: dict, key: str):
     return value
 
 
-class Declared(dict):
-    """The config a stage declared: reading any other key raises a KeyError naming it."""
+class Params(SimpleNamespace):
+    """A job's params by name, `p.steps`; reading a name its stage does not declare raises, naming it."""
 
-    def __init__(self, values: dict, prefix: str = ""):
-        super().__init__({k: Declared(v, f"{prefix}{k}.") if isinstance(v, dict) else v for k, v in values.items()})
-        self.prefix = prefix
-
-    def __missing__(self, key):
-        raise KeyError(f"the stage reads config key '{self.prefix}{key}', which it does not declare")
+    def __getattr__(self, name: str):
+        raise AttributeError(f"the stage reads param {name!r}, which it does not declare")
 
 
-def declared(cfg: dict, keys: list[str]) -> Declared:
-    """The part of `cfg` under `keys` (dotted), nested as in `cfg`."""
-    out: dict = {}
-    for key in keys:
-        *parents, last = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = lookup(cfg, key)
-    return Declared(out)
+def named(*keys: str, **renamed: str) -> dict[str, str]:
+    """A stage's params: each dotted config key of `keys` under its last part ('oracle.steps': steps), and
+    `renamed` as given (name -> key). Two keys under one name raise, naming them."""
+    names = [k.rsplit(".", 1)[-1] for k in keys] + list(renamed)
+    if clash := next((n for n in names if names.count(n) > 1), None):
+        raise ValueError(f"two params are named {clash!r}: give one a name of its own")
+    return dict(zip(names, [*keys, *renamed.values()]))
 
 
 def product(**axes) -> list[dict]:

@@ -64,7 +64,7 @@ def dvc_stage(stage: Stage, wildcards: dict, cfg: dict, raw: dict, params_file: 
     layout = Layout(cfg["root"])
     inputs = stage.job_inputs(cfg, layout, wildcards)
     folders = [str(f) for v in inputs.values() for f in as_list(v)]
-    keys = sorted({present(raw, written_key(cfg, k)) for k in stage.params(cfg, wildcards)} - {None})
+    keys = sorted({present(raw, written_key(cfg, k)) for k in stage.params(cfg, wildcards).values()} - {None})
     outs = [layout(stage.output, **f) for f in stage.output_wildcards(cfg, wildcards)]
     entry = dict(cmd=stage.command(params_file, wildcards), deps=folders + code + [LOCK_DEP])
     if keys:                              # (an empty key list would make DVC watch the whole file)

@@ -1,7 +1,7 @@
 """The job runner: one job of a stage, from its input checks to its run.json and MLflow run.
 
 `run_job` checks that the job's inputs are complete, takes every output folder's lock for the whole
-job (`spot.utils.io.writing`) and runs the stage with the config keys it declares. It writes run.json
+job (`spot.utils.io.writing`) and runs the stage with the params it declares, by name. It writes run.json
 last and logs it to MLflow; logging is never fatal (`spot mlflow-sync` logs it later).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import sys
 
 from spot.utils.records import as_list
-from spot.workflow.declaration import Stage, declared
+from spot.workflow.declaration import Stage
 from spot.workflow.layout import Layout
 
 
@@ -29,11 +29,11 @@ def run_job(stage: Stage, cfg: dict, params_file: str, job: dict, chosen: dict |
             require_complete(f, f"input {name}")
     if stage.state:
         options["state"] = layout(stage.state, **job)
-    run, cfg_job = stage.entry_point(), declared(cfg, stage.params(cfg, job))
+    run, p = stage.entry_point(), stage.arguments(cfg, job)
     params = stage.param_values(cfg, job)              # flattened once: every folder's run.json and MLflow params
     folders = chosen_folders(stage, cfg, job, chosen or {}, params_file)
     if int(os.environ.get("RANK", "0")) > 0:           # a torchrun rank other than 0 only trains along
-        run(cfg_job, stage.input_folders(cfg, layout, job), layout(stage.output, **job), **job, **options)
+        run(p, stage.input_folders(cfg, layout, job), layout(stage.output, **job), **job, **options)
         return
     with contextlib.ExitStack() as held:               # every folder's lock for the whole job: a second
         for f in folders:                              # writer stops before this job writes any of them
@@ -41,16 +41,16 @@ def run_job(stage: Stage, cfg: dict, params_file: str, job: dict, chosen: dict |
         held.enter_context(gpu_slot(stage, cfg))       # its own GPU, before torch starts CUDA
         if stage.one_pass:                             # a group of folders at once, one pass over the data
             for group in passes(stage, folders):
-                run_pass(stage, cfg, layout, job, group, run, cfg_job, params, options)
+                run_pass(stage, cfg, layout, job, group, run, p, params, options)
             return
         for f in folders:                              # one folder after another, in this process
             out, inputs = layout(stage.output, **f), stage.input_folders(cfg, layout, f)
             with job_run(stage, cfg, f, params, out, inputs) as mlflow_run:
-                finish(stage, mlflow_run, run(cfg_job, inputs, out, **f, **options), inputs)
+                finish(stage, mlflow_run, run(p, inputs, out, **f, **options), inputs)
 
 
-def run_pass(stage: Stage, cfg: dict, layout: Layout, job: dict, group: list[dict], run, cfg_job: dict,
-             params: dict, options: dict) -> None:
+def run_pass(stage: Stage, cfg: dict, layout: Layout, job: dict, group: list[dict], run, p, params: dict,
+             options: dict) -> None:
     """One call of a `one_pass` stage for the folders `group`, each with its own MLflow run.
     The runs nest in the order they open, so they finish last-opened first."""
     key = stage.one_pass
@@ -59,7 +59,7 @@ def run_pass(stage: Stage, cfg: dict, layout: Layout, job: dict, group: list[dic
     with contextlib.ExitStack() as stack:
         runs = {f[key]: stack.enter_context(job_run(stage, cfg, f, params, outs[f[key]], inputs)) for f in group}
         shared = {k: v for k, v in group[0].items() if k != key}
-        records = run(cfg_job, inputs, outs, **shared, **options)
+        records = run(p, inputs, outs, **shared, **options)
         for value in reversed(list(runs)):
             finish(stage, runs[value], records[value], inputs)
 

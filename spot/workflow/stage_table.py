@@ -11,14 +11,14 @@ import argparse
 from spot.data.geometry import geometry_name
 from spot.methods import LABEL_FREE
 from spot.training.backbones import backbone_spec
-from spot.utils.replicates import paired_runs, primaries, replicate_setting, same_draw
+from spot.utils.replicates import paired_runs, primaries, same_draw
 from spot.workflow.backbone_spec import planned_data_config
-from spot.workflow.declaration import Stage, lookup, product
+from spot.workflow.declaration import Stage, lookup, named, product
 
 
 def backbone_params(cfg, w):
     trained = backbone_spec(cfg, w["backbone"]).trained
-    return [f"backbones.{w['backbone']}", "seed", "device"] + (["train"] if trained else [])
+    return named("seed", "device", *["train"] if trained else [], config=f"backbones.{w['backbone']}")
 
 
 def backbone_inputs(cfg, w):
@@ -60,10 +60,8 @@ def placement_jobs(method):
     def jobs(cfg):
         if method not in cfg["placement"]["methods"] or not cfg["placement"]["budgets"]:
             return []
-        budgets = cfg["placement"]["budgets"]
-        few = replicate_setting(cfg, "placement_budgets", budgets)
-        return [dict(backbone=b, budget=n) for b, spec in cfg["backbones"].items()
-                for n in (few if spec.get("replicate_of") else budgets)]
+        return [dict(backbone=b, budget=n) for b in cfg["backbones"]
+                for n in lookup(cfg, replicate_key(cfg, b, "placement_budgets", "placement.budgets"))]
     return jobs
 
 
@@ -94,10 +92,11 @@ def covering(**axes: str) -> dict:
     return dict(each=tuple(axes), values=lambda cfg: product(**{w: list(lookup(cfg, k)) for w, k in axes.items()}))
 
 
-def replicate_keys(cfg, backbone: str, *keys: str) -> list[str]:
-    """`replicates.<key>` of each key if `backbone` is a replicate: its own settings, which its jobs read
-    with `spot.utils.replicates.replicate_setting`."""
-    return [f"replicates.{k}" for k in keys] if cfg["backbones"][backbone].get("replicate_of") else []
+def replicate_key(cfg, backbone: str, key: str, primary: str) -> str:
+    """The dotted key a job of `backbone` reads a setting from: a replicate's own `replicates.<key>` unless
+    null, else `primary`, the primaries' key."""
+    own = cfg["replicates"][key] if cfg["backbones"][backbone].get("replicate_of") else None
+    return primary if own is None else f"replicates.{key}"
 
 
 def reduction_inputs(cfg, w):
@@ -108,22 +107,23 @@ def reduction_inputs(cfg, w):
 
 
 ORACLE_BUDGETS = covering(budget="oracle.budgets")
-ORACLE = ["oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size", "oracle.batch_tokens",
-          "oracle.parts", "oracle.save_every", "oracle.compile", "seed", "device"]
+ORACLE = named("oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size",
+               "oracle.batch_tokens", "oracle.parts", "oracle.save_every", "oracle.compile", "seed", "device")
+EVALUATION = named("eval.batch_size", "eval.knn", "device")      # `spot.training.evaluation`'s, of a placement
 
 STAGES = [
     Stage("shard", "write the dataset into WebDataset shards", (),
-          params=lambda cfg, w: ["data", "seed"], inputs=lambda cfg, w: {}, jobs=lambda cfg: [{}],
+          params=lambda cfg, w: named("data", "seed"), inputs=lambda cfg, w: {}, jobs=lambda cfg: [{}],
           output="shards", threads=32,
           options={"workers": dict(type=int, help="writer processes (default: the CPUs it may use, at most "
                                                   "OMP_NUM_THREADS, which Snakemake sets to the job's threads)")}),
     Stage("saliency", "precompute a saliency map per image", (),
-          params=lambda cfg, w: ["saliency.method", "saliency.size", "report.pictures", "device"],
+          params=lambda cfg, w: named("saliency.method", "saliency.size", "report.pictures", "device"),
           inputs=lambda cfg, w: {"shards": ("shards", {})}, jobs=lambda cfg: [{}], output="saliency", threads=32,
           gpu=True, options={"workers": dict(type=int, help="decoding processes (default: the CPUs it may use, at "
                                                            "most OMP_NUM_THREADS); the maps are computed on `device`")}),
     Stage("decode", "decode every image (and saliency map) once for a data geometry", ("geometry",),
-          params=lambda cfg, w: [], inputs=lambda cfg, w: {"shards": ("shards", {}), "saliency": ("saliency", {})},
+          params=lambda cfg, w: {}, inputs=lambda cfg, w: {"shards": ("shards", {}), "saliency": ("saliency", {})},
           jobs=geometries, output="decoded", threads=32,
           options={"workers": dict(type=int, help="decoding processes (default: the CPUs it may use, at most "
                                                   "OMP_NUM_THREADS)")}),
@@ -136,13 +136,14 @@ STAGES = [
                                        "--no-resume: start over (default: continue it if this config made it)")}),
     Stage("model-saliency", "saliency maps from a trained backbone (input gradients)",
           ("backbone",),
-          params=lambda cfg, w: ["saliency.size", "eval.knn.bank_size", "eval.batch_size", "report.pictures", "device"],
+          params=lambda cfg, w: named("saliency.size", "eval.knn.bank_size", "eval.batch_size", "report.pictures",
+                                      "device"),
           inputs=model_inputs, jobs=lambda cfg: [{"backbone": cfg["saliency"]["model"]}] if cfg["saliency"]["model"]
           else [], output="model-saliency", gpu=True),
     Stage("evaluate", "top-1 and kNN of one backbone, every prior x budget (a pass per prior)",
           ("backbone",),
-          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "eval.compile", "eval.prior_seeds", "seed", "device"]
-          + replicate_keys(cfg, w["backbone"], "prior_seeds"),
+          params=lambda cfg, w: named("eval.compile", "seed", **EVALUATION,
+                                      prior_seeds=replicate_key(cfg, w["backbone"], "prior_seeds", "eval.prior_seeds")),
           inputs=lambda cfg, w: model_inputs(cfg, w) | model_maps(cfg, w["prior"] == "model_salient"),
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])), output="eval", gpu=True,
           **covering(prior="eval.priors", budget="eval.budgets"), one_pass="budget"),
@@ -153,13 +154,13 @@ STAGES = [
           jobs=lambda cfg: product(backbone=list(cfg["backbones"]), part=list(range(cfg["oracle"]["parts"]))),
           output="oracle-part", gpu=True, **ORACLE_BUDGETS),
     Stage("oracle-gather", "join the oracle parts, kNN of the found features", ("backbone",),
-          params=lambda cfg, w: ["oracle.prior", "eval.knn"],
+          params=lambda cfg, w: named("oracle.prior", "eval.knn"),
           inputs=lambda cfg, w: {"parts": [("oracle-part", dict(w, part=p)) for p in range(cfg["oracle"]["parts"])],
                                  "eval": eval_of(cfg, w["backbone"], w["budget"])},
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])),
           output="oracle", **ORACLE_BUDGETS),
     Stage("transfer", "every recipe's oracle placements (its run of --dst's draw) evaluated on --dst", ("dst",),
-          params=lambda cfg, w: ["oracle.prior", "eval.batch_size", "device"],
+          params=lambda cfg, w: named("oracle.prior", "eval.batch_size", "device"),
           inputs=lambda cfg, w: {"oracle": ("oracle", {"backbone": same_draw(cfg, w["src"], w["dst"]),
                                                        "budget": w["budget"]}),
                                  "eval": eval_of(cfg, w["dst"], w["budget"]),
@@ -167,41 +168,42 @@ STAGES = [
           jobs=lambda cfg: product(dst=paired_runs(cfg)), output="transfer", gpu=True, each=("src", "budget"),
           values=lambda cfg: product(src=primaries(cfg), budget=cfg["transfer"]["budgets"])),
     Stage("analyze", "saliency under the oracle positions, trajectory pictures", ("backbone",),
-          params=lambda cfg, w: ["report.pictures"],
+          params=lambda cfg, w: named("report.pictures"),
           inputs=lambda cfg, w: {"oracle": ("oracle", w)} | model_inputs(cfg, w) | model_maps(cfg, True),
           jobs=lambda cfg: product(backbone=primaries(cfg)),
           output="analysis", **ORACLE_BUDGETS),
     Stage("learned", "fit N positions shared by all images (label-free at inference)",
           ("backbone", "budget"),
-          params=lambda cfg, w: ["placement.batch_size", "placement.learned", "eval.batch_size", "eval.knn", "seed",
-                                 "device"],
+          params=lambda cfg, w: named("placement.learned", "seed", **EVALUATION, fit_batch_size="placement.batch_size"),
           inputs=model_inputs, jobs=placement_jobs("learned"), output="learned", gpu=True),
     Stage("placer", "train a network that places N tokens per image, evaluate it", ("backbone", "budget"),
-          params=lambda cfg, w: ["placement.batch_size", "placement.placer", "eval.batch_size", "eval.knn", "seed",
-                                 "device"],
+          params=lambda cfg, w: named("placement.placer", "seed", **EVALUATION, fit_batch_size="placement.batch_size"),
           inputs=lambda cfg, w: model_inputs(cfg, w) | ({"learned": ("learned", w)}
                                                         if cfg["placement"]["placer"]["init"] == "learned" else {}),
           jobs=placement_jobs("placer"), output="placer", gpu=True),
     Stage("placer-transfer", "the placer of --src (its run of --dst's draw) placing the tokens of --dst",
           ("src", "dst"),
-          params=lambda cfg, w: ["eval.batch_size", "eval.knn", "device"],
+          params=lambda cfg, w: EVALUATION,
           inputs=lambda cfg, w: {"placer": ("placer", {"backbone": same_draw(cfg, w["src"], w["dst"]),
                                                        "budget": w["budget"]}),
                                  "own": ("placer", {"backbone": w["dst"], "budget": w["budget"]}),
                                  **model_inputs(cfg, {"backbone": w["dst"]})},
           jobs=placer_transfers, output="placer-transfer", gpu=True, **covering(budget="placement.transfer")),
     Stage("entropy", "label-free test-time search: lower the prediction's entropy", ("backbone", "budget"),
-          params=lambda cfg, w: ["placement.entropy", "oracle.prior", "eval.batch_size", "eval.knn", "seed", "device"],
+          params=lambda cfg, w: named("placement.entropy", "oracle.prior", "seed", **EVALUATION),
           inputs=model_inputs, jobs=placement_jobs("entropy"), output="entropy", gpu=True),
     Stage("reduction", "token reduction (ToMe, EViT, low resolution, random drop) at SPoT's FLOPs, one backbone",
-          ("backbone",), params=lambda cfg, w: ["reduction", "eval.budgets", "eval.priors", "oracle.budgets",
-                                                "eval.batch_size", "eval.knn", "seed", "device"]
-          + replicate_keys(cfg, w["backbone"], "reduction_sweep"), inputs=reduction_inputs,
+          ("backbone",), params=lambda cfg, w: named(
+              "reduction.methods", "reduction.tolerance", "reduction.evit_block", "reduction.prop_attn",
+              "reduction.plain_attn", "eval.budgets", "eval.priors", "seed", **EVALUATION,
+              oracle_budgets="oracle.budgets",
+              sweep=replicate_key(cfg, w["backbone"], "reduction_sweep", "reduction.sweep")),
+          inputs=reduction_inputs,
           jobs=lambda cfg: product(backbone=list(cfg["backbones"])) if cfg["reduction"]["methods"] else [],
           output="reduction", gpu=True),
     Stage("report", "the paper's tables, plots, pictures and findings", (),
-          params=lambda cfg, w: ["report", "eval.priors", "eval.prior_seeds", "oracle.prior", "backbones",
-                                 "reduction.tolerance"],
+          params=lambda cfg, w: named("report.pictures", "report.seed", "report.resamples", "eval.priors",
+                                      "eval.prior_seeds", "oracle.prior", "backbones", "reduction.tolerance"),
           inputs=report_inputs, jobs=lambda cfg: [{}], output="report", metrics=("metrics",),
           plots=("plots/accuracy_vs_budget.png", "plots/oracle_steps.png", "plots/frontier.png"),
           files=("tables.md", "tables.html", "findings.md", "findings.html", "findings.csv", "results.csv",
