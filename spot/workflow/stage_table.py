@@ -18,7 +18,7 @@ from spot.workflow.declaration import Stage, lookup, named, product
 
 def backbone_params(cfg, w):
     trained = backbone_spec(cfg, w["backbone"]).trained
-    return named("seed", "device", *["train"] if trained else [], config=f"backbones.{w['backbone']}")
+    return named("seed", "device", *(["train"] if trained else []), config=f"backbones.{w['backbone']}")
 
 
 def backbone_inputs(cfg, w):
@@ -109,7 +109,7 @@ def reduction_inputs(cfg, w):
 ORACLE_BUDGETS = covering(budget="oracle.budgets")
 ORACLE = named("oracle.prior", "oracle.steps", "oracle.lr", "oracle.optimizer", "oracle.batch_size",
                "oracle.batch_tokens", "oracle.parts", "oracle.save_every", "oracle.compile", "seed", "device")
-EVALUATION = named("eval.batch_size", "eval.knn", "device")      # `spot.training.evaluation`'s, of a placement
+EVALUATION = named("eval.batch_size", "eval.knn", "device")      # what `spot.training.evaluation` runs with
 
 STAGES = [
     Stage("shard", "write the dataset into WebDataset shards", (),
