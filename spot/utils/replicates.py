@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def primaries(cfg: dict) -> list[str]:
     """The backbones that replicate no other, in the config's order."""
-    return [b for b, spec in cfg["backbones"].items() if not spec.get("replicate_of")]
+    return list(training_runs(cfg["backbones"]))
 
 
 def training_runs(backbones: dict) -> dict[str, list[str]]:
