@@ -11,7 +11,7 @@ from spot.training.train import train
 def run(p, inputs: dict, out: Path, backbone: str, state: Path, resume: bool | None = None) -> Record:
     """`p.config` (`backbones.<backbone>`) says which, its `make`; training checkpoints live in `state` (see `train`)."""
     config = p.config
-    spec = Spec.of(backbone, config, p.train if config["make"] == "train" else None)
+    spec = Spec.of(backbone, config, getattr(p, "train", None))      # `train`: declared for a trained one only
     if not spec.trained:
         meta = fetch(backbone, out, model=spec.model, checkpoint=config["checkpoint"], data_config=spec.data_config,
                      **spec.kwargs())

@@ -45,13 +45,12 @@ def run(p, inputs: dict, out: Path, backbone: str, budget: int, part: int) -> Re
     kept = sorted(set(range(0, p.steps + 1, p.save_every)) | {p.steps})
     found: dict[str, list] = {k: [] for k in ("keys", "labels", *FIELDS)}
     # one reading thread for all the part's shards: it runs ahead across their boundaries
-    batches = data.batches("val", images_per_batch(p.batch_size, p.batch_tokens, budget), saliency=p.prior in NEEDS_SALIENCY,
-                           shards=shards, device=device)
+    batches = data.batches("val", images_per_batch(p.batch_size, p.batch_tokens, budget),
+                           saliency=p.prior in NEEDS_SALIENCY, shards=shards, device=device)
     for b in progress(batches, desc=f"oracle {backbone}/{budget} part {part}", unit="batch"):
         init = positions_for(p.prior, budget, b.keys, split_seed(p.seed, "val"), *model.img_size,
                              model.k, b.saliency, b.images, device)
-        r = oracle_search(model, b.images, to_device(b.labels, device), init, steps=p.steps, lr=p.lr,
-                          optimizer=p.optimizer)
+        r = oracle_search(model, b.images, to_device(b.labels, device), init, steps=p.steps, lr=p.lr, optimizer=p.optimizer)
         found["keys"] += b.keys
         found["labels"].append(b.labels)
         found["init"].append(r.trajectory[:, 0])

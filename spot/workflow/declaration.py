@@ -145,7 +145,7 @@ class Params(SimpleNamespace):
 
 def named(*keys: str, **renamed: str) -> dict[str, str]:
     """A stage's params: each dotted config key of `keys` under its last part ('oracle.steps': steps), and
-    `renamed` as given (name -> key). Two keys under one name raise, naming them."""
+    `renamed` as given (name -> key). Two keys under one name raise a ValueError naming the name."""
     names = [k.rsplit(".", 1)[-1] for k in keys] + list(renamed)
     if clash := next((n for n in names if names.count(n) > 1), None):
         raise ValueError(f"two params are named {clash!r}: give one a name of its own")
