@@ -150,26 +150,31 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, damage):
     one_line(e, path, "not a readable checkpoint")
 
 
-def test_backbone_truncated_safetensors_is_one_line(tmp_path):
+def flip_64_bytes(path: Path) -> None:
+    """XOR 64 bytes in the middle of `path` (a safetensors file's tensor data), keeping its size."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda w: w.write_bytes(w.read_bytes()[:1000]), ["not a readable checkpoint"]),
+    (lambda w: save_file(tiny_vit(depth=2).state_dict(), str(w)), ["blocks.1."]),
+    (flip_64_bytes, ["does not have the sha256", "b/backbone.json"]),
+], ids=["truncated", "another-architecture", "flipped-bytes"])
+def test_damaged_backbone_weights_are_refused_in_one_line(tmp_path, damage, says):
+    """A backbone whose weights file was cut short, holds another architecture's or changed after its job wrote
+    it: one line naming the file (and the record whose sha256 it lacks)."""
     src = tmp_path / "vit.pth"
     torch.save(tiny_vit().state_dict(), src)
     fetch("b", tmp_path / "b", model="vit_tiny_patch16_224", checkpoint=str(src), **TINY)
+    load_backbone(tmp_path / "b")
     weights = tmp_path / "b" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    damage(weights)
     with pytest.raises(ValueError) as e:
         load_backbone(tmp_path / "b")
-    one_line(e, weights, "not a readable checkpoint")
-
-
-def test_backbone_of_another_architecture_is_one_line(tmp_path):
-    src = tmp_path / "vit.pth"
-    torch.save(tiny_vit().state_dict(), src)
-    fetch("b", tmp_path / "b", model="vit_tiny_patch16_224", checkpoint=str(src), **TINY)
-    weights = tmp_path / "b" / "model.safetensors"
-    save_file(tiny_vit(depth=2).state_dict(), str(weights))
-    with pytest.raises(ValueError) as e:
-        load_backbone(tmp_path / "b")
-    one_line(e, weights, "blocks.1.")
+    one_line(e, weights, *says)
 
 
 def test_fetch_random_bytes_checkpoint_is_one_line(tmp_path):
@@ -189,26 +194,6 @@ def test_fetch_checkpoint_of_another_architecture_is_one_line(tmp_path, other, k
         fetch("b", tmp_path / "b", model="vit_tiny_patch16_224", checkpoint=str(src), **TINY)
     one_line(e, src, key)
     assert not (tmp_path / "b").exists()
-
-
-def flip_64_bytes(path: Path) -> None:
-    """XOR 64 bytes in the middle of `path` (a safetensors file's tensor data), keeping its size."""
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
-    path.write_bytes(data)
-
-
-def test_damaged_backbone_weights_are_refused_in_one_line(tmp_path):
-    src = tmp_path / "vit.pth"
-    torch.save(tiny_vit().state_dict(), src)
-    fetch("b", tmp_path / "b", model="vit_tiny_patch16_224", checkpoint=str(src), **TINY)
-    load_backbone(tmp_path / "b")
-    weights = tmp_path / "b" / "model.safetensors"
-    flip_64_bytes(weights)
-    with pytest.raises(ValueError) as e:
-        load_backbone(tmp_path / "b")
-    one_line(e, weights, "does not have the sha256", tmp_path / "b" / "backbone.json")
 
 
 def test_damaged_placer_weights_are_refused_in_one_line(tmp_path):
